@@ -1,0 +1,105 @@
+"""Batched, optionally steered generation -> `Completion` records.
+
+Prompts are user messages; each is chat-formatted (with an optional system persona),
+tokenised without extra special tokens and left-padded into batches, so greedy batched
+output equals one-at-a-time output. Sampling is seeded per batch (`seed + batch index`)
+inside a forked RNG, so the caller's global RNG state is untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .model import chat_prompt, encode, input_device, left_pad, pad_id, stop_token_ids
+from .vector import SteeringVector, check_coeff, steer
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One generated answer and how it was made."""
+
+    prompt: str  # the user message
+    text: str  # decoded completion, without the stop token
+    token_ids: tuple[int, ...]  # completion tokens, without the stop token
+    coeff: float
+    finish_reason: Literal["stop", "length"]
+    system: str | None = None
+    prompt_text: str = ""  # the chat-formatted prompt the model saw
+
+    def to_dict(self) -> dict:
+        record = asdict(self)
+        record["token_ids"] = list(self.token_ids)
+        return record
+
+    @classmethod
+    def from_dict(cls, record: dict) -> Completion:
+        return cls(**{**record, "token_ids": tuple(record["token_ids"])})
+
+
+def generate(
+    model: nn.Module,
+    tok,
+    prompts: Sequence[str],
+    steering: SteeringVector | None = None,
+    coeff: float = 0.0,
+    max_new_tokens: int = 64,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 0.95,
+    top_k: int = 64,
+    batch_size: int = 8,
+    seed: int = 0,
+    system: str | None = None,
+    how: Literal["hooks", "bias"] = "hooks",
+    progress: bool | None = None,
+) -> list[Completion]:
+    """Generate one completion per prompt, steered by `coeff * steering` if given."""
+    from transformers import GenerationConfig
+
+    if not prompts:
+        raise ValueError("no prompts to generate from")
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    coeff = check_coeff(coeff)
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    stops = stop_token_ids(model, tok)
+    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id(tok), eos_token_id=stops)
+    if do_sample:
+        settings.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    config = GenerationConfig(**settings)
+
+    texts = [chat_prompt(tok, prompt, system=system) for prompt in prompts]
+    token_lists = [encode(tok, text) for text in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(token_lists[i]))
+    device = input_device(model)
+    results: list[Completion | None] = [None] * len(texts)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    show = progress if progress is not None else len(batches) > 1
+    rng_devices = [device] if device.type == "cuda" else []
+    with torch.inference_mode(), steer(model, steering, coeff, how):
+        for index, rows in enumerate(tqdm(batches, desc=f"generate c={coeff:g}", disable=not show, leave=False)):
+            ids, mask, _ = left_pad([token_lists[i] for i in rows], pad_id(tok), device)
+            with torch.random.fork_rng(devices=rng_devices):
+                torch.manual_seed(seed + index)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            for row, i in enumerate(rows):
+                new = out[row, ids.shape[1] :].tolist()
+                cut = next((k for k, t in enumerate(new) if t in stops), None)
+                kept = new if cut is None else new[:cut]
+                results[i] = Completion(
+                    prompt=prompts[i],
+                    text=tok.decode(kept, skip_special_tokens=True),
+                    token_ids=tuple(kept),
+                    coeff=coeff,
+                    finish_reason="length" if cut is None else "stop",
+                    system=system,
+                    prompt_text=texts[i],
+                )
+    return results  # type: ignore[return-value]

@@ -1,0 +1,285 @@
+"""SteeringVector: one direction per decoder layer, added to the residual stream.
+
+Steering at layer l with coefficient c replaces the block output `h_l` by `h_l + c * v_l`
+at every position. Two ways to run it, numerically equal:
+
+- `apply` registers forward hooks on the blocks (cheap to switch, works for every family);
+- `bake` adds `c * v_l` to the bias of the linear that writes the MLP output into the
+  residual stream (`down_proj`, GPT-2's `c_proj`, NeoX's `dense_4h_to_h`), so no hook runs.
+  Since `h_l = h_mid + W x + b`, adding to `b` adds to `h_l` exactly. Gemma2/3 normalise the
+  MLP output before the add, so no bias reproduces the shift: bake refuses them.
+
+Both are context managers that restore the model bit for bit on every exit path. Vectors
+are not normalised: coefficient 1.0 is the persona's natural shift.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import __version__
+from .model import decoder_blocks, hidden_size, model_id, n_layers, residual_writer
+
+FORMAT = "steer_heal.vector/1"
+
+
+def check_coeff(coeff: float) -> float:
+    coeff = float(coeff)
+    if not math.isfinite(coeff):
+        raise ValueError(f"coeff must be a finite number, got {coeff}")
+    return coeff
+
+
+def _block_param(block: nn.Module) -> Tensor:
+    for p in block.parameters():
+        return p
+    raise ValueError("decoder block has no parameters")
+
+
+def add_to_output(delta: Tensor):
+    """A forward hook adding `delta` to a block's hidden-state output (tensor or tuple)."""
+
+    def hook(module: nn.Module, args, output):
+        if isinstance(output, tuple):
+            return (output[0] + delta, *output[1:])
+        return output + delta
+
+    return hook
+
+
+@dataclass(frozen=True)
+class SteeringVector:
+    """Per-layer directions `{layer: v_l}` (fp32, CPU) plus where they came from."""
+
+    directions: dict[int, Float[Tensor, " hidden"]]
+    hidden_size: int
+    n_layers: int
+    model_id: str = "unknown"
+    method: str = "mean_diff"
+    pos: str = ""
+    neg: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.directions:
+            raise ValueError("a steering vector needs at least one layer")
+        clean = {}
+        for layer, v in sorted(self.directions.items()):
+            if not 0 <= int(layer) < self.n_layers:
+                raise ValueError(f"layer {layer} out of range for {self.n_layers} layers")
+            v = torch.as_tensor(v).detach().to("cpu", torch.float32).reshape(-1)
+            if v.numel() != self.hidden_size:
+                raise ValueError(f"layer {layer} direction has size {v.numel()}, expected hidden size {self.hidden_size}")
+            if not torch.isfinite(v).all():
+                raise ValueError(f"layer {layer} direction has non-finite values (NaN/inf); re-extract the vector")
+            clean[int(layer)] = v
+        object.__setattr__(self, "directions", clean)
+
+    @classmethod
+    def from_persona_pair(
+        cls, model: nn.Module, tok, pos: str, neg: str, contexts, layers=(0.45, 0.55), batch_size: int = 8,
+        progress: bool = False,
+    ) -> SteeringVector:
+        """Extract the mean-difference vector of a persona pair (see `steer_heal.extract`)."""
+        from .extract import mean_difference  # extract builds on this module, not the reverse
+
+        return mean_difference(model, tok, pos, neg, contexts, layers=layers, batch_size=batch_size, progress=progress)
+
+    # ------------------------------------------------------------ algebra
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.directions)
+
+    def norms(self) -> dict[int, float]:
+        return {layer: float(v.norm()) for layer, v in self.directions.items()}
+
+    def _combine(self, other: SteeringVector, sign: float) -> SteeringVector:
+        if not isinstance(other, SteeringVector):
+            return NotImplemented
+        if other.hidden_size != self.hidden_size:
+            raise ValueError(f"cannot combine vectors of hidden size {self.hidden_size} and {other.hidden_size}")
+        out = {layer: v.clone() for layer, v in self.directions.items()}
+        for layer, v in other.directions.items():
+            out[layer] = out[layer] + sign * v if layer in out else sign * v
+        return replace(self, directions=out, n_layers=max(self.n_layers, other.n_layers), method="combined")
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, 1.0)
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        return self._combine(other, -1.0)
+
+    def __mul__(self, scale: float) -> SteeringVector:
+        scale = check_coeff(scale)
+        return replace(self, directions={layer: v * scale for layer, v in self.directions.items()})
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> SteeringVector:
+        return self * -1.0
+
+    def cosine(self, other: SteeringVector) -> float:
+        """Cosine of the two vectors concatenated over their shared layers."""
+        shared = [layer for layer in self.layers if layer in other.directions]
+        if not shared:
+            raise ValueError(f"no shared layers between {self.layers} and {other.layers}")
+        a = torch.cat([self.directions[layer] for layer in shared]).double()
+        b = torch.cat([other.directions[layer] for layer in shared]).double()
+        return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
+
+    def cosine_per_layer(self, other: SteeringVector) -> dict[int, float]:
+        return {
+            layer: float(torch.nn.functional.cosine_similarity(v.double(), other.directions[layer].double(), dim=0))
+            for layer, v in self.directions.items()
+            if layer in other.directions
+        }
+
+    # ------------------------------------------------------------ running it
+
+    def check_compatible(self, model: nn.Module) -> None:
+        size, depth = hidden_size(model), n_layers(model)
+        if size != self.hidden_size:
+            raise ValueError(
+                f"vector was made for hidden size {self.hidden_size} (model {self.model_id!r}) but this model "
+                f"has hidden size {size}; extract a vector on this model"
+            )
+        if max(self.layers) >= depth:
+            raise ValueError(
+                f"vector uses layer {max(self.layers)} (made on a {self.n_layers}-layer model {self.model_id!r}) "
+                f"but this model has {depth} layers; extract a vector on this model"
+            )
+
+    @contextmanager
+    def apply(self, model: nn.Module, coeff: float = 1.0) -> Iterator[nn.Module]:
+        """Forward hooks adding `coeff * v_l` to block l's output at every position."""
+        coeff = check_coeff(coeff)
+        self.check_compatible(model)
+        blocks = decoder_blocks(model)
+        with ExitStack() as stack:
+            for layer, v in self.directions.items():
+                ref = _block_param(blocks[layer])  # each layer's delta lives on that layer's device
+                delta = (coeff * v).to(device=ref.device, dtype=ref.dtype)
+                handle = blocks[layer].register_forward_hook(add_to_output(delta))
+                stack.callback(handle.remove)
+            yield model
+
+    @contextmanager
+    def bake(self, model: nn.Module, coeff: float = 1.0) -> Iterator[nn.Module]:
+        """Fold `coeff * v_l` into the residual writer's bias; restored exactly on exit."""
+        coeff = check_coeff(coeff)
+        self.check_compatible(model)
+        writers = [(residual_writer(model, layer), v) for layer, v in self.directions.items()]
+        with ExitStack() as stack:
+            for linear, v in writers:
+                delta = (coeff * v).to(device=linear.weight.device, dtype=linear.weight.dtype)
+                stack.callback(_add_bias(linear, delta))
+            yield model
+
+    # ------------------------------------------------------------ files
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": FORMAT,
+            "model_id": self.model_id,
+            "hidden_size": str(self.hidden_size),
+            "n_layers": str(self.n_layers),
+            "layers": json.dumps(list(self.layers)),
+            "method": self.method,
+            "pos": self.pos,
+            "neg": self.neg,
+            "version": __version__,
+            "extra": json.dumps(self.extra),
+        }
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write safetensors atomically (temp file + rename) with the provenance in metadata."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {f"layer.{layer}": v.contiguous() for layer, v in self.directions.items()}
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata=self.metadata())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> SteeringVector:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no vector file at {path}")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                meta = f.metadata() or {}
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for truncated headers
+            raise ValueError(f"{path} is not a readable vector file (corrupt or truncated: {exc}); re-save it") from None
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{path} is not a steer_heal vector (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
+        try:
+            layers = json.loads(meta["layers"])
+            directions = {int(layer): tensors[f"layer.{layer}"] for layer in layers}
+            return cls(
+                directions=directions,
+                hidden_size=int(meta["hidden_size"]),
+                n_layers=int(meta["n_layers"]),
+                model_id=meta.get("model_id", "unknown"),
+                method=meta.get("method", "mean_diff"),
+                pos=meta.get("pos", ""),
+                neg=meta.get("neg", ""),
+                extra=json.loads(meta.get("extra", "{}")),
+            )
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path} has incomplete vector metadata (missing {exc}); re-save it") from None
+
+
+def _add_bias(linear: nn.Module, delta: Tensor):
+    """Add `delta` to `linear`'s bias (creating a zero bias if absent); return the undo."""
+    old = linear.bias
+    if old is None:
+        linear.bias = nn.Parameter(delta.clone(), requires_grad=False)
+
+        def undo() -> None:
+            linear.bias = None
+
+        return undo
+    saved = old.detach().clone()
+    with torch.no_grad():
+        old.add_(delta)
+
+    def restore() -> None:
+        with torch.no_grad():
+            old.copy_(saved)
+
+    return restore
+
+
+@contextmanager
+def steer(model: nn.Module, vector: SteeringVector | None, coeff: float, how: str = "hooks") -> Iterator[nn.Module]:
+    """Steer with `vector` if given (hooks or bias), else run the model as it is."""
+    if how not in ("hooks", "bias"):
+        raise ValueError(f"steering mode must be 'hooks' or 'bias', got {how!r}")
+    if vector is None:
+        yield model
+        return
+    manager = vector.apply if how == "hooks" else vector.bake
+    with manager(model, coeff):
+        yield model
+
