@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .model import chat_prompt, encode, input_device, left_pad, pad_id, stop_token_ids
-from .vector import SteeringVector, check_coeff, steer
+from .vector import Number, SteeringVector, check_coeff, steer
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,11 @@ def generate(
     tok,
     prompts: Sequence[str],
     steering: SteeringVector | None = None,
-    coeff: float = 0.0,
+    coeff: Number = 0.0,
     max_new_tokens: int = 64,
     do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 0.95,
+    temperature: Number = 1.0,
+    top_p: Number = 0.95,
     top_k: int = 64,
     batch_size: int = 8,
     seed: int = 0,

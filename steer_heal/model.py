@@ -116,7 +116,7 @@ def residual_writer(model: nn.Module, layer: int) -> nn.Module:
     return base_layer if isinstance(base_layer, nn.Module) else module
 
 
-LayerSpec = int | Sequence[int] | tuple[float, float]
+LayerSpec = int | Sequence[int | float]  # ints, or a (lo, hi) pair of depth fractions
 
 
 def resolve_layers(spec: LayerSpec, n: int) -> tuple[int, ...]:

@@ -34,9 +34,10 @@ from . import __version__
 from .model import decoder_blocks, hidden_size, model_id, n_layers, residual_writer
 
 FORMAT = "steer_heal.vector/1"
+Number = float | int  # beartype, unlike PEP 484, does not let an int pass as a float
 
 
-def check_coeff(coeff: float) -> float:
+def check_coeff(coeff: Number) -> float:
     coeff = float(coeff)
     if not math.isfinite(coeff):
         raise ValueError(f"coeff must be a finite number, got {coeff}")
@@ -123,7 +124,7 @@ class SteeringVector:
     def __sub__(self, other: SteeringVector) -> SteeringVector:
         return self._combine(other, -1.0)
 
-    def __mul__(self, scale: float) -> SteeringVector:
+    def __mul__(self, scale: Number) -> SteeringVector:
         scale = check_coeff(scale)
         return replace(self, directions={layer: v * scale for layer, v in self.directions.items()})
 
@@ -164,7 +165,7 @@ class SteeringVector:
             )
 
     @contextmanager
-    def apply(self, model: nn.Module, coeff: float = 1.0) -> Iterator[nn.Module]:
+    def apply(self, model: nn.Module, coeff: Number = 1.0) -> Iterator[nn.Module]:
         """Forward hooks adding `coeff * v_l` to block l's output at every position."""
         coeff = check_coeff(coeff)
         self.check_compatible(model)
@@ -178,7 +179,7 @@ class SteeringVector:
             yield model
 
     @contextmanager
-    def bake(self, model: nn.Module, coeff: float = 1.0) -> Iterator[nn.Module]:
+    def bake(self, model: nn.Module, coeff: Number = 1.0) -> Iterator[nn.Module]:
         """Fold `coeff * v_l` into the residual writer's bias; restored exactly on exit."""
         coeff = check_coeff(coeff)
         self.check_compatible(model)
@@ -272,7 +273,7 @@ def _add_bias(linear: nn.Module, delta: Tensor):
 
 
 @contextmanager
-def steer(model: nn.Module, vector: SteeringVector | None, coeff: float, how: str = "hooks") -> Iterator[nn.Module]:
+def steer(model: nn.Module, vector: SteeringVector | None, coeff: Number, how: str = "hooks") -> Iterator[nn.Module]:
     """Steer with `vector` if given (hooks or bias), else run the model as it is."""
     if how not in ("hooks", "bias"):
         raise ValueError(f"steering mode must be 'hooks' or 'bias', got {how!r}")
