@@ -201,3 +201,12 @@ def test_wrong_shape_and_layer_rejected():
         SteeringVector(directions={1: torch.ones(8)}, hidden_size=64, n_layers=4)
     with pytest.raises(ValueError, match="out of range"):
         SteeringVector(directions={4: torch.ones(64)}, hidden_size=64, n_layers=4)
+
+
+def test_steer_rejects_unknown_mode(llama):
+    from steer_heal.vector import steer
+
+    model, _ = llama
+    with pytest.raises(ValueError, match="steering mode must be 'hooks' or 'bias'"):
+        with steer(model, random_vector(model), 1.0, how="magic"):
+            pass
