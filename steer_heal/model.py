@@ -307,7 +307,8 @@ def load_model(
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
 ):
-    """Load a causal LM and its tokenizer: any HF id or local path, or `"smollm2-135m"`.
+    """Load a causal LM and its tokenizer: any HF id or local path, `"smollm2-135m"` (the
+    embedded model), or `"tiny-<family>"` (a random 4-layer model, e.g. "tiny-llama").
 
     Returns `(model, tokenizer)` with the model in eval mode. `device_map` (e.g. "auto")
     shards a model over several devices and takes precedence over `device`.
@@ -316,6 +317,11 @@ def load_model(
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
+    if name_or_path.startswith("tiny-"):  # random weights built in-process: tests and dry runs
+        from .tiny import tiny_model
+
+        model, tok = tiny_model(name_or_path.removeprefix("tiny-"))
+        return model.to(dtype=dtype, device=device or "cpu"), tok
     source = name_or_path
     if name_or_path == SMOLLM2:
         source = str(_smollm2_checkpoint())

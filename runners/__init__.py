@@ -1,0 +1,1 @@
+"""The `steer-heal` command line: parses options and calls the library."""
