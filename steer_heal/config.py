@@ -1,0 +1,239 @@
+"""Run configuration: typed sections, presets, TOML in and out, validation.
+
+A config is resolved in layers: defaults <- preset <- TOML file <- command-line overrides.
+Unknown keys are errors that list the valid ones; incompatible combinations are checked
+once, here, before any work starts.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunSection:
+    model: str = "smollm2-135m"
+    axis: str = "authority"
+    rounds: int = 3
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class ExtractSection:
+    layers: list = field(default_factory=lambda: [0.45, 0.55])
+    n_contexts: int = 256
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class DoseSection:
+    target: float = 0.75  # kept fraction a probe must reach
+    c_min: float = 0.25
+    c_max: float = 8.0
+    steps: int = 4
+    probe_size: int = 8
+    multiples: list = field(default_factory=lambda: [1.0])  # collect at these multiples of the dose
+
+
+@dataclass(frozen=True)
+class GenerateSection:
+    max_new_tokens: int = 96
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = 64
+    batch_size: int = 16
+
+
+@dataclass(frozen=True)
+class CollectSection:
+    n_keep: int = 48
+    max_batches: int = 6
+    min_keep: int = 8
+
+
+@dataclass(frozen=True)
+class FilterSection:
+    ppl_tau: float = 50.0
+    tail: float = 0.25
+    rep_tau: float = 0.3
+
+
+@dataclass(frozen=True)
+class HealSection:
+    reg: str = "klrev"  # klrev | klfwd | nll | spectral
+    lam: float = 1.0
+    tau: float = 0.5
+    agg: str = "rmse"
+    lam_round_pow: float = -0.5
+    reference: str = "prev"  # prev | base | last_good
+    last_good_threshold: float | None = None  # coherence a round must clear to become last_good
+    weight_decay: float = 0.0
+    rank: int = 32
+    alpha: int = 64
+    lora_layers: list = field(default_factory=lambda: [0.2, 0.8])
+    epochs: int = 6
+    batch_size: int = 4
+    lr: float = 1e-4
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    items: str = "bundled"  # bundled | mfv | both
+    n_items: int = 0  # 0: all; else a stratified subset of this size
+    think_tokens: int = 32
+    mfv_dir: str = ""  # where the public MFV JSONL files are (for items = mfv | both)
+    coherence_floor: float = 0.95  # stop the loop when a healed round falls below
+    sample_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    extract: ExtractSection = field(default_factory=ExtractSection)
+    dose: DoseSection = field(default_factory=DoseSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
+    collect: CollectSection = field(default_factory=CollectSection)
+    filter: FilterSection = field(default_factory=FilterSection)
+    heal: HealSection = field(default_factory=HealSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return asdict(self)
+
+    def validate(self) -> RunConfig:
+        h, d, r = self.heal, self.dose, self.run
+        checks = [
+            (r.rounds >= 1, f"run.rounds must be >= 1, got {r.rounds}"),
+            (h.reg in ("klrev", "klfwd", "nll", "spectral"), f"heal.reg must be klrev|klfwd|nll|spectral, got {h.reg!r}"),
+            (h.agg in ("mean", "rmse", "p95", "max"), f"heal.agg must be mean|rmse|p95|max, got {h.agg!r}"),
+            (h.reference in ("prev", "base", "last_good"), f"heal.reference must be prev|base|last_good, got {h.reference!r}"),
+            (h.reference != "last_good" or h.last_good_threshold is not None,
+             "heal.reference = 'last_good' needs heal.last_good_threshold (the coherence a round must clear)"),
+            (h.lam >= 0 and h.tau >= 0, f"heal.lam and heal.tau must be >= 0, got {h.lam} and {h.tau}"),
+            (0 < d.target <= 1, f"dose.target must be in (0, 1], got {d.target}"),
+            (0 < d.c_min < d.c_max, f"dose needs 0 < c_min < c_max, got {d.c_min} and {d.c_max}"),
+            (self.eval.items in ("bundled", "mfv", "both"), f"eval.items must be bundled|mfv|both, got {self.eval.items!r}"),
+            (0 < self.filter.tail <= 1, f"filter.tail must be in (0, 1], got {self.filter.tail}"),
+            (self.collect.min_keep <= self.collect.n_keep, "collect.min_keep must be <= collect.n_keep"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        return self
+
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # a random 4-layer model built in-process: the whole loop in seconds (CI, dry runs)
+    "tiny": {
+        "run": {"model": "tiny-llama", "rounds": 1},
+        "extract": {"n_contexts": 16, "layers": [0.25, 0.75]},
+        "dose": {"c_min": 0.5, "c_max": 4.0, "steps": 2, "probe_size": 4, "target": 0.0001},
+        "generate": {"max_new_tokens": 12, "batch_size": 8},
+        "collect": {"n_keep": 8, "max_batches": 2, "min_keep": 1},
+        "filter": {"ppl_tau": 1e9, "rep_tau": 1.0},
+        "heal": {"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4},
+        "eval": {"n_items": 14, "think_tokens": 2, "sample_tokens": 8, "coherence_floor": 0.0},
+    },
+    # the embedded SmolLM2-135M, one round sized for ~6 minutes on 2 CPU cores
+    "quick": {
+        "run": {"model": "smollm2-135m", "rounds": 1},
+        "extract": {"n_contexts": 64},
+        "dose": {"steps": 3, "probe_size": 8},
+        "generate": {"max_new_tokens": 64},
+        "collect": {"n_keep": 32, "max_batches": 3},
+        "heal": {"epochs": 3, "rank": 16, "alpha": 32},
+        "eval": {"n_items": 35, "think_tokens": 0, "sample_tokens": 48},
+    },
+    "full": {
+        "run": {"model": "smollm2-135m", "rounds": 3},
+    },
+}
+
+
+def _merge(config: RunConfig, updates: dict[str, Any], where: str) -> RunConfig:
+    sections = {f.name: f for f in fields(RunConfig)}
+    out = config
+    for name, values in updates.items():
+        if name not in sections:
+            raise ValueError(f"{where}: unknown section [{name}]; valid sections: {', '.join(sections)}")
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: [{name}] must be a table of keys")
+        section = getattr(out, name)
+        valid = {f.name: f for f in fields(section)}
+        for key, value in values.items():
+            if key not in valid:
+                raise ValueError(f"{where}: unknown key {name}.{key}; valid keys: {', '.join(valid)}")
+        out = replace(out, **{name: replace(section, **_coerce(section, values, where, name))})
+    return out
+
+
+def _coerce(section: Any, values: dict[str, Any], where: str, name: str) -> dict[str, Any]:
+    """Ints are accepted where floats are expected (TOML writes 1 for 1.0)."""
+    out = {}
+    for key, value in values.items():
+        current = getattr(section, key)
+        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if current is not None and value is not None and not isinstance(value, type(current)):
+            if not (isinstance(current, float) and isinstance(value, float)):
+                raise ValueError(f"{where}: {name}.{key} must be {type(current).__name__}, got {value!r}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: {name}.{key} must be finite, got {value}")
+        out[key] = value
+    return out
+
+
+def resolve(preset: str | None = None, file: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    config = RunConfig()
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        config = _merge(config, PRESETS[preset], f"preset {preset}")
+    if file is not None:
+        with open(file, "rb") as f:
+            config = _merge(config, tomllib.load(f), str(file))
+    if overrides:
+        config = _merge(config, overrides, "command line")
+    return config.validate()
+
+
+def load(path: str | Path) -> RunConfig:
+    with open(path, "rb") as f:
+        return _merge(RunConfig(), tomllib.load(f), str(path)).validate()
+
+
+def diff(a: RunConfig, b: RunConfig) -> list[str]:
+    """`section.key: a -> b` for every differing value."""
+    out = []
+    for name, values in a.to_dict().items():
+        other = b.to_dict()[name]
+        out += [f"{name}.{key}: {value!r} -> {other[key]!r}" for key, value in values.items() if other[key] != value]
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def to_toml(config: RunConfig) -> str:
+    """TOML text of the config; None values are omitted (TOML has no null)."""
+    lines = []
+    for name, values in config.to_dict().items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
+        lines.append("")
+    return "\n".join(lines)

@@ -1,0 +1,170 @@
+"""Run directory: resolved config, an append-only event log, atomic files, resume points.
+
+Layout of `out/<timestamp>_<model>_<reg>_s<seed>/`:
+
+    config.toml            the resolved config
+    events.jsonl           one JSON object per line, flushed and fsynced per event
+    round_<r>/             vector.safetensors, adapter/ (peft format)
+    trajectory.png, stages.md, report.md   rendered from events.jsonl alone
+
+Every file is written to a temporary name in the same folder and renamed, so a killed run
+leaves either the old or the new file, never half of one. A `checkpoint` event closes each
+unit of work (the base evaluation is unit -1, then one per round); on resume, events after
+the last checkpoint are dropped and that unit is redone from its saved inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from .config import RunConfig
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to `path`; on success it replaces `path` whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf are not JSON: write them as strings so the log stays valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Events in order; a torn last line (killed mid-write) is ignored."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    events = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise ValueError(f"{path}:{number} is not valid JSON; the event log is damaged") from None
+    return events
+
+
+def run_name(config: RunConfig, when: float | None = None) -> str:
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+    model = Path(config.run.model).name.replace("/", "-")
+    return f"{stamp}_{model}_{config.heal.reg}_s{config.run.seed}"
+
+
+class RunDir:
+    """An open run directory. Create with `RunDir.create` or `RunDir.resume`."""
+
+    def __init__(self, path: Path, config: RunConfig):
+        self.path = path
+        self.config = config
+        self.events_path = path / "events.jsonl"
+
+    @classmethod
+    def create(cls, path: str | os.PathLike, config: RunConfig, overwrite: bool = False) -> RunDir:
+        path = Path(path)
+        if path.exists() and any(path.iterdir()):
+            if not overwrite:
+                raise ValueError(f"output directory {path} exists; pass --resume {path} to continue it or --overwrite to replace it")
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path / "config.toml", config_mod.to_toml(config))
+        return cls(path, config)
+
+    @classmethod
+    def resume(cls, path: str | os.PathLike, config: RunConfig | None = None) -> RunDir:
+        """Reopen a run; `config`, if given, must equal the saved one."""
+        path = Path(path)
+        if not (path / "config.toml").exists():
+            raise ValueError(f"{path} is not a run directory (no config.toml)")
+        saved = config_mod.load(path / "config.toml")
+        if config is not None and config != saved:
+            changes = "; ".join(config_mod.diff(saved, config))
+            raise ValueError(f"cannot resume {path} with a different config ({changes}); drop the options or start a new run")
+        run = cls(path, saved)
+        run._drop_unfinished()
+        return run
+
+    # ------------------------------------------------------------ events
+
+    def log(self, event: str, round: int, **payload: Any) -> dict[str, Any]:
+        record = {"event": event, "round": round, "time": time.time(), **_jsonable(payload)}
+        with open(self.events_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return record
+
+    def events(self) -> list[dict[str, Any]]:
+        return read_events(self.events_path)
+
+    def checkpoint(self, round: int) -> None:
+        self.log("checkpoint", round)
+
+    def last_checkpoint(self) -> int | None:
+        """The last finished unit: -1 for the base evaluation, r for round r, None for none."""
+        done = [e["round"] for e in self.events() if e["event"] == "checkpoint"]
+        return max(done) if done else None
+
+    def _drop_unfinished(self) -> None:
+        events = self.events()
+        last = max((i for i, e in enumerate(events) if e["event"] == "checkpoint"), default=-1)
+        kept = events[: last + 1]
+        if len(kept) != len(events) or self.events_path.exists():
+            text = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept)
+            atomic_write_text(self.events_path, text)
+
+    # ------------------------------------------------------------ files
+
+    def round_dir(self, round: int) -> Path:
+        return self.path / f"round_{round}"
