@@ -58,8 +58,14 @@ def generate(
     system: str | None = None,
     how: Literal["hooks", "bias"] = "hooks",
     progress: bool | None = None,
+    compiled: bool = False,
 ) -> list[Completion]:
-    """Generate one completion per prompt, steered by `coeff * steering` if given."""
+    """Generate one completion per prompt, steered by `coeff * steering` if given.
+
+    `compiled=True` decodes with a static KV cache, which transformers compiles on GPUs;
+    to change coefficients without recompiling, steer through a `SteeringSlot` (and pass
+    no `steering` here) or use `how="bias"`.
+    """
     from transformers import GenerationConfig
 
     if not prompts:
@@ -73,6 +79,8 @@ def generate(
     settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id(tok), eos_token_id=stops)
     if do_sample:
         settings.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    if compiled:
+        settings["cache_implementation"] = "static"
     config = GenerationConfig(**settings)
 
     texts = [chat_prompt(tok, prompt, system=system) for prompt in prompts]

@@ -1,0 +1,78 @@
+"""SteeringSlot: steering that survives compiled (static-cache) decoding without recompiles.
+
+`vec.apply` registers new hook closures on every call. A compiled decode step guards on
+the hooks it traced, so each new `apply` (and each coefficient, captured as a new tensor)
+can cost a recompile. A slot installs its hooks once, each adding a per-layer buffer
+`delta_l` to the block output; `set(vector, coeff)` rewrites the buffers in place, so the
+traced graph, its guards and the buffers' addresses never change. A zero buffer adds
+exactly nothing (`h + 0 == h`), so an idle slot leaves the model's numbers untouched.
+
+    with SteeringSlot(model, vec.layers) as slot:
+        for coeff in (0.5, 1.0, 2.0):
+            slot.set(vec, coeff)
+            generate(model, tok, prompts, compiled=True)
+
+Hooks are removed on exit, also on exceptions.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+from torch import Tensor, nn
+
+from .model import decoder_blocks, hidden_size, n_layers
+from .vector import Number, SteeringVector, add_to_output, check_coeff
+
+
+class SteeringSlot:
+    def __init__(self, model: nn.Module, layers: tuple[int, ...] | list[int]):
+        depth = n_layers(model)
+        bad = [layer for layer in layers if not 0 <= layer < depth]
+        if not layers or bad:
+            raise ValueError(f"slot layers must be a non-empty subset of 0..{depth - 1}, got {list(layers)}")
+        self.model = model
+        self.layers = tuple(sorted(set(layers)))
+        self.deltas: dict[int, Tensor] = {}
+        self._stack: ExitStack | None = None
+
+    def __enter__(self) -> SteeringSlot:
+        if self._stack is not None:
+            raise RuntimeError("this SteeringSlot is already installed")
+        blocks = decoder_blocks(self.model)
+        size = hidden_size(self.model)
+        stack = ExitStack()
+        try:
+            for layer in self.layers:
+                ref = next(blocks[layer].parameters())
+                self.deltas[layer] = torch.zeros(size, device=ref.device, dtype=ref.dtype)
+                stack.callback(blocks[layer].register_forward_hook(add_to_output(self.deltas[layer])).remove)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stack, self._stack = self._stack, None
+        self.deltas = {}
+        if stack is not None:
+            stack.close()
+
+    @torch.no_grad()
+    def set(self, vector: SteeringVector | None, coeff: Number = 1.0) -> None:
+        """Steer with `coeff * vector` from now on (None or coeff 0: no steering)."""
+        if self._stack is None:
+            raise RuntimeError("use the slot inside `with SteeringSlot(model, layers) as slot:`")
+        coeff = check_coeff(coeff)
+        if vector is not None:
+            vector.check_compatible(self.model)
+            missing = sorted(set(vector.layers) - set(self.layers))
+            if missing:
+                raise ValueError(f"vector layers {missing} are not in this slot {self.layers}; make the slot with vec.layers")
+        for layer, delta in self.deltas.items():
+            if vector is None or layer not in vector.directions:
+                delta.zero_()
+            else:
+                delta.copy_(coeff * vector.directions[layer])
