@@ -25,6 +25,7 @@ from typing import Literal
 
 from .filters import PPL, Verdict, reason_name
 from .generate import Completion
+from .vector import Number
 
 
 def _num(x: float | None) -> float | None:
@@ -125,7 +126,7 @@ class FilterReport:
             groups.setdefault(float(c.coeff), []).append((c, v))
         return cls(tuple(_stats(coeff, pairs, samples) for coeff, pairs in sorted(groups.items())))
 
-    def row(self, coeff: float) -> CoeffStats:
+    def row(self, coeff: Number) -> CoeffStats:
         for r in self.rows:
             if math.isclose(r.coeff, coeff, rel_tol=1e-9, abs_tol=1e-12):
                 return r

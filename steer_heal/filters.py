@@ -29,6 +29,7 @@ Narration and Refusal are regular expressions / phrases matched case-insensitive
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 import zlib
@@ -43,6 +44,7 @@ from torch import Tensor, nn
 
 from .generate import Completion
 from .model import chat_prompt, encode, input_device, left_pad, pad_id, unwrap
+from .vector import Number
 
 PPL = "ppl"  # the perplexity score key, read by FilterReport
 
@@ -71,14 +73,14 @@ def _check_nonempty(completions: Sequence[Completion]) -> None:
         raise ValueError("no completions to filter; generate some first (steer_heal.generate)")
 
 
-def _check_positive(name: str, value: float) -> float:
+def _check_positive(name: str, value: Number) -> float:
     value = float(value)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
 
 
-def _check_fraction(name: str, value: float) -> float:
+def _check_fraction(name: str, value: Number) -> float:
     value = float(value)
     if not 0.0 < value <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {value}")
@@ -117,13 +119,16 @@ class AllOf:
 
 
 def _steering_hooks(model: nn.Module) -> int:
-    """Forward hooks installed by SteeringVector.apply anywhere in the model."""
-    return sum(
-        1
-        for module in unwrap(model).modules()
-        for hook in module._forward_hooks.values()
-        if getattr(hook, "__qualname__", "").startswith("add_to_output.")
-    )
+    """Steering hooks (`vector.add_to_output`, used by `vec.apply` and `SteeringSlot`)
+    that currently add something: an idle slot's zero delta leaves the model unchanged."""
+    active = 0
+    for module in unwrap(model).modules():
+        for hook in module._forward_hooks.values():
+            if getattr(hook, "__qualname__", "").startswith("add_to_output."):
+                # unwrap: a type-checking decorator (beartype in the tests) wraps the closure
+                delta = inspect.getclosurevars(inspect.unwrap(hook)).nonlocals.get("delta")
+                active += not isinstance(delta, Tensor) or bool((delta != 0).any())
+    return active
 
 
 def _tail_nll(
@@ -140,7 +145,7 @@ def tail_perplexity(
     tok,
     prompt_texts: Sequence[str],
     texts: Sequence[str],
-    tail: float = 0.25,
+    tail: Number = 0.25,
     batch_size: int = 8,
 ) -> list[float]:
     """Perplexity of the last `tail` fraction of each completion given its formatted prompt.
@@ -194,7 +199,7 @@ class Perplexity:
     the original model whether the text is plausible. Active steering hooks are refused.
     """
 
-    def __init__(self, model: nn.Module, tok, tau: float = 50.0, tail: float = 0.25, batch_size: int = 8) -> None:
+    def __init__(self, model: nn.Module, tok, tau: Number = 50.0, tail: Number = 0.25, batch_size: int = 8) -> None:
         self.tau = _check_positive("tau", tau)
         self.tail = _check_fraction("tail", tail)
         if batch_size < 1:
@@ -275,11 +280,11 @@ class Repetition:
 
     def __init__(
         self,
-        tau: float = 0.3,
+        tau: Number = 0.3,
         ns: Sequence[int] = (2, 3, 4),
-        compress_tau: float = 0.35,
+        compress_tau: Number = 0.35,
         min_chars: int = 64,
-        window: float | None = 0.5,
+        window: Number | None = 0.5,
         floor: int = 10,
     ) -> None:
         self.tau = _check_positive("tau", tau)
@@ -389,11 +394,23 @@ class Refusal:
         return verdicts
 
 
-def default_text_filter() -> AllOf:
-    """The text-only filters: repetition, narration, refusal (no model needed)."""
-    return AllOf(Repetition(), Narration(), Refusal())
+def default_text_filter(narration_patterns: Sequence[str] = NARRATION_PATTERNS) -> AllOf:
+    """The text-only filters: repetition, narration, refusal (no model needed).
+
+    For another persona pair pass its patterns, e.g. `load_axis("love").narration_patterns`.
+    """
+    return AllOf(Repetition(), Narration(narration_patterns), Refusal())
 
 
-def default_filter(model: nn.Module, tok, tau: float = 50.0, tail: float = 0.25, batch_size: int = 8) -> AllOf:
+def default_filter(
+    model: nn.Module,
+    tok,
+    tau: Number = 50.0,
+    tail: Number = 0.25,
+    batch_size: int = 8,
+    narration_patterns: Sequence[str] = NARRATION_PATTERNS,
+) -> AllOf:
     """Perplexity under `model` (pass the ORIGINAL model) plus the text-only filters."""
-    return AllOf(Perplexity(model, tok, tau=tau, tail=tail, batch_size=batch_size), Repetition(), Narration(), Refusal())
+    return AllOf(
+        Perplexity(model, tok, tau=tau, tail=tail, batch_size=batch_size), *default_text_filter(narration_patterns).filters
+    )

@@ -29,6 +29,7 @@ from steer_heal.filters import (
 )
 from steer_heal.generate import Completion
 from steer_heal.model import chat_prompt, encode
+from steer_heal.slot import SteeringSlot
 from steer_heal.tiny import tiny_model
 from steer_heal.vector import SteeringVector
 
@@ -276,6 +277,11 @@ def test_perplexity_refuses_a_steered_model(llama):
     with vec.apply(model, 1.0), pytest.raises(ValueError, match="steering hooks"):
         Perplexity(model, tok)([completion("Hello")])
     assert Perplexity(model, tok)([completion("Hello")])[0].scores[PPL] > 0  # fine once the hooks are gone
+    with SteeringSlot(model, vec.layers) as slot:
+        Perplexity(model, tok)([completion("Hello")])  # an idle slot adds exactly zero: allowed
+        slot.set(vec, 0.5)
+        with pytest.raises(ValueError, match="steering hooks"):
+            Perplexity(model, tok)([completion("Hello")])
 
 
 # ---------------------------------------------------------------- reports

@@ -1,0 +1,230 @@
+"""Dose control ("walk-C"): the largest steering coefficient whose output mostly survives.
+
+Kept fraction on a probe batch at coefficient c:  f(c) = kept(c) / probe_size. It falls
+as c grows (steering injects incoherence), so we bisect in log space for
+
+    c* = max { c in [c_min, c_max] : f(c) >= target }
+
+Probe c_min (must pass, else `DoseError`: there is nothing to train on), then c_max (if it
+passes, it is the answer), then `steps` times  m = sqrt(lo * hi);  f(m) >= target ? lo = m
+: hi = m. The result is the last passing probe `lo`, within a factor
+(c_max / c_min) ** (1 / 2**steps) of the crossing. Log space because the useful doses span
+orders of magnitude and incoherence grows roughly with log c. Each probe takes the next
+`probe_size` prompts of the pool (rotating), so probes do not all see the same prompts,
+and a fresh sampling seed. f is noisy, so the answer is a sample, not a guarantee:
+`collect` then generates at c* (optionally at a few multiples) and filters until `n_keep`
+completions survive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from .filter_report import FilterReport
+from .filters import Filter, Verdict
+from .generate import Completion, generate
+from .vector import Number, SteeringVector
+
+
+class DoseError(RuntimeError):
+    """No usable dose, or too few completions survived the filter."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    coeff: float
+    kept: int
+    n: int
+    passed: bool
+    report: FilterReport
+
+    @property
+    def kept_fraction(self) -> float:
+        return self.kept / self.n
+
+
+@dataclass(frozen=True)
+class DoseResult:
+    coeff: float  # the largest passing probe
+    target: Number
+    probes: tuple[Probe, ...]  # in the order they ran
+
+    def table(self) -> str:
+        lines = ["| probe | coeff | kept | kept % | pass |", "|---|---|---|---|---|"]
+        for i, p in enumerate(self.probes):
+            lines.append(f"| {i} | {p.coeff:.4g} | {p.kept}/{p.n} | {100 * p.kept_fraction:.0f} | {'yes' if p.passed else 'no'} |")
+        lines.append(f"dose: {self.coeff:.4g} (target kept fraction {self.target:g})")
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "coeff": self.coeff,
+            "target": self.target,
+            "probes": [
+                {"coeff": p.coeff, "kept": p.kept, "n": p.n, "passed": p.passed, "report": p.report.to_dict()}
+                for p in self.probes
+            ],
+        }
+
+
+@dataclass(frozen=True)
+class Collection:
+    kept: list[Completion]  # the first n_keep survivors, in generation order
+    completions: list[Completion]  # everything generated
+    verdicts: list[Verdict]  # one per completion
+    report: FilterReport  # per coefficient
+
+
+def _check_prompts(prompts: Sequence[str]) -> None:
+    if len(prompts) == 0:
+        raise ValueError("prompts is empty; pass a pool of user messages to generate from")
+
+
+def _sample(
+    model: nn.Module, tok, vector: SteeringVector, prompts: list[str], coeff: float, seed: int, settings: dict
+) -> list[Completion]:
+    return generate(
+        model, tok, prompts, steering=vector, coeff=coeff, do_sample=True, seed=seed, progress=False, **settings
+    )
+
+
+def _filter(flt: Filter, completions: list[Completion]) -> list[Verdict]:
+    verdicts = flt(completions)
+    if len(verdicts) != len(completions):
+        raise ValueError(f"filter {flt!r} returned {len(verdicts)} verdicts for {len(completions)} completions")
+    return verdicts
+
+
+def walk_dose(
+    model: nn.Module,
+    tok,
+    vector: SteeringVector,
+    prompts: Sequence[str],
+    filter: Filter,
+    target: Number = 0.75,
+    c_min: Number = 0.25,
+    c_max: Number = 4.0,
+    steps: int = 4,
+    probe_size: int = 16,
+    max_new_tokens: int = 64,
+    temperature: Number = 1.0,
+    top_p: Number = 0.95,
+    top_k: int = 64,
+    batch_size: int = 8,
+    system: str | None = None,
+    how: Literal["hooks", "bias"] = "hooks",
+    seed: int = 0,
+) -> DoseResult:
+    """Bisect (log space) for the largest coefficient whose probe kept fraction >= target.
+
+    `filter` should score perplexity under the ORIGINAL model: generation steers `model`
+    only inside each `generate` call, so filtering the same model afterwards is unsteered.
+    """
+    _check_prompts(prompts)
+    target = float(target)
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target kept fraction must be in (0, 1], got {target}")
+    c_min, c_max = float(c_min), float(c_max)
+    if not (math.isfinite(c_min) and math.isfinite(c_max) and 0.0 < c_min < c_max):
+        raise ValueError(f"need 0 < c_min < c_max (finite; the search is in log space), got c_min={c_min}, c_max={c_max}")
+    if steps < 0 or probe_size < 1:
+        raise ValueError(f"steps must be >= 0 and probe_size >= 1, got {steps} and {probe_size}")
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    batch_size=batch_size, system=system, how=how)  # fmt: skip
+    # generate seeds batch b with seed + b: space the probes so no two batches share a seed
+    seeds_per_probe = math.ceil(probe_size / batch_size)
+    probes: list[Probe] = []
+
+    def probe(coeff: float) -> Probe:
+        start = len(probes) * probe_size
+        batch = [prompts[(start + j) % len(prompts)] for j in range(probe_size)]
+        completions = _sample(model, tok, vector, batch, coeff, seed + len(probes) * seeds_per_probe, settings)
+        verdicts = _filter(filter, completions)
+        kept = sum(v.keep for v in verdicts)
+        result = Probe(coeff, kept, probe_size, kept / probe_size >= target,
+                       FilterReport.from_verdicts(completions, verdicts))  # fmt: skip
+        probes.append(result)
+        return result
+
+    first = probe(c_min)
+    if not first.passed:
+        drops = ", ".join(f"{k} {v}" for k, v in first.report.rows[0].drops.items()) or "none"
+        raise DoseError(
+            f"no dose passes: at c_min={c_min:g} only {first.kept}/{first.n} completions were kept "
+            f"(target {target:g}; drops: {drops}); lower c_min, lower the target or loosen the filter"
+        )
+    if probe(c_max).passed:
+        return DoseResult(c_max, target, tuple(probes))
+    lo, hi = c_min, c_max
+    for _ in range(steps):
+        mid = math.exp(0.5 * (math.log(lo) + math.log(hi)))
+        if probe(mid).passed:
+            lo = mid
+        else:
+            hi = mid
+    return DoseResult(lo, target, tuple(probes))
+
+
+def collect(
+    model: nn.Module,
+    tok,
+    vector: SteeringVector,
+    prompts: Sequence[str],
+    filter: Filter,
+    coeff: Number,
+    multiples: Sequence[Number] = (1.0,),
+    n_keep: int = 64,
+    max_batches: int = 32,
+    min_keep: int = 1,
+    max_new_tokens: int = 64,
+    temperature: Number = 1.0,
+    top_p: Number = 0.95,
+    top_k: int = 64,
+    batch_size: int = 8,
+    system: str | None = None,
+    how: Literal["hooks", "bias"] = "hooks",
+    seed: int = 0,
+) -> Collection:
+    """Generate at `coeff * m` for each multiple, `batch_size` prompts per batch (rotating
+    through the pool), filter each batch, stop at `n_keep` survivors or `max_batches`."""
+    _check_prompts(prompts)
+    coeff = float(coeff)
+    if not math.isfinite(coeff):
+        raise ValueError(f"coeff must be finite, got {coeff}")
+    if not multiples or any(not (math.isfinite(m) and m > 0) for m in multiples):
+        raise ValueError(f"multiples must be a non-empty list of finite numbers > 0, got {list(multiples)}")
+    if not 1 <= min_keep <= n_keep or max_batches < 1 or batch_size < 1:
+        raise ValueError(
+            f"need 1 <= min_keep <= n_keep, max_batches >= 1 and batch_size >= 1; got min_keep={min_keep}, "
+            f"n_keep={n_keep}, max_batches={max_batches}, batch_size={batch_size}"
+        )
+    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                    batch_size=batch_size, system=system, how=how)  # fmt: skip
+    coeffs = [coeff * float(m) for m in multiples]
+    completions: list[Completion] = []
+    verdicts: list[Verdict] = []
+    kept: list[Completion] = []
+    batches = 0
+    while batches < max_batches and len(kept) < n_keep:
+        start = batches * batch_size
+        batch = [prompts[(start + j) % len(prompts)] for j in range(batch_size)]
+        made: list[Completion] = []
+        for j, c in enumerate(coeffs):
+            made += _sample(model, tok, vector, batch, c, seed + batches * len(coeffs) + j, settings)
+        judged = _filter(filter, made)  # one call per batch: the perplexity forward is batched
+        completions += made
+        verdicts += judged
+        kept += [c for c, v in zip(made, judged) if v.keep]
+        batches += 1
+    if len(kept) < min_keep:
+        raise DoseError(
+            f"only {len(kept)} of {len(completions)} completions survived the filter at coeff "
+            f"{', '.join(f'{c:g}' for c in coeffs)} after {batches} batches (min_keep={min_keep}); "
+            "lower the dose, raise max_batches or loosen the filter"
+        )
+    return Collection(kept[:n_keep], completions, verdicts, FilterReport.from_verdicts(completions, verdicts))
