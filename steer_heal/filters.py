@@ -34,7 +34,7 @@ import math
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -136,7 +136,9 @@ def _tail_nll(
 ) -> Float[Tensor, " batch"]:
     """Mean NLL over the valid (right-aligned tail) positions of each row."""
     nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")
-    return (nll * valid).sum(-1) / valid.sum(-1)
+    # where, not multiply: a short row's masked columns can sit on left padding, whose
+    # logits may be NaN (a fully masked query), and NaN * 0 is NaN
+    return torch.where(valid, nll, 0.0).sum(-1) / valid.sum(-1)
 
 
 @torch.inference_mode()
@@ -169,6 +171,20 @@ def tail_perplexity(
             rows.append((i, prompt_ids + ids, max(1, math.ceil(tail * len(ids)))))
     rows.sort(key=lambda r: len(r[1]))
     device, pad = input_device(model), pad_id(tok)
+    was_training = model.training
+    model.eval()  # dropout would make the score random; the caller's mode is restored below
+    try:
+        for i, value in _score_rows(model, rows, batch_size, device, pad):
+            out[i] = value
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _score_rows(
+    model: nn.Module, rows: list[tuple[int, list[int], int]], batch_size: int, device: torch.device, pad: int
+) -> Iterator[tuple[int, float]]:
+    """(index, tail ppl) for rows of (index, prompt + completion ids, tail length k)."""
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         ids, mask, positions = left_pad([r[1] for r in batch], pad, device)
@@ -183,8 +199,7 @@ def tail_perplexity(
         valid = torch.arange(kmax, device=device)[None, :] >= (kmax - k)[:, None]
         nll = _tail_nll(logits, ids[:, width - kmax :], valid)
         for (i, _, _), value in zip(batch, nll.tolist()):
-            out[i] = math.exp(value)
-    return out
+            yield i, math.exp(value)
 
 
 def formatted_prompt(tok, completion: Completion) -> str:

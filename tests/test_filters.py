@@ -255,6 +255,22 @@ def test_perplexity_batched_equals_single_and_reference(family_model):
     assert full == pytest.approx([reference_tail_ppl(model, tok, p, t, 1.0) for p, t in zip(formatted, TEXTS)], rel=1e-4)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
+def test_perplexity_short_row_beside_a_long_tail(family):
+    """A short row's masked tail columns land on its left padding: still exact, and the
+    model's train mode (GPT-2 has dropout) is neither used nor changed."""
+    model, tok = tiny_model(family)
+    model.train()
+    prompts = [chat_prompt(tok, "Hi"), chat_prompt(tok, "Tell me everything about the rules and the people.")]
+    texts = ["No", "The rules matter, but people matter more; help them first and explain later. " * 4]
+    batched = tail_perplexity(model, tok, prompts, texts, tail=1.0, batch_size=2)
+    assert model.training
+    model.eval()
+    reference = [reference_tail_ppl(model, tok, p, t, 1.0) for p, t in zip(prompts, texts)]
+    assert len(encode(tok, prompts[0] + texts[0])) < len(encode(tok, texts[1]))  # the case under test
+    assert batched == pytest.approx(reference, rel=1e-4)
+
+
 def test_perplexity_filter_verdicts(llama):
     model, tok = llama
     cs = [completion(t, p) for p, t in zip(PROMPTS, TEXTS)] + [completion("", "Anything?")]
