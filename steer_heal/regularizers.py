@@ -29,13 +29,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-Agg = Literal["mean", "rmse", "p95", "max"]
+Real = float | int  # numeric settings accept ints (beartype does not widen int to float)
 AGGREGATIONS: tuple[str, ...] = ("mean", "rmse", "p95", "max")
 RMSE_EPS = 1e-6
 _CHUNK = 128  # rows of [n, vocab] processed at once, to bound temporaries
@@ -187,10 +187,10 @@ def barrier(per_row: Float[Tensor, " rows"], lam: float, tau: float) -> Float[Te
 
 @dataclass(frozen=True)
 class _KLBarrier:
-    lam: float = 1.0
-    tau: float = 0.5
+    lam: Real = 1.0
+    tau: Real = 0.5
     agg: str = "rmse"  # one of AGGREGATIONS
-    lam_round_pow: float = -0.5
+    lam_round_pow: Real = -0.5
     needs_reference: bool = field(default=True, init=False)
     weight_decay: float = field(default=0.0, init=False)
 
@@ -268,7 +268,7 @@ class NLL:
 class WeightDecay:
     """Decoupled weight decay on the adapter (an optimiser setting; adds no loss)."""
 
-    wd: float = 0.01
+    wd: Real = 0.01
     name: str = field(default="weight_decay", init=False)
     needs_reference: bool = field(default=False, init=False)
 
@@ -303,7 +303,7 @@ def top_singular(
 class SpectralNorm:
     """`lam * mean over adapted modules of sigma_max(scale * B @ A)` (power iteration)."""
 
-    lam: float = 1e-2
+    lam: Real = 1e-2
     n_iter: int = 3
     name: str = field(default="spectral_norm", init=False)
     needs_reference: bool = field(default=False, init=False)

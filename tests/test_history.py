@@ -1,0 +1,240 @@
+"""History: folded rounds from one set of weights; exact base; peft and HF files."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from steer_heal.heal import LoraSettings
+from steer_heal.history import Adapter, History
+from steer_heal.tiny import tiny_model
+
+IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27]])
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.clone()
+
+
+def random_round(hist: History, seed: int, r: int = 4, layers=(0.0, 1.0), targets="all-linear") -> Adapter:
+    """An adapter with nonzero B (a trained round stand-in), made through the History itself."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        with hist.train_adapter(LoraSettings(r=r, alpha=2 * r, layers=layers, targets=targets).config(hist.model)) as slot:
+            with torch.no_grad():
+                for p in slot.params:
+                    p.normal_(0, 0.2)
+            return hist.adapter(slot.name)
+
+
+@pytest.fixture
+def folded3():
+    model, tok = tiny_model("llama")
+    untouched = logits(model)
+    hist = History(model)
+    for seed in range(3):
+        hist.fold(random_round(hist, seed))
+    yield model, tok, hist, untouched
+    hist.close()
+
+
+def test_base_is_bitwise_after_three_folded_rounds(folded3):
+    model, _, hist, untouched = folded3
+    assert len(hist) == 3 and hist.names == ("round_000", "round_001", "round_002")
+    student = logits(model)
+    assert not torch.allclose(student, untouched, atol=1e-3)
+    with hist.base():
+        assert torch.equal(logits(model), untouched)
+    with hist.first(0):  # no adapter active: also the plain base layers
+        assert torch.equal(logits(model), untouched)
+    assert torch.equal(logits(model), student)  # back to the student
+
+
+def test_views(folded3):
+    model, _, hist, _ = folded3
+    student = logits(model)
+    with hist.previous():
+        previous = logits(model)
+    with hist.first(2):
+        assert torch.equal(logits(model), previous)
+    with hist.scaled(0.0):
+        assert torch.equal(logits(model), previous)
+    with hist.scaled(1.0):
+        assert torch.equal(logits(model), student)
+    with hist.scaled(2.0):
+        doubled = logits(model)
+    assert not torch.allclose(doubled, student, atol=1e-4)
+    with hist.student():
+        assert torch.equal(logits(model), student)
+    with hist.reference("prev"):
+        assert torch.equal(logits(model), student)
+    assert torch.equal(logits(model), student)
+
+
+def test_contexts_restore_on_exceptions_and_nest(folded3):
+    model, _, hist, untouched = folded3
+    student = logits(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with hist.base():
+            raise RuntimeError("boom")
+    assert torch.equal(logits(model), student)
+    with pytest.raises(RuntimeError, match="boom"):
+        with hist.scaled(3.0):
+            raise RuntimeError("boom")
+    assert torch.equal(logits(model), student)
+    with hist.previous():
+        with hist.base():
+            assert torch.equal(logits(model), untouched)
+        with hist.first(1):
+            one = logits(model)
+        previous = logits(model)
+    assert not torch.equal(one, previous)
+    assert torch.equal(logits(model), student)
+
+
+def test_forward_cost_is_the_total_rank(folded3):
+    from peft.tuners.lora import LoraLayer
+
+    model, _, hist, _ = folded3
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    assert layers
+    for m in layers:  # one pass per round adapter: sum of ranks, no per-round copy of W
+        assert list(m.active_adapters) == list(hist.names) and not m.merged
+        assert sum(m.r[name] for name in m.active_adapters) == 12
+    assert not any(p.requires_grad for n, p in model.named_parameters())  # nothing trains outside heal
+
+
+def test_last_good_advances_only_when_coherent():
+    model, _ = tiny_model("llama")
+    with History(model) as hist:
+        hist.fold(random_round(hist, 0))
+        assert hist.n_good == 0
+        assert hist.judge(0.95, threshold=0.9) and hist.n_good == 1
+        hist.fold(random_round(hist, 1))
+        assert not hist.judge(0.40, threshold=0.9) and hist.n_good == 1
+        with hist.first(1):
+            first = logits(model)
+        with hist.reference("last_good"):
+            assert torch.equal(logits(model), first)
+        hist.fold(random_round(hist, 2))
+        assert hist.judge(0.91, threshold=0.9) and hist.n_good == 3
+        assert [r.coherence for r in hist.rounds] == [0.95, 0.40, 0.91]
+
+
+def test_round_dir_loads_with_peft(folded3, tmp_path):
+    from peft import PeftModel
+
+    model, _, hist, _ = folded3
+    with hist.first(1):
+        want = logits(model)
+    path = hist.save_round(0, tmp_path / "r0")
+    assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    fresh, _ = tiny_model("llama")
+    loaded = PeftModel.from_pretrained(fresh, str(path))
+    torch.testing.assert_close(logits(loaded), want, atol=1e-6, rtol=0)
+    assert Adapter.load(path).state.keys() == hist.adapter(0).state.keys()
+
+
+def test_save_and_load_history(folded3, tmp_path):
+    model, _, hist, _ = folded3
+    hist.judge(0.97, 0.9)
+    student = logits(model)
+    hist.save(tmp_path / "hist")
+    fresh, _ = tiny_model("llama")
+    untouched = logits(fresh)
+    with History.load(fresh, tmp_path / "hist") as again:
+        assert again.names == hist.names and again.n_good == 3 and again.rounds[-1].coherence == 0.97
+        assert torch.equal(logits(fresh), student)
+        with again.base():
+            assert torch.equal(logits(fresh), untouched)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_export_merged_is_a_plain_checkpoint(family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = tiny_model(family)
+    with History(model) as hist:
+        hist.fold(random_round(hist, 0))
+        hist.fold(random_round(hist, 1, layers=(0.5, 1.0)))
+        student = logits(model)
+        hist.export_merged(tmp_path / "merged", tok)
+        with hist.base():
+            untouched = logits(model)
+    plain, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    torch.testing.assert_close(logits(plain), student, atol=2e-5, rtol=0)
+    assert torch.equal(logits(model), untouched)  # export did not touch W
+
+
+def test_close_gives_the_model_back():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model, _ = tiny_model("gpt2")
+    before = logits(model)
+    names = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    types = [type(m) for m in model.modules()]
+    hist = History(model)
+    hist.fold(random_round(hist, 0))
+    assert any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    assert hist.close() is model
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == names
+    assert [type(m) for m in model.modules()] == types
+    assert torch.equal(logits(model), before)
+    with pytest.raises(ValueError, match="closed"):
+        hist.fold(Adapter(None, {}))
+
+
+def test_every_family_recovers_base_bitwise(family_model):
+    _, model, _ = family_model
+    untouched = logits(model)
+    with History(model) as hist:
+        hist.fold(random_round(hist, 0, r=2))
+        assert not torch.equal(logits(model), untouched)
+        with hist.base():
+            assert torch.equal(logits(model), untouched)
+    assert torch.equal(logits(model), untouched)
+
+
+def test_bad_input(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_model("llama")
+    hist = History(model)
+    with pytest.raises(ValueError, match="needs at least one folded round"):
+        with hist.scaled(0.5):
+            pass
+    with pytest.raises(ValueError, match="judge\\(\\) needs a folded round"):
+        hist.judge(0.9, 0.8)
+    with pytest.raises(ValueError, match="unknown reference 'nope'"):
+        hist.reference("nope")
+    with pytest.raises(ValueError, match="fold\\(\\) takes a HealResult or an Adapter"):
+        hist.fold({"not": "an adapter"})
+    hist.fold(random_round(hist, 0))
+    with pytest.raises(ValueError, match="first\\(k\\) needs an int 0 <= k <= 1"):
+        hist.first(2)
+    with pytest.raises(ValueError, match="coeff must be a finite number"):
+        hist.scaled(math.nan).__enter__()
+    with pytest.raises(ValueError, match="must be finite"):
+        hist.judge(math.nan, 0.9)
+    with pytest.raises(ValueError, match="round 5 does not exist"):
+        hist.adapter(5)
+    # an adapter from a narrower model does not fit
+    small, _ = tiny_model("llama", hidden=32)
+    with History(small) as other:
+        foreign = random_round(other, 0)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        hist.fold(foreign)
+    assert len(hist) == 1 and torch.isfinite(logits(model)).all()
+    with pytest.raises(ValueError, match="hidden_size=32"):
+        hist.fold(Adapter(foreign.config, foreign.state, {"hidden_size": "32", "model_id": "tiny"}))
+    hist.close()
+    with pytest.raises(ValueError, match="no readable history.json"):
+        History.load(model, tmp_path)
+    wrapped, _ = tiny_model("llama")
+    get_peft_model(wrapped, LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="without peft adapters"):
+        History(wrapped)
