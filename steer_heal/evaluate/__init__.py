@@ -1,0 +1,55 @@
+"""Evaluation of every stage on the same items (DESIGN.md step 6).
+
+- `Vignettes`: forced-choice moral-foundations probe (nats per foundation + coherence);
+- `TraitJudge`: the trait in free text, scored with a small sentence-embedding model;
+- `Perplexity`, `Samples`: fluency on neutral text and greedy samples for the report;
+- `compare`, `stage_table`: paired deltas and a verdict that checks coherence first.
+
+Evaluators run the model they are given; steer or bake around the call.
+"""
+
+from .base import EvalResult, Evaluator
+from .compare import COHERENCE_FLOOR, Comparison, compare, stage_table
+from .items import (
+    FOUNDATIONS,
+    Vignette,
+    canonical_foundation,
+    fingerprint,
+    foundation_key,
+    load_mfv,
+    load_vignettes,
+    stratified_subset,
+)
+from .judge import INSTALL_HINT, JudgeAxis, TraitJudge, bootstrap_ci, load_judge_axes
+from .text import Perplexity, Samples, load_paragraphs
+from .vignettes import LABELS, WORDINGS, Vignettes, Wording, option_token_ids
+
+__all__ = [
+    "COHERENCE_FLOOR",
+    "FOUNDATIONS",
+    "INSTALL_HINT",
+    "LABELS",
+    "WORDINGS",
+    "Comparison",
+    "EvalResult",
+    "Evaluator",
+    "JudgeAxis",
+    "Perplexity",
+    "Samples",
+    "TraitJudge",
+    "Vignette",
+    "Vignettes",
+    "Wording",
+    "bootstrap_ci",
+    "canonical_foundation",
+    "compare",
+    "fingerprint",
+    "foundation_key",
+    "load_judge_axes",
+    "load_mfv",
+    "load_paragraphs",
+    "load_vignettes",
+    "option_token_ids",
+    "stage_table",
+    "stratified_subset",
+]

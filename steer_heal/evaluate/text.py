@@ -1,0 +1,105 @@
+"""Plain-text evaluators: held-out perplexity and greedy samples for the report.
+
+`Perplexity`: each text is tokenised as raw text (with the tokenizer's own BOS when it
+adds one, no chat template), truncated to `max_tokens`; the NLL of every token after the
+first given its prefix is summed over all texts, and `perplexity = exp(total NLL / total
+predicted tokens)` (token-weighted, so long paragraphs count by their length). Batched
+with left padding and explicit position ids. `nll` is the same per-token mean in nats.
+
+`Samples`: greedy completions of a few fixed prompts (deterministic), kept as rows; the
+metrics are only their mean length and the share that ended with an end-of-turn token.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+
+from ..data import data_path
+from ..model import input_device, left_pad, pad_id
+from .base import EvalResult
+
+
+def load_paragraphs(path: str | Path | None = None) -> list[str]:
+    """Paragraphs separated by blank lines ('#' lines are comments); bundled neutral set by default."""
+    path = Path(path) if path is not None else data_path("neutral.txt")
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if not line.startswith("#")]
+    paragraphs = [" ".join(block.split()) for block in "\n".join(lines).split("\n\n")]
+    paragraphs = [p for p in paragraphs if p]
+    if not paragraphs:
+        raise ValueError(f"{path} holds no paragraphs; separate paragraphs with a blank line")
+    return paragraphs
+
+
+def token_nll(
+    logits: Float[Tensor, "batch seq vocab"], ids: Int[Tensor, "batch seq"], mask: Int[Tensor, "batch seq"]
+) -> tuple[Float[Tensor, " batch"], Int[Tensor, " batch"]]:
+    """Summed NLL of tokens 1.. given their prefix, and how many tokens were predicted, per row."""
+    logp = logits[:, :-1].float().log_softmax(-1)
+    nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    # a target counts only if it and its context token are real (left padding: context real once target is)
+    keep = (mask[:, 1:] * mask[:, :-1]).to(nll.dtype)
+    return (nll * keep).sum(-1), keep.sum(-1).long()
+
+
+class Perplexity:
+    """Perplexity of held-out text (the bundled neutral paragraphs by default)."""
+
+    def __init__(self, texts: Sequence[str] | None = None, max_tokens: int = 256, batch_size: int = 4):
+        self.texts = list(load_paragraphs() if texts is None else texts)
+        if not self.texts or any(not t.strip() for t in self.texts):
+            raise ValueError("Perplexity needs non-empty texts")
+        if max_tokens < 2 or batch_size < 1:
+            raise ValueError(f"max_tokens must be >= 2 and batch_size >= 1, got {max_tokens} and {batch_size}")
+        self.max_tokens, self.batch_size = max_tokens, batch_size
+        self.name = "perplexity"
+
+    @torch.inference_mode()
+    def __call__(self, model: nn.Module, tok: Any) -> EvalResult:
+        encoded = [tok(text)["input_ids"][: self.max_tokens] for text in self.texts]
+        short = [i for i, ids in enumerate(encoded) if len(ids) < 2]
+        if short:
+            raise ValueError(f"text {short[0]} is shorter than 2 tokens; perplexity needs something to predict")
+        device = input_device(model)
+        sums, counts = [0.0] * len(encoded), [0] * len(encoded)
+        for start in range(0, len(encoded), self.batch_size):
+            rows = list(range(start, min(start + self.batch_size, len(encoded))))
+            ids, mask, positions = left_pad([encoded[i] for i in rows], pad_id(tok), device)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            nll, n = token_nll(logits, ids, mask)
+            for row, i in enumerate(rows):
+                sums[i], counts[i] = float(nll[row]), int(n[row])
+        mean = sum(sums) / sum(counts)
+        rows_out = [{"text": t[:80], "nll": s / c, "tokens": c} for t, s, c in zip(self.texts, sums, counts)]
+        metrics = {"perplexity": math.exp(mean), "nll": mean, "n_tokens": float(sum(counts)), "n_texts": float(len(encoded))}
+        return EvalResult(name=self.name, metrics=metrics, rows=rows_out, meta={"evaluator": "perplexity"})
+
+
+class Samples:
+    """Greedy completions of fixed prompts, for reading next to the numbers."""
+
+    def __init__(self, prompts: Sequence[str], max_new_tokens: int = 64, system: str | None = None, batch_size: int = 8):
+        if not prompts:
+            raise ValueError("Samples needs at least one prompt")
+        self.prompts, self.max_new_tokens, self.system, self.batch_size = list(prompts), max_new_tokens, system, batch_size
+        self.name = "samples"
+
+    def __call__(self, model: nn.Module, tok: Any) -> EvalResult:
+        from ..generate import generate
+
+        completions = generate(
+            model, tok, self.prompts, max_new_tokens=self.max_new_tokens, system=self.system,
+            batch_size=self.batch_size, progress=False,
+        )
+        rows = [{"prompt": c.prompt, "text": c.text, "finish_reason": c.finish_reason} for c in completions]
+        metrics = {
+            "mean_tokens": sum(len(c.token_ids) for c in completions) / len(completions),
+            "frac_stopped": sum(c.finish_reason == "stop" for c in completions) / len(completions),
+        }
+        return EvalResult(name=self.name, metrics=metrics, rows=rows, meta={"evaluator": "samples"})
