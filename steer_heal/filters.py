@@ -388,6 +388,9 @@ class Narration:
             verdicts.append(Verdict(not hits, {"narration": float(len(hits))}, reasons))
         return verdicts
 
+    def __repr__(self) -> str:
+        return f"Narration({len(self.patterns)} patterns)"
+
 
 class Refusal:
     """Drop AI-identity and refusal boilerplate (phrases matched at word boundaries)."""
@@ -407,6 +410,9 @@ class Refusal:
             reasons = [f"refusal: {hits[0]!r}"] if hits else []
             verdicts.append(Verdict(not hits, {"refusal": float(len(hits))}, reasons))
         return verdicts
+
+    def __repr__(self) -> str:
+        return f"Refusal({len(self.phrases)} phrases)"
 
 
 def default_text_filter(narration_patterns: Sequence[str] = NARRATION_PATTERNS) -> AllOf:
