@@ -19,8 +19,9 @@ reference `prev` exactly (KL = 0). The reference is the same weights with other 
 active (see `History`): `base` (none), `prev` (all folded rounds), `last_good` (the first k).
 Optimiser: AdamW on the adapter only, decoupled weight decay = sum of the regularisers'
 `weight_decay`, linear warmup then cosine (or linear / constant) decay, gradient clipping.
-When a barrier is active, its gradient and the NLL's are computed separately (one more
-backward) so the log can compare their norms. A non-finite loss or gradient stops the run
+Regularisers whose `Penalty.active` is False (an idle barrier) are not differentiated. When
+one is active, its gradient and the NLL's are computed separately (one more backward
+through the network) so the log can compare their norms (`split_grads=False` saves that). A non-finite loss or gradient stops the run
 before the update is applied: the raised `HealDiverged` names the step and carries the
 last good adapter.
 """
@@ -458,6 +459,8 @@ def _step(hist, slot, group, regs, reference, need_ref, train, r, pad, device, s
         ctx = RegContext(logp, ref, batch.targets, batch.rows, batch.mask, r, slot.name, slot.modules, params)
         penalties: list[Penalty] = [reg(ctx) for reg in regs]
         reg_loss = sum((p.loss for p in penalties), logp.new_zeros(()))
+        # only active terms are differentiated; an idle barrier's gradient is exactly zero
+        reg_grad_loss = sum((p.loss for p in penalties if p.active), logp.new_zeros(()))
         if not torch.isfinite(nll + reg_loss):
             raise _NonFinite(step, f"loss (nll {float(nll.detach()):.4g}, regularisers {float(reg_loss.detach()):.4g})")
         for reg, pen in zip(regs, penalties):
@@ -468,13 +471,12 @@ def _step(hist, slot, group, regs, reference, need_ref, train, r, pad, device, s
         if first is not None:
             divergence = (divergence or 0.0) + first / len(group)
         scale = 1.0 / len(group)
-        active = reg_loss.requires_grad and float(reg_loss.detach()) != 0.0
+        active = reg_grad_loss.requires_grad
         if active and split:
             _add_into(sft, torch.autograd.grad(nll * scale, params, retain_graph=True, allow_unused=True))
-            _add_into(reg_grads, torch.autograd.grad(reg_loss * scale, params, allow_unused=True))
+            _add_into(reg_grads, torch.autograd.grad(reg_grad_loss * scale, params, allow_unused=True))
         else:
-            # an inactive barrier has zero gradient: one backward serves both
-            _add_into(sft, torch.autograd.grad((nll + reg_loss) * scale, params, allow_unused=True))
+            _add_into(sft, torch.autograd.grad((nll + reg_grad_loss) * scale, params, allow_unused=True))
         n = int(batch.targets.numel())
         nll_sum, tokens = nll_sum + float(nll.detach()) * n, tokens + n
     total = [s if b is None else (b if s is None else s + b) for s, b in zip(sft, reg_grads)]

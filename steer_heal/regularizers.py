@@ -22,6 +22,10 @@ full-vocabulary log-softmax, so no `[batch, seq, vocab]` tensor exists for paddi
   `u v^T` (u = Wv/|Wv|) flows into A and B.
 - `WeightDecay(wd)`: no loss term; decoupled (AdamW-style) decay `theta <- theta - lr*wd*theta`
   on the adapter parameters, applied by the optimiser, so it composes with any of the above.
+
+A `Penalty` with `active=False` promises a zero gradient (an idle barrier: every D_i <= tau,
+where relu' = 0); the loop then does not backpropagate it, so an idle KL barrier costs only
+the reference forward and one `[n, vocab]` tensor over plain NLL.
 """
 
 from __future__ import annotations
@@ -62,6 +66,9 @@ class Penalty:
 
     loss: Float[Tensor, ""]
     logs: dict[str, float] = field(default_factory=dict)
+    # False promises a zero gradient (an idle barrier, a constant): the loop then skips
+    # backpropagating this term, which saves a pass over [n, vocab] and the network
+    active: bool = True
 
 
 @runtime_checkable
@@ -230,7 +237,7 @@ class _KLBarrier:
             "barrier": float(loss.detach()),
             "lam_r": lam_r,
         }
-        return Penalty(loss, logs)
+        return Penalty(loss, logs, active=bool((detached > self.tau).any()) and lam_r > 0)
 
 
 @dataclass(frozen=True)
@@ -261,7 +268,7 @@ class NLL:
     weight_decay: float = field(default=0.0, init=False)
 
     def __call__(self, ctx: RegContext) -> Penalty:
-        return Penalty(_zero(ctx))
+        return Penalty(_zero(ctx), active=False)
 
 
 @dataclass(frozen=True)
@@ -280,7 +287,7 @@ class WeightDecay:
         return self.wd
 
     def __call__(self, ctx: RegContext) -> Penalty:
-        return Penalty(_zero(ctx))
+        return Penalty(_zero(ctx), active=False)
 
 
 def top_singular(
@@ -333,4 +340,4 @@ class SpectralNorm:
         if not sigmas:
             raise ValueError("SpectralNorm found no adapted modules for the current adapter")
         mean_sigma = torch.stack(sigmas).mean()
-        return Penalty(self.lam * mean_sigma, {"sigma_mean": float(mean_sigma.detach())})
+        return Penalty(self.lam * mean_sigma, {"sigma_mean": float(mean_sigma.detach())}, active=self.lam > 0)

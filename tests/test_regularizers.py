@@ -135,11 +135,13 @@ def test_barrier_gradient_zero_below_tau(reg_cls):
     q = logp(12, 30, 3)
     s = logp(12, 30, 4).requires_grad_(True)
     pen = reg_cls(tau=100.0)(make_ctx(s, q, [5, 7]))
-    assert pen.logs["divergence"] > 0.1 and float(pen.loss.detach()) == 0.0
+    assert pen.logs["divergence"] > 0.1 and float(pen.loss.detach()) == 0.0 and not pen.active
     pen.loss.backward()
     assert torch.count_nonzero(s.grad) == 0
     s.grad = None
-    reg_cls(tau=0.0)(make_ctx(s, q, [5, 7])).loss.backward()
+    pen = reg_cls(tau=0.0)(make_ctx(s, q, [5, 7]))
+    assert pen.active
+    pen.loss.backward()
     assert s.grad.abs().sum() > 0
 
 
