@@ -34,7 +34,8 @@ import math
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -207,35 +208,40 @@ def formatted_prompt(tok, completion: Completion) -> str:
     return completion.prompt_text or chat_prompt(tok, completion.prompt, system=completion.system)
 
 
+BaseModel = nn.Module | Callable[[], AbstractContextManager[nn.Module]]
+
+
 class Perplexity:
     """Drop completions whose tail perplexity under the ORIGINAL model exceeds `tau`.
 
-    Pass the unsteered base model (not the student with an adapter): the point is to ask
-    the original model whether the text is plausible. Active steering hooks are refused.
+    `model` is the unsteered base model, or a function returning a context that yields it
+    (e.g. `history.base`, which switches a student's adapters off for the duration), so the
+    filter can run beside generation from the student. Active steering hooks are refused.
     """
 
-    def __init__(self, model: nn.Module, tok, tau: Number = 50.0, tail: Number = 0.25, batch_size: int = 8) -> None:
+    def __init__(self, model: BaseModel, tok, tau: Number = 50.0, tail: Number = 0.25, batch_size: int = 8) -> None:
         self.tau = _check_positive("tau", tau)
         self.tail = _check_fraction("tail", tail)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tok, self.batch_size = model, tok, batch_size
 
+    def _base(self) -> AbstractContextManager[nn.Module]:
+        # an nn.Module is callable too: test for it first
+        return nullcontext(self.model) if isinstance(self.model, nn.Module) else self.model()
+
     def __call__(self, completions: Sequence[Completion]) -> list[Verdict]:
         _check_nonempty(completions)
-        if _steering_hooks(self.model):
-            raise ValueError(
-                "Perplexity got a model with steering hooks active; score under the original model "
-                "(filter outside the `vec.apply(...)` block)"
+        prompts = [formatted_prompt(self.tok, c) for c in completions]
+        with self._base() as model:
+            if _steering_hooks(model):
+                raise ValueError(
+                    "Perplexity got a model with steering hooks active; score under the original model "
+                    "(filter outside the `vec.apply(...)` block)"
+                )
+            ppls = tail_perplexity(
+                model, self.tok, prompts, [c.text for c in completions], tail=self.tail, batch_size=self.batch_size
             )
-        ppls = tail_perplexity(
-            self.model,
-            self.tok,
-            [formatted_prompt(self.tok, c) for c in completions],
-            [c.text for c in completions],
-            tail=self.tail,
-            batch_size=self.batch_size,
-        )
         return [
             Verdict(True, {PPL: p}, [])
             if p <= self.tau
@@ -424,14 +430,14 @@ def default_text_filter(narration_patterns: Sequence[str] = NARRATION_PATTERNS) 
 
 
 def default_filter(
-    model: nn.Module,
+    model: BaseModel,
     tok,
     tau: Number = 50.0,
     tail: Number = 0.25,
     batch_size: int = 8,
     narration_patterns: Sequence[str] = NARRATION_PATTERNS,
 ) -> AllOf:
-    """Perplexity under `model` (pass the ORIGINAL model) plus the text-only filters."""
+    """Perplexity under the ORIGINAL model (a model, or e.g. `history.base`) plus the text-only filters."""
     return AllOf(
         Perplexity(model, tok, tau=tau, tail=tail, batch_size=batch_size), *default_text_filter(narration_patterns).filters
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -285,6 +286,22 @@ def test_perplexity_filter_verdicts(llama):
     with_system = chat_prompt(tok, PROMPTS[0], system="You are kind.")
     scored = Perplexity(model, tok, tau=1e9)([completion(TEXTS[0], PROMPTS[0], prompt_text=with_system)])
     assert scored[0].scores[PPL] == pytest.approx(reference_tail_ppl(model, tok, with_system, TEXTS[0], 0.25), rel=1e-4)
+
+
+def test_perplexity_takes_a_base_context(llama):
+    """`Perplexity(history.base, tok)`: the context is entered for every call, so the filter
+    can sit beside generation from a student whose adapters are on."""
+    model, tok = llama
+    entered = []
+
+    @contextmanager
+    def base():
+        entered.append(True)
+        yield model
+
+    direct = Perplexity(model, tok)([completion("Help her.")])
+    via = default_filter(base, tok)([completion("Help her.")])
+    assert entered == [True] and via[0].scores[PPL] == direct[0].scores[PPL]
 
 
 def test_perplexity_refuses_a_steered_model(llama):
