@@ -28,7 +28,7 @@ def result(name="stage", coherence=0.97, shift=None, **meta) -> EvalResult:
     shift = shift or {}
     metrics = {f"{foundation_key(f)}_nats": math.log(1 / 7) + shift.get(f, 0.0) for f in FOUNDATIONS}
     metrics |= {"coherence": coherence, "frac_unscorable": 0.0, "prefill_nll": 1.0, "top1_acc": 0.3,
-                "n_items": 119.0, "think_tokens": 32.0}
+                "n_items": 119.0, "think_tokens": 32.0, "label_bias": 0.05}
     return EvalResult(name, metrics, meta=META | meta)
 
 
@@ -100,7 +100,7 @@ def test_stage_table_markdown():
     assert len(lines) == 2 + len(stages)
     assert all(line.count("|") == lines[0].count("|") for line in lines)
     healed = next(line for line in lines if line.startswith("| healed r1 |"))
-    assert "0.50" in healed and healed.endswith("| yes | ok |")
+    assert "| 0.50 |" in healed and "| 0.050 |" in healed and healed.endswith("| yes | ok |")
     assert next(line for line in lines if line.startswith("| broken |")).endswith("| broken |")
     with pytest.raises(ValueError, match="needs the base stage 'base'"):
         stage_table({"steered": STEERED})

@@ -14,6 +14,10 @@ The verdict is decided in this order, so a collapsed model can never score "ok":
 1. any non-finite metric -> "invalid"; 2. coherence < `coherence_floor` -> "broken";
 3. |d_target| < `min_effect` -> "flat"; 4. sign(d_target) != direction -> "reversed";
 5. not surgical -> "diffuse"; otherwise "ok".
+
+The stage table also shows `label_bias` (how much the answers follow label position rather
+than content): a shift that arrives with a rising label bias is a change in which number
+the model likes to say, not in which foundation it sees.
 """
 
 from __future__ import annotations
@@ -129,19 +133,20 @@ def stage_table(
     key = f"{foundation_key(target)}_nats"
     lines = [
         f"| stage | {target} nats | d {target} | retain | coherence | d coh | coh cost | unscorable | prefill NLL "
-        "| top1 | surgical | verdict |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "| top1 | label bias | surgical | verdict |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for name, result in stages.items():
         m = result.metrics
+        bias = _fmt(m.get("label_bias"), ".3f")  # absent from records made before it existed
         if name == base:
             cells = [f"{m[key]:.3f}", "", "", f"{m['coherence']:.3f}", "", "", f"{m['frac_unscorable']:.3f}",
-                     f"{m['prefill_nll']:.3f}", f"{m['top1_acc']:.3f}", "", "base"]
+                     f"{m['prefill_nll']:.3f}", f"{m['top1_acc']:.3f}", bias, "", "base"]
         else:
             c = compare(ref, result, target, direction, steered=steer_result if name != steered else None,
                         coherence_floor=coherence_floor)
             cells = [f"{m[key]:.3f}", _fmt(c.d_target), _fmt(c.retain, ".2f"), f"{c.coherence:.3f}", _fmt(c.d_coherence),
                      _fmt(c.coh_cost, ".3f"), f"{m['frac_unscorable']:.3f}", f"{m['prefill_nll']:.3f}",
-                     f"{m['top1_acc']:.3f}", "yes" if c.surgical else "no", c.verdict]
+                     f"{m['top1_acc']:.3f}", bias, "yes" if c.surgical else "no", c.verdict]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
