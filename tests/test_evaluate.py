@@ -250,6 +250,17 @@ def test_think_budget_suppresses_end_of_turn(llama):
     assert len(blocked[0]) == 4 and not set(blocked[0]) & set(banned)
 
 
+def test_evaluators_run_in_eval_mode_and_restore_it(llama):
+    model, tok = llama
+    for block in model.model.layers:
+        block.self_attn.attention_dropout = 0.5  # would make scores random in train mode
+    model.train()
+    a = Vignettes(few(1), think_tokens=0)(model, tok)
+    assert model.training
+    model.eval()
+    assert Vignettes(few(1), think_tokens=0)(model, tok).metrics == a.metrics
+
+
 def test_system_persona_and_caller_steering_change_results(llama):
     model, tok = llama
     base = Vignettes(few(3), think_tokens=0)(model, tok)

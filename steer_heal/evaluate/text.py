@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from ..data import data_path
 from ..model import input_device, left_pad, pad_id
-from .base import EvalResult
+from .base import EvalResult, eval_mode
 
 
 def load_paragraphs(path: str | Path | None = None) -> list[str]:
@@ -71,7 +71,8 @@ class Perplexity:
         for start in range(0, len(encoded), self.batch_size):
             rows = list(range(start, min(start + self.batch_size, len(encoded))))
             ids, mask, positions = left_pad([encoded[i] for i in rows], pad_id(tok), device)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+            with eval_mode(model):
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
             nll, n = token_nll(logits, ids, mask)
             for row, i in enumerate(rows):
                 sums[i], counts[i] = float(nll[row]), int(n[row])
@@ -93,10 +94,11 @@ class Samples:
     def __call__(self, model: nn.Module, tok: Any) -> EvalResult:
         from ..generate import generate
 
-        completions = generate(
-            model, tok, self.prompts, max_new_tokens=self.max_new_tokens, system=self.system,
-            batch_size=self.batch_size, progress=False,
-        )
+        with eval_mode(model):
+            completions = generate(
+                model, tok, self.prompts, max_new_tokens=self.max_new_tokens, system=self.system,
+                batch_size=self.batch_size, progress=False,
+            )
         rows = [{"prompt": c.prompt, "text": c.text, "finish_reason": c.finish_reason} for c in completions]
         metrics = {
             "mean_tokens": sum(len(c.token_ids) for c in completions) / len(completions),

@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..model import chat_prompt, encode, input_device, pad_id, stop_token_ids
-from .base import EvalResult
+from .base import EvalResult, eval_mode
 from .forced import think_and_answer
 from .items import FOUNDATIONS, Vignette, fingerprint, foundation_key, load_vignettes
 
@@ -237,9 +237,10 @@ class Vignettes:
             batches += [group[k : k + self.batch_size] for k in range(0, len(group), self.batch_size)]
         device, stops, pad = input_device(model), stop_token_ids(model, tok), pad_id(tok)
         for batch in tqdm(batches, desc="vignettes", disable=not self.progress, leave=False):
-            thought, label_logp, prefill_nll = think_and_answer(
-                model, [prompt_ids[i] for i in batch], self.think_tokens, prefill_ids, option_ids, stops, pad, device
-            )
+            with eval_mode(model):
+                thought, label_logp, prefill_nll = think_and_answer(
+                    model, [prompt_ids[i] for i in batch], self.think_tokens, prefill_ids, option_ids, stops, pad, device
+                )
             for row, i in enumerate(batch):
                 columns = [index_of[f] for f in rows[i][1]]  # label k names foundation order[k]
                 logp[i, columns] = label_logp[row].double()
