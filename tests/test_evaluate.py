@@ -202,15 +202,32 @@ def reference_row(model, tok, prompt_ids, think, prefill_ids, option_ids):
     return seq[len(prompt_ids):], logp[-1, option_ids], float(nll)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
-@pytest.mark.parametrize("think", [0, 3])
-def test_batched_cached_scoring_equals_reference(family, think):
-    model, tok = tiny_model(family)
+def wide_window_gemma3():
+    """Gemma3 whose sliding window (1024) holds the whole row: the shared-prefix path with sliding caches."""
+    from transformers import AutoModelForCausalLM
+
+    from steer_heal.tiny import tiny_config, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    config = tiny_config("gemma3", len(tok))
+    config.sliding_window, config.max_position_embeddings = 1024, 2048
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval(), tok
+
+
+@pytest.mark.parametrize(
+    "family, think, same_order",
+    [(f, t, True) for f in ("llama", "gemma3", "gemma3-wide", "gpt2") for t in (0, 3)] + [("llama", 3, False)],
+)
+def test_batched_cached_scoring_equals_reference(family, think, same_order):
+    model, tok = wide_window_gemma3() if family == "gemma3-wide" else tiny_model(family)
     probe = Vignettes(few(3), think_tokens=think)
-    rows = probe.prompts(tok)[:6:2] + probe.prompts(tok)[1:6:2]  # mixed lengths, both orders
+    rows = probe.prompts(tok)[:6:2] + probe.prompts(tok)[1:6:2]  # listed x3 (lengths differ), reversed x3
     prefill = "Answer: (" if think == 0 else "\n\nAnswer: ("
     prefill_ids, option_ids = option_token_ids(tok, prefill, after="" if think == 0 else "Let me think")
-    seqs = [encode(tok, text) for _, _, text in rows[:2] + rows[3:4]]
+    # one order shares the prompt up to the scenario; mixed orders share only the template head
+    chosen = rows[:3] if same_order else rows[:2] + rows[3:4]
+    seqs = [encode(tok, text) for _, _, text in chosen]
     thoughts, logp, nll = think_and_answer(
         model, seqs, think, prefill_ids, option_ids, stop_token_ids(model, tok), tok.pad_token_id, torch.device("cpu")
     )
