@@ -9,6 +9,7 @@ inside a forked RNG, so the caller's global RNG state is untouched.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -62,9 +63,12 @@ def generate(
 ) -> list[Completion]:
     """Generate one completion per prompt, steered by `coeff * steering` if given.
 
-    `compiled=True` decodes with a static KV cache, which transformers compiles on GPUs;
-    to change coefficients without recompiling, steer through a `SteeringSlot` (and pass
-    no `steering` here) or use `how="bias"`.
+    `compiled=True` decodes with a static KV cache, which transformers compiles on GPUs.
+    torch's default (`skip_nnmodule_hook_guards=True`) lets a compiled graph silently keep
+    running whichever hooks existed when it was traced, so steering added later would be
+    ignored; compiled generation here turns those guards on, so a change of hooks
+    recompiles instead of being lost. To change coefficients without recompiling, steer
+    through a `SteeringSlot` (buffers rewritten in place; pass no `steering` here).
     """
     from transformers import GenerationConfig
 
@@ -91,7 +95,8 @@ def generate(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     show = progress if progress is not None else len(batches) > 1
     rng_devices = [device] if device.type == "cuda" else []
-    with torch.inference_mode(), steer(model, steering, coeff, how):
+    guards = torch._dynamo.config.patch(skip_nnmodule_hook_guards=False) if compiled else nullcontext()
+    with torch.inference_mode(), guards, steer(model, steering, coeff, how):
         for index, rows in enumerate(tqdm(batches, desc=f"generate c={coeff:g}", disable=not show, leave=False)):
             ids, mask, _ = left_pad([token_lists[i] for i in rows], pad_id(tok), device)
             with torch.random.fork_rng(devices=rng_devices):
