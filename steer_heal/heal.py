@@ -21,9 +21,9 @@ Optimiser: AdamW on the adapter only, decoupled weight decay = sum of the regula
 `weight_decay`, linear warmup then cosine (or linear / constant) decay, gradient clipping.
 Regularisers whose `Penalty.active` is False (an idle barrier) are not differentiated. When
 one is active, its gradient and the NLL's are computed separately (one more backward
-through the network) so the log can compare their norms (`split_grads=False` saves that). A non-finite loss or gradient stops the run
-before the update is applied: the raised `HealDiverged` names the step and carries the
-last good adapter.
+through the network) so the log can compare their norms (`split_grads=False` saves that).
+A non-finite loss or gradient stops the run before the update is applied: the raised
+`HealDiverged` names the step and carries the last good adapter.
 """
 
 from __future__ import annotations

@@ -173,6 +173,14 @@ def test_deterministic_and_leaves_no_trace():
     assert a.adapter.meta["hidden_size"] == "64" and a.adapter.meta["regularizers"] == "klrev_rmse,spectral_norm"
 
 
+def test_trains_inside_no_grad_and_without_split():
+    model, tok = tiny_model("llama")
+    with torch.no_grad():
+        res = heal(model, tok, completions(tok), [KLRev(tau=0.0)], "base", LORA, replace(FAST, max_steps=2, split_grads=False))
+    assert res.steps[-1].sft_grad_norm is None and res.steps[-1].barrier_grad_norm is None
+    assert any(float(v.abs().max()) > 0 for k, v in res.adapter.state.items() if "lora_B" in k)
+
+
 def test_weight_decay_composes():
     model, tok = tiny_model("llama")
     train = replace(FAST, max_steps=4, lr=1e-2, warmup=0.0, schedule="constant")
