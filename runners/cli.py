@@ -81,3 +81,108 @@ def steer(vector_file, model_name, prompts, coeff, system, max_new_tokens, how, 
     for a, b in zip(plain, steered):
         click.echo(f"\n> {a.prompt}\n")
         click.echo(side_by_side("unsteered", a.text, f"steered (coeff {coeff:g})", b.text, width))
+
+
+def _overrides(**options) -> dict[str, dict]:
+    """CLI flags -> config sections; None means 'not given'."""
+    where = {"model": "run", "rounds": "run", "seed": "run", "axis": "run", "reg": "heal", "lam": "heal", "tau": "heal",
+             "agg": "heal", "reference": "heal"}  # fmt: skip
+    out: dict[str, dict] = {}
+    for key, value in options.items():
+        if value is not None:
+            out.setdefault(where[key], {})[key] = value
+    return out
+
+
+@main.command()
+@click.option("--preset", type=click.Choice(["tiny", "quick", "full"]), default=None, help="a sized starting config")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None, help="TOML config")
+@click.option("--model", default=None, help=MODEL_HELP)
+@click.option("--axis", default=None, help="bundled axis (authority, love) or .toml file")
+@click.option("--rounds", type=click.IntRange(min=1), default=None)
+@click.option("--reg", type=click.Choice(["klrev", "klfwd", "nll", "spectral"]), default=None)
+@click.option("--lam", type=float, default=None)
+@click.option("--tau", type=float, default=None)
+@click.option("--agg", type=click.Choice(["mean", "rmse", "p95", "max"]), default=None)
+@click.option("--reference", type=click.Choice(["prev", "base", "last_good"]), default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="run directory (default out/<timestamp>_...)")
+@click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="continue a run after its last finished round")
+@click.option("--overwrite", is_flag=True, help="replace an existing --out directory")
+@click.option("--dry-run", is_flag=True, help="print the resolved config and the planned work, run nothing")
+def run(preset, config_file, model, axis, rounds, reg, lam, tau, agg, reference, seed, out, resume_dir, overwrite, dry_run) -> None:
+    """Run the distill-and-heal loop and write a run directory."""
+    from steer_heal import config as cfg
+    from steer_heal import loop, plot
+    from steer_heal.runlog import RunDir, run_name
+
+    overrides = _overrides(model=model, axis=axis, rounds=rounds, reg=reg, lam=lam, tau=tau, agg=agg, reference=reference, seed=seed)
+    started = time.perf_counter()
+    if resume_dir:
+        given = cfg.resolve(preset, config_file, overrides) if (preset or config_file or overrides) else None
+        run_dir = RunDir.resume(resume_dir, given)
+        config = run_dir.config
+    else:
+        config = cfg.resolve(preset or "quick", config_file, overrides)
+    if dry_run:
+        click.echo(cfg.to_toml(config))
+        click.echo(f"# plan: base + prompted evaluation, then {config.run.rounds} round(s) of extract -> dose search "
+                   f"({config.dose.steps + 2} probes max) -> collect {config.collect.n_keep} -> heal ({config.heal.reg}, "
+                   f"{config.heal.epochs} epochs, reference {config.heal.reference}) -> evaluate")
+        return
+    if not resume_dir:
+        run_dir = RunDir.create(Path(out or Path("out") / run_name(config)), config, overwrite=overwrite)
+    click.echo(f"run directory: {run_dir.path}")
+    result = loop.run(config, run_dir)
+    files = plot.render(run_dir.path)
+    click.echo("\n" + files["stages"].read_text())
+    if result["stopped"]:
+        click.echo(f"stopped early: {result['stopped']}")
+    click.echo(f"wall time {time.perf_counter() - started:.0f} s; report {files['report']}, figure {files['trajectory']}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def plot(run_dir) -> None:
+    """Re-render trajectory.png, stages.md and report.md from a run's events.jsonl."""
+    from steer_heal.plot import render
+
+    for name, path in render(run_dir).items():
+        click.echo(f"{name}: {path}")
+
+
+@main.command(name="eval")
+@click.option("--model", "model_name", default="smollm2-135m", show_default=True, help=MODEL_HELP)
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None, help="a round's adapter/ directory")
+@click.option("--vector", "vector_file", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--coeff", type=float, default=1.0, show_default=True)
+@click.option("--system", default=None, help="persona system prompt (the prompted baseline)")
+@click.option("--items", type=click.Choice(["bundled", "mfv"]), default="bundled", show_default=True)
+@click.option("--mfv-dir", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--think-tokens", type=click.IntRange(min=0), default=32, show_default=True)
+@click.option("--n-items", type=click.IntRange(min=0), default=0, help="stratified subset size (0: all)")
+def evaluate(model_name, adapter, vector_file, coeff, system, items, mfv_dir, think_tokens, n_items) -> None:
+    """Evaluate one configuration (model, optional adapter, optional steering) on the vignettes."""
+    from contextlib import ExitStack
+
+    from steer_heal import SteeringVector, load_model
+    from steer_heal.evaluate import Vignettes, load_mfv, load_vignettes, stratified_subset
+    from steer_heal.history import Adapter, History
+
+    if items == "mfv" and not mfv_dir:
+        raise click.UsageError("--items mfv needs --mfv-dir (the folder with the MFV JSONL files)")
+    model, tok = load_model(model_name)
+    chosen = load_mfv(mfv_dir) if items == "mfv" else load_vignettes()
+    if 0 < n_items < len(chosen):
+        chosen = stratified_subset(chosen, n_items)
+    with ExitStack() as stack:
+        if adapter:
+            history = History(model)
+            stack.callback(history.close)
+            history.fold(Adapter.load(adapter))
+        if vector_file:
+            stack.enter_context(SteeringVector.load(vector_file).apply(model, coeff))
+        result = Vignettes(items=chosen, think_tokens=think_tokens, system=system, progress=True)(model, tok)
+    for key, value in result.metrics.items():
+        click.echo(f"{key:>20s}  {value:.4f}")

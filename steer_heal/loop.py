@@ -1,0 +1,225 @@
+"""The distill-and-heal loop, as plain functions over the primitives (DESIGN.md steps 1-6).
+
+    base, prompted  = evaluate(model), evaluate(model, persona as system prompt)
+    for r in rounds:
+        v_r      = extract(student)                      # re-extracted from the current student
+        c_r      = walk_dose(v_r, filter)                 # largest dose keeping >= target fraction
+        kept     = collect(v_r, c_r, filter)              # steered completions that pass the filter
+        steered  = evaluate(student + c_r * v_r)
+        adapter  = heal(student, kept, reference)         # LoRA, NLL + divergence barrier
+        history.fold(adapter)                             # the student absorbs the round
+        healed   = evaluate(student)
+        record cos(v_r, v_0), cos(v_student, v_r); stop if healed coherence < floor
+
+The filter scores perplexity under the base model (`history.base`), never the steered
+student. Every stage is logged to the run directory; each round ends with a checkpoint
+from which `run(..., resume=True)` continues with the same numbers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import RunConfig
+from .data import Axis, load_axis, load_contexts
+from .dose import collect, walk_dose
+from .evaluate import EvalResult, Samples, Vignettes, load_mfv, load_vignettes, stratified_subset
+from .extract import last_token_states
+from .filters import default_filter
+from .heal import LoraSettings, TrainSettings, heal
+from .history import Adapter, History
+from .model import chat_prompt, load_model, n_layers
+from .regularizers import NLL, KLFwd, KLRev, SpectralNorm, WeightDecay
+from .runlog import RunDir
+from .vector import SteeringVector
+
+
+@dataclass
+class Setup:
+    """What a run needs besides the config: the model under its history, data, probes."""
+
+    history: History
+    tok: Any
+    axis: Axis
+    contexts: list[str]
+    probes: dict[str, Vignettes]
+
+    @property
+    def model(self) -> nn.Module:
+        return self.history.model
+
+
+def regularizers(config: RunConfig) -> list:
+    h = config.heal
+    main = {
+        "klrev": lambda: KLRev(lam=h.lam, tau=h.tau, agg=h.agg, lam_round_pow=h.lam_round_pow),
+        "klfwd": lambda: KLFwd(lam=h.lam, tau=h.tau, agg=h.agg, lam_round_pow=h.lam_round_pow),
+        "spectral": lambda: SpectralNorm(lam=h.lam),
+        "nll": NLL,
+    }[h.reg]()
+    return [main] + ([WeightDecay(wd=h.weight_decay)] if h.weight_decay > 0 else [])
+
+
+def probes(config: RunConfig, seed: int) -> dict[str, Vignettes]:
+    e = config.eval
+    sets: dict[str, list] = {}
+    if e.items in ("bundled", "both"):
+        sets["vignettes"] = load_vignettes()
+    if e.items in ("mfv", "both"):
+        if not e.mfv_dir:
+            raise ValueError("eval.items includes 'mfv' but eval.mfv_dir is empty; point it at the MFV JSONL folder")
+        sets["mfv"] = load_mfv(e.mfv_dir)
+    return {
+        name: Vignettes(items=stratified_subset(items, e.n_items, seed=seed) if 0 < e.n_items < len(items) else items,
+                        think_tokens=e.think_tokens, name=name)
+        for name, items in sets.items()
+    }
+
+
+def setup(config: RunConfig) -> Setup:
+    model, tok = load_model(config.run.model, dtype=config.run.dtype, device=config.run.device)
+    axis = load_axis(config.run.axis)
+    contexts = load_contexts()[: config.extract.n_contexts]
+    return Setup(History(model), tok, axis, contexts, probes(config, config.run.seed))
+
+
+def evaluate(s: Setup, system: str | None = None) -> dict[str, EvalResult]:
+    """Every probe on the model as it is now (the caller steers or not around this)."""
+    out = {}
+    for name, probe in s.probes.items():
+        probe.system = system
+        out[name] = probe(s.model, s.tok)
+    return out
+
+
+def log_stage(run: RunDir, stage: str, r: int, results: dict[str, EvalResult], **extra: Any) -> None:
+    run.log("eval", r, stage=stage, results={k: v.to_dict() for k, v in results.items()}, **extra)
+
+
+def neutral_shift(s: Setup, layers: tuple[int, ...]) -> SteeringVector:
+    """v_student: mean hidden-state shift of the student vs the base under the neutral persona."""
+    texts = [chat_prompt(s.tok, c, system=s.axis.neutral) for c in s.contexts]
+    student = last_token_states(s.model, s.tok, texts, layers)
+    with s.history.base():
+        base = last_token_states(s.model, s.tok, texts, layers)
+    directions = {layer: (student[layer] - base[layer]).double().mean(0).float() for layer in layers}
+    return SteeringVector(directions, hidden_size=directions[layers[0]].numel(), n_layers=n_layers(s.model), method="student_shift")
+
+
+def samples(config: RunConfig, s: Setup) -> list[dict]:
+    probe = Samples(s.axis.sample_prompts or s.axis.prompts[:3], max_new_tokens=config.eval.sample_tokens)
+    return probe(s.model, s.tok).rows
+
+
+def base_stage(config: RunConfig, s: Setup, run: RunDir) -> None:
+    """Round -1: the base model and the prompted baseline (persona as system prompt)."""
+    log_stage(run, "base", -1, evaluate(s))
+    log_stage(run, "prompted", -1, evaluate(s, system=s.axis.pos))
+    run.log("samples", -1, stage="base", rows=samples(config, s))
+    run.checkpoint(-1)
+
+
+def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVector | None) -> dict[str, Any]:
+    """Extract, dose, collect, steer-evaluate, heal, fold, evaluate: one round."""
+    seed = config.run.seed * 1000 + r * 100  # every stochastic step of round r derives from this
+    g, d, c = config.generate, config.dose, config.collect
+    sampling = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
+                    batch_size=g.batch_size)  # fmt: skip
+    t0 = time.perf_counter()
+    vec = SteeringVector.from_persona_pair(s.model, s.tok, s.axis.pos, s.axis.neg, s.contexts,
+                                           layers=config.extract.layers, batch_size=config.extract.batch_size)  # fmt: skip
+    timings = {"extract": time.perf_counter() - t0}
+
+    t0 = time.perf_counter()
+    # perplexity under the base model (adapters off, no steering), never the steered student
+    filt = default_filter(s.history.base, s.tok, tau=config.filter.ppl_tau, tail=config.filter.tail)
+    dose = walk_dose(s.model, s.tok, vec, s.axis.prompts, filt, target=d.target, c_min=d.c_min, c_max=d.c_max,
+                     steps=d.steps, probe_size=d.probe_size, seed=seed, **sampling)  # fmt: skip
+    run.log("dose", r, coeff=dose.coeff, probes=dose.to_dict()["probes"])
+    kept = collect(s.model, s.tok, vec, s.axis.prompts, filt, dose.coeff, multiples=d.multiples, n_keep=c.n_keep,
+                   max_batches=c.max_batches, min_keep=c.min_keep, seed=seed + 50, **sampling)  # fmt: skip
+    run.log("gen", r, coeff=dose.coeff, report=kept.report.to_dict(),
+            completions=[{**x.to_dict(), "keep": v.keep, "reasons": v.reasons, "scores": v.scores}
+                         for x, v in zip(kept.completions, kept.verdicts)])  # fmt: skip
+    timings["dose+collect"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    with vec.apply(s.model, dose.coeff):
+        log_stage(run, "steered", r, evaluate(s), coeff=dose.coeff)
+        run.log("samples", r, stage="steered", rows=samples(config, s))
+    timings["steered_eval"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    h = config.heal
+    result = heal(s.model, s.tok, kept.kept, regularizers(config), reference=h.reference,
+                  lora=LoraSettings(r=h.rank, alpha=h.alpha, layers=tuple(h.lora_layers)),
+                  train=TrainSettings(epochs=h.epochs, batch_size=h.batch_size, lr=h.lr, seed=seed + 70),
+                  history=s.history, round=r)  # fmt: skip
+    run.log("heal", r, n_train=result.n_train, n_val=result.n_val, seconds=result.seconds, val_nll_start=result.val_nll_start,
+            epochs=[vars(e) for e in result.epochs], steps=[vars(x) for x in result.steps])  # fmt: skip
+    s.history.fold(result)
+    timings["heal"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    healed = evaluate(s)
+    log_stage(run, "healed", r, healed)
+    run.log("samples", r, stage="healed", rows=samples(config, s))
+    coherence = min(x["coherence"] for x in healed.values())
+    if h.reference == "last_good":
+        s.history.judge(coherence, h.last_good_threshold)
+    shift = neutral_shift(s, vec.layers)
+    summary = {
+        "coeff": dose.coeff,
+        "n_kept": len(kept.kept),
+        "coherence": coherence,
+        "cos_v0": 1.0 if v0 is None else vec.cosine(v0),
+        "cos_student_teacher": shift.cosine(vec),
+        "norms": vec.norms(),
+    }
+    timings["healed_eval"] = time.perf_counter() - t0
+    out_dir = run.round_dir(r)
+    vec.save(out_dir / "vector.safetensors")
+    s.history.save_round(r, out_dir / "adapter")
+    run.log("round", r, **summary, timings=timings)
+    run.checkpoint(r)
+    return {**summary, "vector": vec}
+
+
+def restore(config: RunConfig, s: Setup, run: RunDir) -> tuple[int, SteeringVector | None]:
+    """Fold the saved adapters of finished rounds; return the next round and v_0."""
+    last = run.last_checkpoint()
+    if last is None or last < 0:
+        return (0 if last == -1 else -1), None
+    coherence = {e["round"]: e["coherence"] for e in run.events() if e["event"] == "round"}
+    for r in range(last + 1):
+        s.history.fold(Adapter.load(run.round_dir(r) / "adapter"))
+        if config.heal.reference == "last_good":  # replay the judgements in order
+            s.history.judge(coherence[r], config.heal.last_good_threshold)
+    return last + 1, SteeringVector.load(run.round_dir(0) / "vector.safetensors")
+
+
+def run(config: RunConfig, run_dir: RunDir, s: Setup | None = None, progress: bool = True) -> dict[str, Any]:
+    """The whole loop into `run_dir`, continuing after its last checkpoint."""
+    torch.manual_seed(config.run.seed)
+    s = s or setup(config)
+    start, v0 = restore(config, s, run_dir)
+    if start == -1:
+        base_stage(config, s, run_dir)
+        start = 0
+    stopped = None
+    for r in range(start, config.run.rounds):
+        summary = one_round(config, s, run_dir, r, v0)
+        v0 = v0 or summary["vector"]
+        if progress:
+            print(f"round {r}: coeff {summary['coeff']:.3g}, kept {summary['n_kept']}, coherence {summary['coherence']:.3f}, "
+                  f"cos(v_r, v_0) {summary['cos_v0']:.3f}, cos(v_student, v_r) {summary['cos_student_teacher']:.3f}", flush=True)
+        if summary["coherence"] < config.eval.coherence_floor:
+            stopped = f"coherence {summary['coherence']:.3f} < floor {config.eval.coherence_floor} after round {r}"
+            run_dir.log("stop", r, reason=stopped)
+            break
+    return {"run_dir": str(run_dir.path), "stopped": stopped}
