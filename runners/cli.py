@@ -186,3 +186,7 @@ def evaluate(model_name, adapter, vector_file, coeff, system, items, mfv_dir, th
         result = Vignettes(items=chosen, think_tokens=think_tokens, system=system, progress=True)(model, tok)
     for key, value in result.metrics.items():
         click.echo(f"{key:>20s}  {value:.4f}")
+
+
+if __name__ == "__main__":
+    main()

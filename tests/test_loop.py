@@ -1,0 +1,109 @@
+"""The loop on the tiny preset: stages logged, files written, and SIGKILL + resume == uninterrupted."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from steer_heal import config as cfg
+from steer_heal import loop
+from steer_heal.plot import render
+from steer_heal.runlog import RunDir, read_events
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def final_numbers(run_dir: Path) -> list:
+    """Everything numeric the run decided: dose, kept texts, healed metrics, cosines."""
+    out = []
+    for e in read_events(run_dir / "events.jsonl"):
+        if e["event"] == "eval":
+            out.append((e["stage"], e["round"], {k: v["metrics"] for k, v in e["results"].items()}))
+        elif e["event"] == "gen":
+            out.append(("gen", e["round"], [c["text"] for c in e["completions"]]))
+        elif e["event"] == "round":
+            out.append(("round", e["round"], e["coeff"], e["coherence"], e["cos_student_teacher"]))
+    return out
+
+
+def test_tiny_run_writes_everything(tmp_path):
+    config = cfg.resolve("tiny")
+    run = RunDir.create(tmp_path / "run", config)
+    result = loop.run(config, run, progress=False)
+    assert result["stopped"] is None
+    events = run.events()
+    stages = [(e["stage"], e["round"]) for e in events if e["event"] == "eval"]
+    assert stages == [("base", -1), ("prompted", -1), ("steered", 0), ("healed", 0)]
+    assert [e["round"] for e in events if e["event"] == "checkpoint"] == [-1, 0]
+    assert (run.path / "round_0" / "vector.safetensors").exists()
+    assert (run.path / "round_0" / "adapter" / "adapter_config.json").exists()
+    gen = next(e for e in events if e["event"] == "gen")
+    assert all({"keep", "reasons", "scores", "text"} <= set(c) for c in gen["completions"])
+    files = render(run.path)
+    assert "| healed r0 |" in files["stages"].read_text()
+    assert files["trajectory"].stat().st_size > 10_000
+
+
+def _run_cli(args, env):
+    return subprocess.Popen([sys.executable, "-m", "runners.cli", "run", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    reference = tmp_path / "reference"
+    assert _run_cli(["--preset", "tiny", "--out", str(reference)], env).wait(timeout=600) == 0
+    expected = final_numbers(reference)
+    # kill after the base stage, mid-collection (after the dose search) and after heal
+    for kill_after in ("checkpoint", "dose", "heal"):
+        run_dir = tmp_path / f"killed_{kill_after}"
+        proc = _run_cli(["--preset", "tiny", "--out", str(run_dir)], env)
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            if any(e["event"] == kill_after for e in read_events(run_dir / "events.jsonl")):
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"run finished before reaching {kill_after!r}; cannot test the kill"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert _run_cli(["--resume", str(run_dir)], env).wait(timeout=600) == 0
+        assert final_numbers(run_dir) == expected, f"resume after a kill at {kill_after!r} changed the numbers"
+
+
+def test_resume_refuses_changed_config(tmp_path):
+    from click.testing import CliRunner
+
+    from runners.cli import main
+
+    config = cfg.resolve("tiny")
+    RunDir.create(tmp_path / "run", config)
+    result = CliRunner().invoke(main, ["run", "--resume", str(tmp_path / "run"), "--preset", "tiny", "--seed", "3"])
+    assert result.exit_code == 1
+    assert "different config (run.seed: 0 -> 3)" in result.output
+
+
+def test_run_refuses_existing_out(tmp_path):
+    from click.testing import CliRunner
+
+    from runners.cli import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "x").write_text("x")
+    result = CliRunner().invoke(main, ["run", "--preset", "tiny", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "exists; pass --resume" in result.output
+
+
+def test_dry_run_prints_config_and_plan():
+    from click.testing import CliRunner
+
+    from runners.cli import main
+
+    result = CliRunner().invoke(main, ["run", "--preset", "tiny", "--dry-run", "--lam", "2"])
+    assert result.exit_code == 0
+    assert "lam = 2.0" in result.output and "# plan:" in result.output
