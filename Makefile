@@ -29,11 +29,14 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/steer-heal run --preset quick
 
+# the test suite, then the CPU benchmarks once each on the tiny model (CI checks they run;
+# timings are never asserted)
 test: install
 	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest benchmarks -q --benchmark-disable -k "not interleaved"
 
 bench: install
-	$(BIN)/python -m pytest benchmarks -q --benchmark-only
+	BENCH_MODEL=smollm2 $(BIN)/python -m pytest benchmarks -q --benchmark-only -s
 
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
