@@ -77,7 +77,13 @@ def test_tokenisation_and_targets():
 def test_padded_batch_logprobs_equal_single_rows():
     model, tok = tiny_model("qwen2")
     examples, _ = encode_completions(tok, completions(tok, 3), None)
-    together = completion_logprobs(model, make_batch(examples, pad_id(tok)))
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: shapes.append(tuple(out.shape)))
+    batch = make_batch(examples, pad_id(tok))
+    together = completion_logprobs(model, batch)
+    handle.remove()
+    # the head only ever sees the completion positions: [1, n, vocab], never [batch, seq, vocab]
+    assert shapes == [(1, batch.index.numel(), len(tok))] and batch.index.numel() < batch.ids.numel()
     alone = torch.cat([completion_logprobs(model, make_batch([e], pad_id(tok))) for e in examples])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
 
