@@ -86,6 +86,32 @@ def test_bad_arguments():
         compare(BASE, STEERED, direction=0)
 
 
+def with_rows(name, target_probs, **meta) -> EvalResult:
+    """A result with per-row records: item i puts `target_probs[i]` on Authority, the rest spread evenly."""
+    rows, marginal = [], {f: 0.0 for f in FOUNDATIONS}
+    for i, p in enumerate(target_probs):
+        probs = {f: (p if f == "Authority" else (1 - p) / 6) for f in FOUNDATIONS}
+        for order in ("listed", "reversed"):
+            rows.append({"id": f"item{i}", "order": order, "logp": {f: math.log(v) for f, v in probs.items()}})
+        for f in FOUNDATIONS:
+            marginal[f] += probs[f] / len(target_probs)
+    shift = {f: math.log(marginal[f]) - math.log(1 / 7) for f in FOUNDATIONS}
+    base = result(name, shift=shift, **meta)
+    return EvalResult(name, base.metrics, rows=rows, meta=base.meta)
+
+
+def test_paired_interval_gates_the_verdict():
+    before = [0.10, 0.20, 0.15, 0.12, 0.18, 0.14, 0.16, 0.11]
+    consistent = with_rows("after", [p * 0.6 for p in before])  # every item drops
+    c = compare(with_rows("before", before), consistent)
+    assert c.ci is not None and c.ci[1] < 0 and c.verdict == "ok"
+    assert c.ci[0] <= c.d_target <= c.ci[1]
+    mixed = with_rows("after", [p * (0.2 if i % 2 else 1.5) for i, p in enumerate(before)])  # half up, half down
+    c = compare(with_rows("before", before), mixed)
+    assert abs(c.d_target) >= 0.05 and c.ci[0] <= 0 <= c.ci[1] and c.verdict == "noise"
+    assert compare(BASE, STEERED).ci is None  # no rows, no interval
+
+
 def test_stage_table_markdown():
     stages = {
         "base": BASE,
