@@ -61,7 +61,6 @@ class CollectSection:
 class FilterSection:
     ppl_tau: float = 50.0
     tail: float = 0.25
-    rep_tau: float = 0.3
 
 
 @dataclass(frozen=True)
@@ -136,7 +135,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "dose": {"c_min": 0.5, "c_max": 4.0, "steps": 2, "probe_size": 4, "target": 0.0001},
         "generate": {"max_new_tokens": 12, "batch_size": 8},
         "collect": {"n_keep": 8, "max_batches": 2, "min_keep": 1},
-        "filter": {"ppl_tau": 1e9, "rep_tau": 1.0},
+        "filter": {"ppl_tau": 1e9},
         "heal": {"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4},
         "eval": {"n_items": 14, "think_tokens": 2, "sample_tokens": 8, "coherence_floor": 0.0},
     },
