@@ -49,9 +49,9 @@ def test_tiny_run_writes_everything(tmp_path):
     assert files["trajectory"].stat().st_size > 10_000
 
 
-def _run_cli(args, env):
+def _run_cli(args, env, log=None):
     return subprocess.Popen([sys.executable, "-m", "runners.cli", "run", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w") if log else subprocess.DEVNULL)
 
 
 @pytest.mark.slow
@@ -72,7 +72,9 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
         assert proc.poll() is None, f"run finished before reaching {kill_after!r}; cannot test the kill"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert _run_cli(["--resume", str(run_dir)], env).wait(timeout=600) == 0
+        log = tmp_path / f"resume_{kill_after}.log"
+        code = _run_cli(["--resume", str(run_dir)], env, log).wait(timeout=600)
+        assert code == 0, f"resume after a kill at {kill_after!r} failed:\n{log.read_text()[-2000:]}"
         assert final_numbers(run_dir) == expected, f"resume after a kill at {kill_after!r} changed the numbers"
 
 
