@@ -143,11 +143,11 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "run": {"model": "smollm2-135m", "rounds": 1},
         "extract": {"n_contexts": 64},
-        "dose": {"steps": 3, "probe_size": 8},
-        "generate": {"max_new_tokens": 64},
-        "collect": {"n_keep": 32, "max_batches": 3},
-        "heal": {"epochs": 3, "rank": 16, "alpha": 32},
-        "eval": {"n_items": 35, "think_tokens": 0, "sample_tokens": 48},
+        "dose": {"steps": 2, "probe_size": 8},
+        "generate": {"max_new_tokens": 48},
+        "collect": {"n_keep": 16, "max_batches": 2},
+        "heal": {"epochs": 2, "rank": 8, "alpha": 16},
+        "eval": {"n_items": 21, "think_tokens": 0, "sample_tokens": 32},
     },
     "full": {
         "run": {"model": "smollm2-135m", "rounds": 3},
