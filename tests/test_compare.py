@@ -135,7 +135,7 @@ def test_stage_table_markdown():
 def test_compare_real_results_from_a_tiny_model(llama):
     model, tok = llama
     items = stratified_subset(load_vignettes(), 3, seed=0)
-    probe = Vignettes(items, think_tokens=0)
+    probe = Vignettes(items, think_tokens=0, orders="reversed")
     base = probe(model, tok)
     g = torch.Generator().manual_seed(0)
     vec = SteeringVector({1: 3 * torch.randn(hidden_size(model), generator=g)}, hidden_size(model), n_layers(model))
@@ -147,4 +147,4 @@ def test_compare_real_results_from_a_tiny_model(llama):
     assert c.verdict == "broken"
     assert "| steered |" in stage_table({"base": base, "steered": steered}, target="Care", direction=1)
     with pytest.raises(ValueError, match="different think_tokens"):
-        compare(base, Vignettes(items, think_tokens=1)(model, tok))
+        compare(base, Vignettes(items, think_tokens=1, orders="reversed")(model, tok))

@@ -154,13 +154,13 @@ def test_options_single_tokens_and_probe_runs_on_every_family(family_model):
         prefill_ids, ids = option_token_ids(tok, "Answer: (", after=after)
         assert len(set(ids)) == 7 and prefill_ids
         assert [tok.decode([i]) for i in ids] == list("1234567")
-    result = Vignettes(few(3), think_tokens=2, batch_size=2)(model, tok)
+    result = Vignettes(few(2), think_tokens=2, batch_size=4)(model, tok)  # default orders: all 7 rotations
     m = result.metrics
-    assert result.finite() and m["n_items"] == 3 and m["think_tokens"] == 2
+    assert result.finite() and m["n_items"] == 2 and m["think_tokens"] == 2
     assert 0 < m["coherence"] <= 1 and 0 <= m["frac_unscorable"] <= 1 and m["prefill_nll"] > 0
     # the nats are logs of a marginal distribution over the 7 foundations
     assert math.isclose(sum(math.exp(m[f"{foundation_key(f)}_nats"]) for f in FOUNDATIONS), 1.0, rel_tol=1e-6)
-    assert len(result.rows) == 6 and len({r["order"] for r in result.rows}) == 2
+    assert len(result.rows) == 14 and len({r["order"] for r in result.rows}) == 7
     assert 0 <= m["label_bias"] <= 1
 
 
@@ -240,8 +240,8 @@ def test_batched_cached_scoring_equals_reference(family, think, same_order):
 
 def test_batch_size_does_not_change_results(llama):
     model, tok = llama
-    a = Vignettes(few(4), think_tokens=2, batch_size=4)(model, tok)
-    b = Vignettes(few(4), think_tokens=2, batch_size=3)(model, tok)
+    a = Vignettes(few(4), think_tokens=2, batch_size=4, orders="reversed")(model, tok)
+    b = Vignettes(few(4), think_tokens=2, batch_size=3, orders="reversed")(model, tok)
     assert [r["thought"] for r in a.rows] == [r["thought"] for r in b.rows]
     for key in a.metrics:
         assert a.metrics[key] == pytest.approx(b.metrics[key], abs=1e-6)
@@ -249,8 +249,8 @@ def test_batch_size_does_not_change_results(llama):
 
 def test_deterministic_and_meta(llama):
     model, tok = llama
-    a = Vignettes(few(3), think_tokens=2)(model, tok)
-    b = Vignettes(few(3), think_tokens=2)(model, tok)
+    a = Vignettes(few(3), think_tokens=2, orders="reversed")(model, tok)
+    b = Vignettes(few(3), think_tokens=2, orders="reversed")(model, tok)
     assert a.metrics == b.metrics and a.rows == b.rows
     assert a.meta["items"] == fingerprint(few(3)) and a.meta["think_tokens"] == "2"
     assert isinstance(Vignettes(few(7)), Evaluator)
@@ -280,14 +280,14 @@ def test_evaluators_run_in_eval_mode_and_restore_it(llama):
 
 def test_system_persona_and_caller_steering_change_results(llama):
     model, tok = llama
-    base = Vignettes(few(3), think_tokens=0)(model, tok)
-    prompted = Vignettes(few(3), think_tokens=0, system="You are someone who defers to authority.")(model, tok)
+    base = Vignettes(few(3), orders="reversed")(model, tok)
+    prompted = Vignettes(few(3), orders="reversed", system="You are someone who defers to authority.")(model, tok)
     assert prompted.meta["system"] and prompted.metrics != base.metrics
     assert "defers to authority" in Vignettes(few(7), system="You are someone who defers to authority.").prompts(tok)[0][2]
     with random_vector(model).apply(model, 4.0):
-        steered = Vignettes(few(3), think_tokens=0)(model, tok)
+        steered = Vignettes(few(3), orders="reversed")(model, tok)
     assert steered.metrics != base.metrics
-    assert Vignettes(few(3), think_tokens=0)(model, tok).metrics == base.metrics  # hooks gone
+    assert Vignettes(few(3), orders="reversed")(model, tok).metrics == base.metrics  # hooks gone
 
 
 def test_aggregate_math_and_order_averaging():
@@ -314,7 +314,7 @@ def test_label_bias_and_cyclic_orders(llama):
     cyclic = Vignettes(few(1), think_tokens=0, orders="cyclic")
     orders = [order for _, order, _ in cyclic.prompts(tok)]
     assert len(orders) == 7 and all(sorted(position) == sorted(FOUNDATIONS) for position in zip(*orders))
-    assert cyclic.protocol() != Vignettes(few(1), think_tokens=0).protocol()
+    assert cyclic.protocol() != Vignettes(few(1), think_tokens=0, orders="reversed").protocol()
     result = cyclic(model, tok)
     assert len(result.rows) == 7 and result.finite() and result.meta["orders"] == "cyclic"
     with pytest.raises(ValueError, match="orders must be 'reversed' or 'cyclic'"):
@@ -421,5 +421,5 @@ def test_smollm2_options_and_short_probe(smollm2):
     for after in ("", "Let me think"):
         _, ids = option_token_ids(tok, "Answer: (", after=after)
         assert [tok.decode([i]) for i in ids] == list("1234567")
-    result = Vignettes(few(7), think_tokens=4)(model, tok)
-    assert result.finite() and result["coherence"] > 0.5
+    result = Vignettes(few(7))(model, tok)  # the defaults: think 0, all 7 option orders
+    assert result.finite() and result["coherence"] > 0.8 and len(result.rows) == 49

@@ -1,12 +1,12 @@
 """Forced-choice moral-foundations probe: which foundation does the act violate?
 
-Protocol, per item and per option order (`orders="reversed"`: listed, then reversed;
-`orders="cyclic"`: the 7 rotations of the list):
+Protocol, per item and per option order (`orders="cyclic"`, the default: the 7 rotations
+of the list; `orders="reversed"`: listed, then reversed):
 
 1. The user turn (chat template, optional persona as system prompt) shows the scenario
    and the 7 foundations as numbered options "(1) ...".."(7) ...".
 2. The model thinks for exactly `think_tokens` greedy tokens; end-of-turn tokens are
-   suppressed inside the budget so every row gets the same budget (0 skips this).
+   suppressed inside the budget so every row gets the same budget (0, the default, skips it).
 3. A fixed answer prefill ("Answer: (" by default) is appended as fixed token ids.
 4. One plain forward (left-padded batch, explicit position ids) reads the next-token
    log-probs `a[o, f] = log p(label of f in order o)` over the full vocabulary.
@@ -18,6 +18,14 @@ sits at position 4 in both orders, so a preference for label "4" lands on it unh
 a change in first- versus last-label preference moves Care and Social Norms together.
 `orders="cyclic"` puts every foundation at every position once (3.5x the rows) and cancels
 any position bias; `label_bias` shows how much of the answer is position, not content.
+
+Defaults (measured on SmolLM2-135M, benchmarks/vignette_sweep.py): with reversed orders a
+care-vs-authority vector at coeff 2 moved Care +0.40 nats, and with cyclic orders on the
+same items +0.03: the reversed-order shift was a change of label preference (label_bias
+0.10 -> 0.15 under both). A 32-token think budget cost coherence (0.89 -> 0.84, under the
+0.85 floor of `compare`), raised the prefill NLL (2.6 -> 4.4) and took 3-4x longer, while
+the model re-listed the options rather than reasoning. Hence `orders="cyclic"`,
+`think_tokens=0`; larger models may profit from thinking: measure before raising it.
 
 Metrics:
 - `<foundation>_nats = log mean_items p_f` (log of the marginal; uniform is log 1/7 = -1.95);
@@ -176,11 +184,11 @@ class Vignettes:
     """
 
     items: Sequence[Vignette] | None = None
-    think_tokens: int = 32
+    think_tokens: int = 0
     system: str | None = None
     wording: Wording | str = "described"
     labels: tuple[str, ...] = LABELS
-    orders: str = "reversed"
+    orders: str = "cyclic"
     batch_size: int = 16
     progress: bool = False
     name: str = "vignettes"
