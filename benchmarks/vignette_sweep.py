@@ -22,11 +22,13 @@ from steer_heal import SteeringVector, load_model
 from steer_heal.data import load_contexts
 from steer_heal.evaluate import (
     FOUNDATIONS,
+    EvalResult,
     Perplexity,
     TraitJudge,
     Vignettes,
     foundation_key,
     load_mfv,
+    stage_table,
     load_vignettes,
     stratified_subset,
 )
@@ -70,8 +72,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--coeffs", default="0,1,2,3,4,6")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--sections", default="timing,sweep,prompted,text,positions",
-                        help="comma-separated subset of: timing, sweep, prompted, text, positions")
+    parser.add_argument("--sections", default="timing,sweep,prompted,text,positions,positions_think,wording,stages",
+                        help="comma-separated subset of: timing, sweep, prompted, text, positions, positions_think, "
+                        "wording, stages")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     coeffs = [float(c) for c in args.coeffs.split(",")]
@@ -124,6 +127,13 @@ def main() -> None:
         save()
     if "positions" in sections:
         positions(model, tok, vec, bundled, [c for c in coeffs if c <= 3], think_full, record, save)
+    if "positions_think" in sections:
+        positions(model, tok, vec, bundled, [], think_full, record, save, think=True)
+    if "wording" in sections:
+        wording(model, tok, vec, bundled, record)
+        save()
+    if "stages" in sections:
+        stages(model, tok, vec, bundled, mfv, record)
     record["env"]["load_avg_end"] = os.getloadavg()
     save()
     log(f"\nwrote {out_path}")
@@ -132,8 +142,8 @@ def main() -> None:
 def timing(model, tok, bundled, mfv, think_full, args, record) -> None:
     log(f"## speed and determinism (threads={args.threads}, load avg {os.getloadavg()[0]:.1f})")
     timing: dict = {}
-    first = run(model, tok, Vignettes(bundled, think_tokens=think_full))
-    second = run(model, tok, Vignettes(bundled, think_tokens=think_full))
+    first = run(model, tok, Vignettes(bundled, think_tokens=think_full, orders="reversed"))
+    second = run(model, tok, Vignettes(bundled, think_tokens=think_full, orders="reversed"))
     same = first["metrics"] == second["metrics"] and first["rows"] == second["rows"]
     timing["bundled_think32"] = {k: first[k] for k in ("metrics", "seconds")} | {"seconds_2": second["seconds"]}
     log(f"bundled set: {len(bundled)} items x 2 orders, think {think_full}: {first['seconds']:.1f} s, "
@@ -141,7 +151,7 @@ def timing(model, tok, bundled, mfv, think_full, args, record) -> None:
     timing["deterministic"] = same
     if mfv:
         for think in (think_full, 0):
-            r = run(model, tok, Vignettes(mfv, think_tokens=think))
+            r = run(model, tok, Vignettes(mfv, think_tokens=think, orders="reversed"))
             timing[f"mfv_think{think}"] = {k: r[k] for k in ("metrics", "seconds")}
             log(f"MFV classic: {len(mfv)} items x 2 orders, think {think}: {r['seconds']:.1f} s")
     record["timing"] = timing
@@ -156,7 +166,7 @@ def sweep(model, tok, vec, bundled, mfv, think_full, coeffs, record, save) -> No
     for set_name, items, think, wording in sets:
         rows = []
         for coeff in coeffs:
-            r = run(model, tok, Vignettes(items, think_tokens=think, wording=wording), coeff, vec)
+            r = run(model, tok, Vignettes(items, think_tokens=think, wording=wording, orders="reversed"), coeff, vec)
             results[f"{set_name}|think{think}|{wording}|c{coeff:g}"] = r
             rows.append((f"c={coeff:g}", r))
         profile_table(f"{set_name}, think {think}, wording {wording}: nats per foundation vs steering coeff", rows)
@@ -170,7 +180,7 @@ def prompted(model, tok, bundled, think_full, record) -> None:
     for think in (0, think_full):
         rows = []
         for name, system in (("no system", None), ("pos persona", POS), ("neg persona", NEG)):
-            r = run(model, tok, Vignettes(bundled, think_tokens=think, system=system))
+            r = run(model, tok, Vignettes(bundled, think_tokens=think, system=system, orders="reversed"))
             results[f"think{think}|{name}"] = r
             rows.append((name, r))
         profile_table(f"prompted baseline, bundled, think {think}, wording described", rows)
@@ -196,25 +206,69 @@ def free_text(model, tok, vec, coeffs, record) -> None:
     record["text"] = results
 
 
-def positions(model, tok, vec, bundled, coeffs, think_full, record, save) -> None:
+def positions(model, tok, vec, bundled, coeffs, think_full, record, save, think: bool = False) -> None:
     """Position control: all 7 rotations (every foundation at every label) vs reversal.
 
-    Think 0 on the full bundled set; think 32 on a stratified 49-item subset (cyclic costs
-    3.5x the rows) at the base and the largest coherent coefficient (2).
+    Think 0 on the full bundled set; with `think`, the think budget on a stratified 49-item
+    subset instead (cyclic costs 3.5x the rows) at the base and the largest coherent coeff (2).
     """
-    results: dict = {}
+    results: dict = record.setdefault("positions", {})
     subset = stratified_subset(bundled, min(49, len(bundled)), seed=0)
-    plans = [("bundled", bundled, 0, coeffs), (f"{len(subset)} stratified", subset, think_full, [0.0, 2.0])]
-    for set_name, items, think, plan_coeffs in plans:
+    if think:
+        plans = [(f"{len(subset)} stratified", subset, think_full, [0.0, 2.0])]
+    else:
+        plans = [("bundled", bundled, 0, coeffs)]
+    for set_name, items, think_tokens, plan_coeffs in plans:
         for orders in ("reversed", "cyclic"):
             rows = []
             for coeff in plan_coeffs:
-                r = run(model, tok, Vignettes(items, think_tokens=think, orders=orders), coeff, vec)
-                results[f"{set_name}|think{think}|{orders}|c{coeff:g}"] = r
+                r = run(model, tok, Vignettes(items, think_tokens=think_tokens, orders=orders), coeff, vec)
+                results[f"{set_name}|think{think_tokens}|{orders}|c{coeff:g}"] = r
                 rows.append((f"c={coeff:g}", r))
-            profile_table(f"{set_name}, think {think}, wording described, orders {orders}", rows)
-            record["positions"] = results
+            profile_table(f"{set_name}, think {think_tokens}, wording described, orders {orders}", rows)
             save()
+
+
+def wording(model, tok, vec, bundled, record) -> None:
+    """The plain wording under cyclic orders, think 0 (the described one is in `positions`)."""
+    rows = []
+    for coeff in (0.0, 2.0):
+        r = run(model, tok, Vignettes(bundled, think_tokens=0, orders="cyclic", wording="plain"), coeff, vec)
+        record.setdefault("wording", {})[f"plain|cyclic|c{coeff:g}"] = r
+        rows.append((f"c={coeff:g}", r))
+    profile_table("bundled, think 0, wording plain, orders cyclic", rows)
+
+
+def stages(model, tok, vec, bundled, mfv, record) -> None:
+    """Stage tables at the default Vignettes settings, with paired bootstrap intervals."""
+    probe = Vignettes(bundled)
+    log(f"\n#### stage tables, bundled, defaults (think {probe.think_tokens}, orders {probe.orders})\n")
+    runs = {"base": (None, 0.0), "base again": (None, 0.0), "prompted pos": (POS, 0.0), "prompted neg": (NEG, 0.0),
+            "steered c=1": (None, 1.0), "steered": (None, 2.0), "steered c=3": (None, 3.0)}
+    results: dict[str, EvalResult] = {}
+    for name, (system, coeff) in runs.items():
+        probe = Vignettes(bundled, system=system)
+        start = time.perf_counter()
+        if coeff:
+            with vec.apply(model, coeff):
+                results[name] = probe(model, tok)
+        else:
+            results[name] = probe(model, tok)
+        log(f"{name}: {time.perf_counter() - start:.0f} s")
+    again = results.pop("base again")
+    log(f"defaults, two base runs identical (metrics and rows): "
+        f"{again.metrics == results['base'].metrics and again.rows == results['base'].rows}")
+    if mfv:
+        start = time.perf_counter()
+        mfv_result = Vignettes(mfv)(model, tok)
+        log(f"MFV classic at the defaults: {len(mfv)} items x {len(mfv_result.rows) // len(mfv)} orders, "
+            f"{time.perf_counter() - start:.0f} s, coherence {mfv_result['coherence']:.3f}, "
+            f"top1 {mfv_result['top1_acc']:.3f}, human_match {mfv_result['human_match']:.3f}")
+        record["mfv_defaults"] = mfv_result.to_dict()
+    for target, direction in (("Authority", -1), ("Care", 1)):
+        log(f"\ntarget {target}, direction {direction:+d} (steered = c=2)\n")
+        log(stage_table(results, target=target, direction=direction))
+    record["stages"] = {name: r.to_dict() for name, r in results.items()}
 
 
 if __name__ == "__main__":
