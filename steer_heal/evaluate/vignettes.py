@@ -8,8 +8,9 @@ of the list; `orders="reversed"`: listed, then reversed):
 2. The model thinks for exactly `think_tokens` greedy tokens; end-of-turn tokens are
    suppressed inside the budget so every row gets the same budget (0, the default, skips it).
 3. A fixed answer prefill ("Answer: (" by default) is appended as fixed token ids.
-4. One plain forward (left-padded batch, explicit position ids) reads the next-token
-   log-probs `a[o, f] = log p(label of f in order o)` over the full vocabulary.
+4. The next-token log-probs `a[o, f] = log p(label of f in order o)` are read over the
+   full vocabulary (batched: the shared prompt prefix runs once, rows are left-padded after
+   it with explicit position ids; see forced.py, tested equal to one-row-at-a-time).
 
 Per item, the orders are averaged in log space, `abar_f = mean_o a[o, f]`, and
 renormalised over the options, `p_f = softmax(abar)_f`. Reversal pairs positions 1-7, 2-6,
@@ -40,9 +41,10 @@ Metrics:
   grows when the model prefers a label whatever it names);
 - `n_items`, `think_tokens`.
 
-Option labels are the digits "1".."7" after "(": every supported tokenizer (byte-level
-BPE splits "(" from digits; SentencePiece ones split digits) makes each a single token
-there; `option_token_ids` checks it for the tokenizer at hand and refuses otherwise.
+Option labels are the digits "1".."7" after "(": byte-level BPE pre-tokenizers split "("
+from a digit and SentencePiece vocabularies of the supported families split digits, so
+each is one token there. `option_token_ids` checks it for the tokenizer at hand and refuses
+otherwise (tested offline on the tiny BPE tokenizer of all 9 families and on SmolLM2's).
 """
 
 from __future__ import annotations
