@@ -85,7 +85,7 @@ class HealSection:
 class EvalSection:
     items: str = "bundled"  # bundled | mfv | both
     n_items: int = 0  # 0: all; else a stratified subset of this size
-    think_tokens: int = 32
+    think_tokens: int = 0  # measured on SmolLM2: thinking cost coherence (benchmarks/vignette_sweep.py)
     mfv_dir: str = ""  # where the public MFV JSONL files are (for items = mfv | both)
     coherence_floor: float = 0.95  # stop the loop when a healed round falls below
     sample_tokens: int = 64
