@@ -160,7 +160,7 @@ def plot(run_dir) -> None:
 @click.option("--system", default=None, help="persona system prompt (the prompted baseline)")
 @click.option("--items", type=click.Choice(["bundled", "mfv"]), default="bundled", show_default=True)
 @click.option("--mfv-dir", type=click.Path(exists=True, file_okay=False), default=None)
-@click.option("--think-tokens", type=click.IntRange(min=0), default=32, show_default=True)
+@click.option("--think-tokens", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--n-items", type=click.IntRange(min=0), default=0, help="stratified subset size (0: all)")
 def evaluate(model_name, adapter, vector_file, coeff, system, items, mfv_dir, think_tokens, n_items) -> None:
     """Evaluate one configuration (model, optional adapter, optional steering) on the vignettes."""
