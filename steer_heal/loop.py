@@ -19,7 +19,7 @@ from which `run(..., resume=True)` continues with the same numbers.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -90,11 +90,7 @@ def setup(config: RunConfig) -> Setup:
 
 def evaluate(s: Setup, system: str | None = None) -> dict[str, EvalResult]:
     """Every probe on the model as it is now (the caller steers or not around this)."""
-    out = {}
-    for name, probe in s.probes.items():
-        probe.system = system
-        out[name] = probe(s.model, s.tok)
-    return out
+    return {name: replace(probe, system=system)(s.model, s.tok) for name, probe in s.probes.items()}
 
 
 def log_stage(run: RunDir, stage: str, r: int, results: dict[str, EvalResult], **extra: Any) -> None:

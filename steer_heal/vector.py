@@ -44,7 +44,7 @@ def check_coeff(coeff: Number) -> float:
     return coeff
 
 
-def _block_param(block: nn.Module) -> Tensor:
+def block_param(block: nn.Module) -> Tensor:
     for p in block.parameters():
         return p
     raise ValueError("decoder block has no parameters")
@@ -172,7 +172,7 @@ class SteeringVector:
         blocks = decoder_blocks(model)
         with ExitStack() as stack:
             for layer, v in self.directions.items():
-                ref = _block_param(blocks[layer])  # each layer's delta lives on that layer's device
+                ref = block_param(blocks[layer])  # each layer's delta lives on that layer's device
                 delta = (coeff * v).to(device=ref.device, dtype=ref.dtype)
                 handle = blocks[layer].register_forward_hook(add_to_output(delta))
                 stack.callback(handle.remove)
