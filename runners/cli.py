@@ -115,7 +115,7 @@ def run(preset, config_file, model, axis, rounds, reg, lam, tau, agg, reference,
     """Run the distill-and-heal loop and write a run directory."""
     from steer_heal import config as cfg
     from steer_heal import loop, plot
-    from steer_heal.runlog import RunDir, run_name
+    from steer_heal.runlog import RunDir, read_events, run_name
 
     overrides = _overrides(model=model, axis=axis, rounds=rounds, reg=reg, lam=lam, tau=tau, agg=agg, reference=reference, seed=seed)
     started = time.perf_counter()
@@ -139,6 +139,7 @@ def run(preset, config_file, model, axis, rounds, reg, lam, tau, agg, reference,
     click.echo("\n" + files["stages"].read_text())
     if result["stopped"]:
         click.echo(f"stopped early: {result['stopped']}")
+    click.echo(f"time per stage: {plot.time_breakdown(read_events(run_dir.path / 'events.jsonl'))}")
     click.echo(f"wall time {time.perf_counter() - started:.0f} s; report {files['report']}, figure {files['trajectory']}")
 
 

@@ -87,7 +87,7 @@ class EvalSection:
     n_items: int = 0  # 0: all; else a stratified subset of this size
     think_tokens: int = 0  # measured on SmolLM2: thinking cost coherence (benchmarks/vignette_sweep.py)
     mfv_dir: str = ""  # where the public MFV JSONL files are (for items = mfv | both)
-    coherence_floor: float = 0.95  # stop the loop when a healed round falls below
+    coherence_floor: float = 0.95  # stop when a healed round's coherence < this x the base model's
     sample_tokens: int = 64
 
 
@@ -118,6 +118,8 @@ class RunConfig:
             (0 < d.target <= 1, f"dose.target must be in (0, 1], got {d.target}"),
             (0 < d.c_min < d.c_max, f"dose needs 0 < c_min < c_max, got {d.c_min} and {d.c_max}"),
             (self.eval.items in ("bundled", "mfv", "both"), f"eval.items must be bundled|mfv|both, got {self.eval.items!r}"),
+            (0 <= self.eval.coherence_floor <= 1,
+             f"eval.coherence_floor is a fraction of the base coherence in [0, 1], got {self.eval.coherence_floor}"),
             (0 < self.filter.tail <= 1, f"filter.tail must be in (0, 1], got {self.filter.tail}"),
             (self.collect.min_keep <= self.collect.n_keep, "collect.min_keep must be <= collect.n_keep"),
         ]

@@ -9,7 +9,7 @@
         adapter  = heal(student, kept, reference)         # LoRA, NLL + divergence barrier
         history.fold(adapter)                             # the student absorbs the round
         healed   = evaluate(student)
-        record cos(v_r, v_0), cos(v_student, v_r); stop if healed coherence < floor
+        record cos(v_r, v_0), cos(v_student, v_r); stop if healed coherence < floor * base coherence
 
 The filter scores perplexity under the base model (`history.base`), never the steered
 student. Every stage is logged to the run directory; each round ends with a checkpoint
@@ -97,6 +97,19 @@ def log_stage(run: RunDir, stage: str, r: int, results: dict[str, EvalResult], *
     run.log("eval", r, stage=stage, results={k: v.to_dict() for k, v in results.items()}, **extra)
 
 
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - t0
+
+
+def base_coherence(run: RunDir) -> float:
+    """The lowest coherence of the base stage over the probes (the floor is relative to it)."""
+    for e in run.events():
+        if e["event"] == "eval" and e["stage"] == "base":
+            return min(x["metrics"]["coherence"] for x in e["results"].values())
+    raise ValueError(f"{run.path}/events.jsonl has no base evaluation; resume it from the start")
+
+
 def neutral_shift(s: Setup, layers: tuple[int, ...]) -> SteeringVector:
     """v_student: mean hidden-state shift of the student vs the base under the neutral persona."""
     texts = [chat_prompt(s.tok, c, system=s.axis.neutral) for c in s.contexts]
@@ -114,9 +127,12 @@ def samples(config: RunConfig, s: Setup) -> list[dict]:
 
 def base_stage(config: RunConfig, s: Setup, run: RunDir) -> None:
     """Round -1: the base model and the prompted baseline (persona as system prompt)."""
-    log_stage(run, "base", -1, evaluate(s))
-    log_stage(run, "prompted", -1, evaluate(s, system=s.axis.pos))
-    run.log("samples", -1, stage="base", rows=samples(config, s))
+    results, seconds = timed(evaluate, s)
+    log_stage(run, "base", -1, results, seconds=seconds)
+    results, seconds = timed(evaluate, s, system=s.axis.pos)
+    log_stage(run, "prompted", -1, results, seconds=seconds)
+    rows, seconds = timed(samples, config, s)
+    run.log("samples", -1, stage="base", rows=rows, seconds=seconds)
     run.checkpoint(-1)
 
 
@@ -208,14 +224,16 @@ def run(config: RunConfig, run_dir: RunDir, s: Setup | None = None, progress: bo
         base_stage(config, s, run_dir)
         start = 0
     stopped = None
+    floor = config.eval.coherence_floor * base_coherence(run_dir)
     for r in range(start, config.run.rounds):
         summary = one_round(config, s, run_dir, r, v0)
         v0 = v0 or summary["vector"]
         if progress:
             print(f"round {r}: coeff {summary['coeff']:.3g}, kept {summary['n_kept']}, coherence {summary['coherence']:.3f}, "
                   f"cos(v_r, v_0) {summary['cos_v0']:.3f}, cos(v_student, v_r) {summary['cos_student_teacher']:.3f}", flush=True)
-        if summary["coherence"] < config.eval.coherence_floor:
-            stopped = f"coherence {summary['coherence']:.3f} < floor {config.eval.coherence_floor} after round {r}"
+        if summary["coherence"] < floor:
+            stopped = (f"coherence {summary['coherence']:.3f} < {config.eval.coherence_floor} x base coherence "
+                       f"= {floor:.3f} after round {r}")
             run_dir.log("stop", r, reason=stopped)
             break
     return {"run_dir": str(run_dir.path), "stopped": stopped}

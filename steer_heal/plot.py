@@ -103,6 +103,17 @@ def rounds_table(events: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def time_breakdown(events: list[dict[str, Any]]) -> str:
+    """Seconds per stage, from the events: the base stage's evaluations, then each round's timings."""
+    base = {f"{e['stage']} eval" if e["event"] == "eval" else "base samples": e["seconds"]
+            for e in events if e["round"] == -1 and "seconds" in e}  # fmt: skip
+    parts = [", ".join(f"{k} {v:.0f} s" for k, v in base.items())] if base else []
+    for e in events:
+        if e["event"] == "round" and e.get("timings"):
+            parts.append(f"round {e['round']}: " + ", ".join(f"{k} {v:.0f} s" for k, v in e["timings"].items()))
+    return "; ".join(parts)
+
+
 def _samples(events: list[dict[str, Any]]) -> str:
     parts = []
     for e in events:
@@ -127,6 +138,7 @@ def render(run_dir: str | Path) -> dict[str, Path]:
         "report": atomic_write_text(
             run_dir / "report.md",
             f"# Run report: {run_dir.name}\n\n## Stage table\n\n{tables}\n\n## Rounds\n\n{rounds_table(events)}\n\n"
+            f"Time per stage: {time_breakdown(events) or 'not recorded'}\n\n"
             f"## Samples (greedy)\n\n{_samples(events)}\n",
         ),
     }

@@ -47,6 +47,21 @@ def test_tiny_run_writes_everything(tmp_path):
     files = render(run.path)
     assert "| healed r0 |" in files["stages"].read_text()
     assert files["trajectory"].stat().st_size > 10_000
+    assert "round 0: extract" in files["report"].read_text() and "base eval" in files["report"].read_text()
+
+
+def test_coherence_floor_is_relative_to_the_base(tmp_path):
+    """floor 1.0 stops exactly when round 0's coherence is below the base's, and says by how much."""
+    config = cfg.resolve("tiny", overrides={"run": {"rounds": 2}, "eval": {"coherence_floor": 1.0}})
+    run = RunDir.create(tmp_path / "run", config)
+    result = loop.run(config, run, progress=False)
+    base = loop.base_coherence(run)
+    healed = next(e["coherence"] for e in run.events() if e["event"] == "round")
+    rounds = [e["round"] for e in run.events() if e["event"] == "round"]
+    if healed < base:
+        assert rounds == [0] and result["stopped"] == f"coherence {healed:.3f} < 1.0 x base coherence = {base:.3f} after round 0"
+    else:
+        assert rounds == [0, 1] and (result["stopped"] is None or "after round 1" in result["stopped"])
 
 
 def _run_cli(args, env, log=None):
