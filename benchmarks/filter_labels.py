@@ -3,8 +3,9 @@
     python benchmarks/filter_labels.py            # text-only default filters
     python benchmarks/filter_labels.py --ppl      # + tail perplexity under SmolLM2-135M
 
-Prints the totals, the totals without the babble category (no text rule is meant to
-catch word salad), every disagreement with the labels, and the tail ppl per category.
+Prints the totals, the totals without the babble category, every disagreement with the
+labels, the tail ppl per category, and the same totals on the holdout set
+(tests/data/filter_labels_holdout.jsonl, written before the babble rules were scored on it).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def main() -> None:
     for r, v in pairs:
         if v.keep != (r["label"] == "keep"):
             print(f"  {r['category']:9} labelled {r['label']}, got {'keep' if v.keep else 'drop'} {v.reasons}: {r['text'][:70]!r}")
+    holdout = [json.loads(line) for line in LABELS.with_name("filter_labels_holdout.jsonl").read_text().splitlines() if line]
+    held = list(zip(holdout, flt([Completion(r["prompt"], r["text"], (), 1.0, "length") for r in holdout])))
+    print(f"holdout ({len(holdout)}):", precision_recall(held))
     if args.ppl:
         for cat in sorted({r["category"] for r in rows}):
             ppls = sorted(v.scores[PPL] for r, v in pairs if r["category"] == cat)

@@ -422,11 +422,13 @@ class Refusal:
 
 
 def default_text_filter(narration_patterns: Sequence[str] = NARRATION_PATTERNS) -> AllOf:
-    """The text-only filters: repetition, narration, refusal (no model needed).
+    """The text-only filters: repetition, babble, narration, refusal (no model needed).
 
     For another persona pair pass its patterns, e.g. `load_axis("love").narration_patterns`.
     """
-    return AllOf(Repetition(), Narration(narration_patterns), Refusal())
+    from .babble import Babble  # babble.py builds on this module's Verdict
+
+    return AllOf(Repetition(), Babble(), Narration(narration_patterns), Refusal())
 
 
 def default_filter(

@@ -68,26 +68,33 @@ def test_labelled_set_is_well_formed():
 
 
 def test_text_filters_precision_recall_on_labelled_set():
-    """The text-only default filters on everything they are responsible for.
+    """The text-only default filters (repetition, babble, narration, refusal) on all 57 items.
 
-    Babble (word salad, fluent or not) is not repetitive, narrating or refusing: no text
-    rule catches it and none is meant to; tail perplexity under the original model does
-    (`test_real_default_filter_catches_babble`). Measured on this set: over all 57 items
-    precision 0.72 / recall 1.00 (the 8 babble items and 1 junk loop are kept); without
-    the babble category precision 0.96 / recall 1.00.
+    Measured: precision 0.92 (23/25) / recall 1.00; the two babble items kept are fluent
+    drift and a sentence with two non-words, which only perplexity can see
+    (`test_real_default_filter_catches_babble`). The babble thresholds were set on this set,
+    so `test_text_filters_on_holdout` checks them on items written before they were scored.
     """
     rows = load_labels()
     verdicts = default_text_filter()([completion(r["text"], r["prompt"]) for r in rows])
-    scoped = [(r, v) for r, v in zip(rows, verdicts) if r["category"] != "babble"]
-    precision, recall = precision_recall([r for r, _ in scoped], [v for _, v in scoped])
+    precision, recall = precision_recall(rows, verdicts)
     assert precision >= 0.9 and recall >= 0.9, (precision, recall)
-    _, recall_all = precision_recall(rows, verdicts)
-    assert recall_all >= 0.9
     # each drop category is caught by its own filter, not by accident
     for r, v in zip(rows, verdicts):
         names = {reason_name(x) for x in v.reasons}
         if r["category"] in ("narration", "refusal"):
             assert r["category"] in names, r["text"]
+        if r["category"] == "coherent":
+            assert not names, (names, r["text"])
+
+
+def test_text_filters_on_holdout():
+    """16 items written after the babble rules, before scoring them: precision 0.78 (7/9),
+    recall 0.88 (7/8). Kept: fluent drift and a word salad with plausible grammar; dropped:
+    one coherent 59-word sentence (the run-on rule's price). Pinned so a change shows."""
+    rows = [json.loads(line) for line in (LABELS.parent / "filter_labels_holdout.jsonl").read_text().splitlines() if line]
+    verdicts = default_text_filter()([completion(r["text"], r["prompt"]) for r in rows])
+    assert precision_recall(rows, verdicts) == pytest.approx((7 / 9, 7 / 8))
 
 
 # ---------------------------------------------------------------- repetition: exact numbers
