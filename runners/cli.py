@@ -153,6 +153,57 @@ def plot(run_dir) -> None:
         click.echo(f"{name}: {path}")
 
 
+@main.command()
+@click.option("--vector", "vector_file", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--model", "model_name", default=None, help=MODEL_HELP + " (default: the vector's model)")
+@click.option("--axis", default="authority", show_default=True, help="axis whose prompts, target and samples to use")
+@click.option("--coeffs", default="0,0.5,1,2,3,4,6", show_default=True, help="comma-separated doses; must include 0")
+@click.option("--items", type=click.Choice(["bundled", "mfv", "both"]), default="bundled", show_default=True)
+@click.option("--mfv-dir", type=click.Path(exists=True, file_okay=False), default=None)
+@click.option("--n-items", type=click.IntRange(min=0), default=0, help="stratified subset size per item set (0: all)")
+@click.option("--n", type=click.IntRange(min=0), default=16, show_default=True, help="completions per dose to filter (0: skip)")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--ppl-tau", type=float, default=50.0, show_default=True)
+@click.option("--floor", type=float, default=0.95, show_default=True, help="operating dose: coherence >= floor x unsteered")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="directory for sweep.json and sweep.md")
+def sweep(vector_file, model_name, axis, coeffs, items, mfv_dir, n_items, n, max_new_tokens, ppl_tau, floor, seed, out) -> None:
+    """Sweep a vector's dose: vignette profile, coherence, filter report and samples per coefficient."""
+    import json
+    from dataclasses import replace
+
+    from steer_heal import SteeringVector, load_model
+    from steer_heal.config import EvalSection, RunConfig
+    from steer_heal.data import load_axis
+    from steer_heal.filters import default_filter
+    from steer_heal.loop import probes
+    from steer_heal.runlog import atomic_write_text
+    from steer_heal.sweep import dose_sweep, sweep_report
+
+    try:
+        doses = [float(x) for x in coeffs.split(",") if x.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"--coeffs takes numbers separated by commas, got {coeffs!r}") from exc
+    if items in ("mfv", "both") and not mfv_dir:
+        raise click.UsageError(f"--items {items} needs --mfv-dir (the folder with the MFV JSONL files)")
+    persona = load_axis(axis)
+    vec = SteeringVector.load(vector_file)
+    model, tok = load_model(model_name or vec.model_id)
+    chosen = {k: replace(p, progress=True) for k, p in probes(RunConfig(eval=EvalSection(items=items, n_items=n_items, mfv_dir=mfv_dir or "")), seed).items()}
+    patterns = {"narration_patterns": persona.narration_patterns} if persona.narration_patterns else {}
+    start = time.perf_counter()
+    points = dose_sweep(model, tok, vec, doses, chosen, prompts=persona.prompts,
+                        filt=default_filter(model, tok, tau=ppl_tau, **patterns) if n else None,
+                        n=max(n, 1), max_new_tokens=max_new_tokens, sample_prompts=persona.sample_prompts[:3], seed=seed)  # fmt: skip
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "sweep.json", json.dumps({"vector": vector_file, "axis": axis, "points": [p.to_dict() for p in points]}))
+    report = sweep_report(points, persona.target, persona.direction, floor)
+    atomic_write_text(out_dir / "sweep.md", report)
+    click.echo(report)
+    click.echo(f"{len(doses)} doses in {time.perf_counter() - start:.0f} s -> {out_dir}/sweep.md, sweep.json")
+
+
 @main.command(name="eval")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help=MODEL_HELP)
 @click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None, help="a round's adapter/ directory")
