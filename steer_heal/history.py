@@ -30,6 +30,7 @@ import copy
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -252,6 +253,12 @@ class History:
     def _add(self, name: str, config) -> None:
         from peft import get_peft_model
 
+        offloaded = sorted({re.sub(r"^(.*?\.\d+)\..*$", r"\1", n.rsplit(".", 1)[0]) for n, p in self._model.named_parameters()
+                            if p.device.type == "meta"})  # fmt: skip
+        if offloaded:  # peft would build LoRA weights on "meta" and fail deep inside
+            raise ValueError(f"cannot add LoRA adapters to offloaded layers ({', '.join(offloaded[:3])}"
+                             f"{', ...' if len(offloaded) > 3 else ''}): load the model with a device_map that keeps "
+                             "every layer on a GPU or the CPU (no 'disk' offload)")  # fmt: skip
         config = copy.deepcopy(config)  # peft writes into configs it is given
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")

@@ -244,10 +244,23 @@ def left_pad(
     return ids.to(device), mask.to(device), positions.to(device)
 
 
+def execution_device(module: nn.Module) -> torch.device:
+    """Where a module computes. Under an accelerate device map that is the dispatch hook's
+    execution device (an offloaded module's weights sit on "meta" until its forward);
+    otherwise the device of its first parameter that is not on "meta"."""
+    device = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    raise ValueError(f"cannot tell where {type(module).__name__} runs: its weights are all on 'meta' and no "
+                     "accelerate hook names an execution device; load the model with device_map or materialise it")
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids go: the embedding's device (differs from parameters()[0] when sharded)."""
-    emb = unwrap(model).get_input_embeddings()
-    return emb.weight.device
+    return execution_device(unwrap(model).get_input_embeddings())
 
 
 # ---------------------------------------------------------------- loading

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .model import decoder_blocks, hidden_size, n_layers
-from .vector import Number, SteeringVector, add_to_output, block_param, check_coeff
+from .vector import Number, SteeringVector, add_to_output, check_coeff, placement
 
 
 class SteeringSlot:
@@ -45,8 +45,8 @@ class SteeringSlot:
         stack = ExitStack()
         try:
             for layer in self.layers:
-                ref = block_param(blocks[layer])
-                self.deltas[layer] = torch.zeros(size, device=ref.device, dtype=ref.dtype)
+                device, dtype = placement(blocks[layer])
+                self.deltas[layer] = torch.zeros(size, device=device, dtype=dtype)
                 stack.callback(blocks[layer].register_forward_hook(add_to_output(self.deltas[layer])).remove)
         except BaseException:
             stack.close()

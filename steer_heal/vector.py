@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import __version__
-from .model import decoder_blocks, hidden_size, model_id, n_layers, residual_writer
+from .model import decoder_blocks, execution_device, hidden_size, model_id, n_layers, residual_writer
 
 FORMAT = "steer_heal.vector/1"
 Number = float | int  # beartype, unlike PEP 484, does not let an int pass as a float
@@ -48,6 +48,11 @@ def block_param(block: nn.Module) -> Tensor:
     for p in block.parameters():
         return p
     raise ValueError("decoder block has no parameters")
+
+
+def placement(block: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a block computes and in which dtype (offloaded weights sit on "meta" until used)."""
+    return execution_device(block), block_param(block).dtype
 
 
 def add_to_output(delta: Tensor):
@@ -172,8 +177,8 @@ class SteeringVector:
         blocks = decoder_blocks(model)
         with ExitStack() as stack:
             for layer, v in self.directions.items():
-                ref = block_param(blocks[layer])  # each layer's delta lives on that layer's device
-                delta = (coeff * v).to(device=ref.device, dtype=ref.dtype)
+                device, dtype = placement(blocks[layer])  # each layer's delta lives on that layer's device
+                delta = (coeff * v).to(device=device, dtype=dtype)
                 handle = blocks[layer].register_forward_hook(add_to_output(delta))
                 stack.callback(handle.remove)
             yield model
@@ -185,7 +190,10 @@ class SteeringVector:
         self.check_compatible(model)
         writers = [(residual_writer(model, layer), v) for layer, v in self.directions.items()]
         with ExitStack() as stack:
-            for linear, v in writers:
+            for (linear, v), layer in zip(writers, self.directions):
+                if linear.weight.device.type == "meta":
+                    raise ValueError(f"bake cannot fold into layer {layer}: its weights are offloaded (on 'meta' until the "
+                                     "forward); use apply(), or load the model without disk/CPU offload")  # fmt: skip
                 delta = (coeff * v).to(device=linear.weight.device, dtype=linear.weight.dtype)
                 stack.callback(_add_bias(linear, delta))
             yield model
