@@ -195,7 +195,7 @@ def _score_rows(
         keep = torch.arange(width - kmax - 1, width - 1, device=device)
         logits = model(
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, logits_to_keep=keep
-        ).logits
+        ).logits.to(ids.device)  # the head may sit on another device under a device map
         k = torch.tensor([r[2] for r in batch], device=device)
         valid = torch.arange(kmax, device=device)[None, :] >= (kmax - k)[:, None]
         nll = _tail_nll(logits, ids[:, width - kmax :], valid)

@@ -256,7 +256,7 @@ def completion_logprobs(model: nn.Module, batch: Batch) -> Float[Tensor, "n voca
 
     def gather(module, args):
         hidden = args[0]
-        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index)
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index.to(hidden.device))  # head may sit elsewhere
         return (picked.unsqueeze(0), *args[1:])
 
     handle = head.register_forward_pre_hook(gather)
@@ -267,7 +267,7 @@ def completion_logprobs(model: nn.Module, batch: Batch) -> Float[Tensor, "n voca
     logits = out.logits.reshape(-1, out.logits.shape[-1])
     if logits.shape[0] != index.shape[0]:
         raise ValueError("the model's output head did not see the gathered positions; unsupported forward")
-    return logits.float().log_softmax(-1)
+    return logits.float().log_softmax(-1).to(index.device)  # beside the targets, wherever the head ran
 
 
 def _nll_sum(model: nn.Module, examples: Sequence[Example], pad: int, batch_size: int) -> tuple[float, int]:
@@ -302,7 +302,7 @@ def completion_nll(model: nn.Module, tok, completions: Sequence[Completion], bat
 
 def _norm(grads: Sequence[Tensor | None]) -> float:
     parts = [g.detach().float().norm() for g in grads if g is not None]
-    return float(torch.stack(parts).norm()) if parts else 0.0
+    return float(torch.stack([p.to(parts[0].device) for p in parts]).norm()) if parts else 0.0  # grads may span devices
 
 
 def _add_into(acc: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:

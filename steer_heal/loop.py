@@ -94,7 +94,8 @@ def evaluate(s: Setup, system: str | None = None) -> dict[str, EvalResult]:
 
 
 def log_stage(run: RunDir, stage: str, r: int, results: dict[str, EvalResult], **extra: Any) -> None:
-    run.log("eval", r, stage=stage, results={k: v.to_dict() for k, v in results.items()}, **extra)
+    # with the per-row records, so `steer-heal plot` can recompute paired intervals from events alone
+    run.log("eval", r, stage=stage, results={k: v.to_dict(rows=True) for k, v in results.items()}, **extra)
 
 
 def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:

@@ -339,5 +339,5 @@ class SpectralNorm:
             sigmas.append(sigma)
         if not sigmas:
             raise ValueError("SpectralNorm found no adapted modules for the current adapter")
-        mean_sigma = torch.stack(sigmas).mean()
+        mean_sigma = torch.stack([s.to(sigmas[0].device) for s in sigmas]).mean()  # layers may span devices
         return Penalty(self.lam * mean_sigma, {"sigma_mean": float(mean_sigma.detach())}, active=self.lam > 0)

@@ -65,7 +65,7 @@ def _forward(
 ):
     kwargs = {_cache_kwarg(model): cache}
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep, **kwargs)
-    return out.logits.float(), out["cache"] if "cache" in out else out["past_key_values"]
+    return out.logits.float().to(ids.device), out["cache"] if "cache" in out else out["past_key_values"]
 
 
 @torch.inference_mode()

@@ -72,7 +72,7 @@ class Perplexity:
             rows = list(range(start, min(start + self.batch_size, len(encoded))))
             ids, mask, positions = left_pad([encoded[i] for i in rows], pad_id(tok), device)
             with eval_mode(model):
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits.to(ids.device)
             nll, n = token_nll(logits, ids, mask)
             for row, i in enumerate(rows):
                 sums[i], counts[i] = float(nll[row]), int(n[row])
