@@ -124,3 +124,27 @@ def test_dry_run_prints_config_and_plan():
     result = CliRunner().invoke(main, ["run", "--preset", "tiny", "--dry-run", "--lam", "2"])
     assert result.exit_code == 0
     assert "lam = 2.0" in result.output and "# plan:" in result.output
+
+
+def test_disk_failure_mid_round_leaves_the_run_resumable(tmp_path, monkeypatch):
+    """A write that fails while round 0 saves its adapter: the run stops with the OS error,
+    and resuming redoes round 0 from the base checkpoint, with no duplicated stages."""
+    from steer_heal.history import History
+
+    config = cfg.resolve("tiny")
+    run = RunDir.create(tmp_path / "run", config)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(History, "save_round", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        loop.run(config, run, progress=False)
+    assert run.last_checkpoint() == -1
+    monkeypatch.undo()
+    resumed = RunDir.resume(tmp_path / "run")
+    assert loop.run(resumed.config, resumed, progress=False)["stopped"] is None
+    events = resumed.events()
+    assert [(e["stage"], e["round"]) for e in events if e["event"] == "eval"] == [
+        ("base", -1), ("prompted", -1), ("steered", 0), ("healed", 0)]
+    assert [e["round"] for e in events if e["event"] == "checkpoint"] == [-1, 0]
