@@ -14,17 +14,17 @@ def verdict(text: str, **kwargs):
 def test_scores_exact():
     s = babble_scores("The cat sat on the mat. It was warm!")
     # words: the cat sat on the mat it was warm -> function words: the, on, the, it, was
-    assert s["words"] == 9 and s["function_share"] == 5 / 9
+    assert s["babble_words"] == 9 and s["function_share"] == 5 / 9
     assert s["punct_share"] == 2 / 28  # '.' and '!' of 28 non-space characters
     assert s["sentence_words"] == 9 / 2 and s["slips"] == 0 and s["non_ascii"] == 0
     # an unfinished last sentence counts as one; a line break ends a sentence
     assert babble_scores("One two three. Four five")["sentence_words"] == 5 / 2
     assert babble_scores("- one item\n- another item")["sentence_words"] == 4 / 2
     # hyphens and apostrophes stay inside words; "the of" and "for is" are slips
-    assert babble_scores("the on-call nurse's shift")["words"] == 4
+    assert babble_scores("the on-call nurse's shift")["babble_words"] == 4
     assert babble_scores("insulin for is the of the river")["slips"] == 2
     assert babble_scores("café naïve tea")["non_ascii"] == 2 / 3
-    assert babble_scores("")["words"] == 0
+    assert babble_scores("")["babble_words"] == 0
 
 
 @pytest.mark.parametrize(

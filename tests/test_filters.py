@@ -403,7 +403,7 @@ def test_real_default_filter_catches_babble(smollm2):
     coherent, loop, babble = (v.scores[PPL] for v in verdicts)
     assert loop < coherent < 50.0 < babble
     assert [v.keep for v in verdicts] == [True, False, False]
-    assert {reason_name(r) for r in verdicts[1].reasons} == {"repetition"}
+    assert "repetition" in {reason_name(r) for r in verdicts[1].reasons}  # a loop is a run-on too: babble may agree
     assert "perplexity" in {reason_name(r) for r in verdicts[2].reasons}
     single = [Perplexity(model, tok, batch_size=1)([c])[0].scores[PPL] for c in cs]
     assert [coherent, loop, babble] == pytest.approx(single, rel=1e-3)
