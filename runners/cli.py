@@ -86,7 +86,7 @@ def steer(vector_file, model_name, prompts, coeff, system, max_new_tokens, how, 
 def _overrides(**options) -> dict[str, dict]:
     """CLI flags -> config sections; None means 'not given'."""
     where = {"model": "run", "rounds": "run", "seed": "run", "axis": "run", "reg": "heal", "lam": "heal", "tau": "heal",
-             "agg": "heal", "reference": "heal"}  # fmt: skip
+             "agg": "heal", "reference": "heal", "coherence_floor": "eval"}  # fmt: skip
     out: dict[str, dict] = {}
     for key, value in options.items():
         if value is not None:
@@ -106,22 +106,28 @@ def _overrides(**options) -> dict[str, dict]:
 @click.option("--agg", type=click.Choice(["mean", "rmse", "p95", "max"]), default=None)
 @click.option("--reference", type=click.Choice(["prev", "base", "last_good"]), default=None)
 @click.option("--seed", type=int, default=None)
+@click.option("--coherence-floor", type=float, default=None,
+              help="stop when a healed round's coherence < this x the base's (0 never stops)")
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="run directory (default out/<timestamp>_...)")
 @click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="continue a run after its last finished round")
+              help="continue a run after its last finished round (--rounds / --coherence-floor may change)")
 @click.option("--overwrite", is_flag=True, help="replace an existing --out directory")
 @click.option("--dry-run", is_flag=True, help="print the resolved config and the planned work, run nothing")
-def run(preset, config_file, model, axis, rounds, reg, lam, tau, agg, reference, seed, out, resume_dir, overwrite, dry_run) -> None:
+def run(preset, config_file, model, axis, rounds, reg, lam, tau, agg, reference, seed, coherence_floor, out, resume_dir, overwrite,
+        dry_run) -> None:  # fmt: skip
     """Run the distill-and-heal loop and write a run directory."""
     from steer_heal import config as cfg
     from steer_heal import loop, plot
     from steer_heal.runlog import RunDir, read_events, run_name
 
-    overrides = _overrides(model=model, axis=axis, rounds=rounds, reg=reg, lam=lam, tau=tau, agg=agg, reference=reference, seed=seed)
+    overrides = _overrides(model=model, axis=axis, rounds=rounds, reg=reg, lam=lam, tau=tau, agg=agg, reference=reference, seed=seed,
+                           coherence_floor=coherence_floor)  # fmt: skip
     started = time.perf_counter()
     if resume_dir:
-        given = cfg.resolve(preset, config_file, overrides) if (preset or config_file or overrides) else None
-        run_dir = RunDir.resume(resume_dir, given)
+        # a preset or config file must match the saved config; single options change only
+        # what may change on resume (more rounds, another coherence floor)
+        given = cfg.resolve(preset, config_file, overrides) if (preset or config_file) else None
+        run_dir = RunDir.resume(resume_dir, given, None if given else overrides)
         config = run_dir.config
     else:
         config = cfg.resolve(preset or "quick", config_file, overrides)

@@ -211,6 +211,15 @@ def load(path: str | Path) -> RunConfig:
         return _merge(RunConfig(), tomllib.load(f), str(path)).validate()
 
 
+# keys a resumed run may change: they decide how far the loop goes, not what a finished round computed
+RESUMABLE = ("run.rounds", "eval.coherence_floor")
+
+
+def override(config: RunConfig, overrides: dict[str, dict[str, Any]], where: str = "options") -> RunConfig:
+    """`config` with some keys replaced, validated (unknown keys are errors)."""
+    return _merge(config, overrides, where).validate()
+
+
 def diff(a: RunConfig, b: RunConfig) -> list[str]:
     """`section.key: a -> b` for every differing value."""
     out = []

@@ -217,6 +217,10 @@ def restore(config: RunConfig, s: Setup, run: RunDir) -> tuple[int, SteeringVect
     return last + 1, SteeringVector.load(run.round_dir(0) / "vector.safetensors")
 
 
+def stop_reason(coherence: float, fraction: float, floor: float, r: int) -> str:
+    return f"coherence {coherence:.3f} < {fraction} x base coherence = {floor:.3f} after round {r}"
+
+
 def run(config: RunConfig, run_dir: RunDir, s: Setup | None = None, progress: bool = True) -> dict[str, Any]:
     """The whole loop into `run_dir`, continuing after its last checkpoint."""
     torch.manual_seed(config.run.seed)
@@ -227,6 +231,12 @@ def run(config: RunConfig, run_dir: RunDir, s: Setup | None = None, progress: bo
         start = 0
     stopped = None
     floor = config.eval.coherence_floor * base_coherence(run_dir)
+    finished = [e for e in run_dir.events() if e["event"] == "round"]
+    if finished and finished[-1]["coherence"] < floor:  # a resumed run that had stopped stays stopped
+        r = finished[-1]["round"]
+        stopped = stop_reason(finished[-1]["coherence"], config.eval.coherence_floor, floor, r)
+        run_dir.log("stop", r, reason=stopped)
+        return {"run_dir": str(run_dir.path), "stopped": stopped}
     for r in range(start, config.run.rounds):
         summary = one_round(config, s, run_dir, r, v0)
         v0 = v0 or summary["vector"]
@@ -234,8 +244,7 @@ def run(config: RunConfig, run_dir: RunDir, s: Setup | None = None, progress: bo
             print(f"round {r}: coeff {summary['coeff']:.3g}, kept {summary['n_kept']}, coherence {summary['coherence']:.3f}, "
                   f"cos(v_r, v_0) {summary['cos_v0']:.3f}, cos(v_student, v_r) {summary['cos_student_teacher']:.3f}", flush=True)
         if summary["coherence"] < floor:
-            stopped = (f"coherence {summary['coherence']:.3f} < {config.eval.coherence_floor} x base coherence "
-                       f"= {floor:.3f} after round {r}")
+            stopped = stop_reason(summary["coherence"], config.eval.coherence_floor, floor, r)
             run_dir.log("stop", r, reason=stopped)
             break
     return {"run_dir": str(run_dir.path), "stopped": stopped}

@@ -122,8 +122,12 @@ class RunDir:
         return cls(path, config)
 
     @classmethod
-    def resume(cls, path: str | os.PathLike, config: RunConfig | None = None) -> RunDir:
-        """Reopen a run; `config`, if given, must equal the saved one."""
+    def resume(
+        cls, path: str | os.PathLike, config: RunConfig | None = None, overrides: dict[str, dict[str, Any]] | None = None
+    ) -> RunDir:
+        """Reopen a run. `config`, if given, must equal the saved one. `overrides` change keys
+        of the saved config that do not alter finished rounds (`config.RESUMABLE`: more
+        rounds, another coherence floor); the new config replaces config.toml."""
         path = Path(path)
         if not (path / "config.toml").exists():
             raise ValueError(f"{path} is not a run directory (no config.toml)")
@@ -131,6 +135,16 @@ class RunDir:
         if config is not None and config != saved:
             changes = "; ".join(config_mod.diff(saved, config))
             raise ValueError(f"cannot resume {path} with a different config ({changes}); drop the options or start a new run")
+        if overrides:
+            wanted = config_mod.override(saved, overrides, "resume options")
+            changes = config_mod.diff(saved, wanted)
+            fixed = [c for c in changes if c.split(":", 1)[0] not in config_mod.RESUMABLE]
+            if fixed:
+                raise ValueError(f"cannot resume {path} with {'; '.join(fixed)}: finished rounds depend on it; only "
+                                 f"{', '.join(config_mod.RESUMABLE)} may change (start a new run for the rest)")  # fmt: skip
+            if changes:
+                atomic_write_text(path / "config.toml", config_mod.to_toml(wanted))
+                saved = wanted
         run = cls(path, saved)
         run._drop_unfinished()
         return run

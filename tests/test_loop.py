@@ -148,3 +148,28 @@ def test_disk_failure_mid_round_leaves_the_run_resumable(tmp_path, monkeypatch):
     assert [(e["stage"], e["round"]) for e in events if e["event"] == "eval"] == [
         ("base", -1), ("prompted", -1), ("steered", 0), ("healed", 0)]
     assert [e["round"] for e in events if e["event"] == "checkpoint"] == [-1, 0]
+
+
+def test_resume_extends_rounds_and_keeps_a_stopped_run_stopped(tmp_path):
+    """On tiny, round 0 ends just below the base coherence, so floor 1.0 stops it. Resuming
+    as is stays stopped; a lower floor and more rounds continue; other keys are refused."""
+    from click.testing import CliRunner
+
+    from runners.cli import main
+
+    config = cfg.resolve("tiny", overrides={"eval": {"coherence_floor": 1.0}})
+    run = RunDir.create(tmp_path / "run", config)
+    assert "after round 0" in loop.run(config, run, progress=False)["stopped"]
+
+    again = RunDir.resume(tmp_path / "run", overrides={"run": {"rounds": 2}})
+    assert "after round 0" in loop.run(again.config, again, progress=False)["stopped"]  # still stopped
+    assert [e["round"] for e in again.events() if e["event"] == "round"] == [0]
+
+    result = CliRunner().invoke(main, ["run", "--resume", str(tmp_path / "run"), "--coherence-floor", "0"])
+    assert result.exit_code == 0, result.output
+    resumed = RunDir.resume(tmp_path / "run")
+    assert resumed.config.run.rounds == 2 and resumed.config.eval.coherence_floor == 0.0  # config.toml rewritten
+    assert [e["round"] for e in resumed.events() if e["event"] == "round"] == [0, 1]
+
+    refused = CliRunner().invoke(main, ["run", "--resume", str(tmp_path / "run"), "--lam", "2"])
+    assert refused.exit_code == 1 and "heal.lam: 1.0 -> 2.0" in refused.output and "run.rounds" in refused.output
