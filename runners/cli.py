@@ -196,10 +196,9 @@ def sweep(vector_file, model_name, axis, coeffs, items, mfv_dir, n_items, n, max
     vec = SteeringVector.load(vector_file)
     model, tok = load_model(model_name or vec.model_id)
     chosen = {k: replace(p, progress=True) for k, p in probes(RunConfig(eval=EvalSection(items=items, n_items=n_items, mfv_dir=mfv_dir or "")), seed).items()}
-    patterns = {"narration_patterns": persona.narration_patterns} if persona.narration_patterns else {}
     start = time.perf_counter()
     points = dose_sweep(model, tok, vec, doses, chosen, prompts=persona.prompts,
-                        filt=default_filter(model, tok, tau=ppl_tau, **patterns) if n else None,
+                        filt=default_filter(model, tok, tau=ppl_tau, narration_patterns=persona.narration_patterns) if n else None,
                         n=max(n, 1), max_new_tokens=max_new_tokens, sample_prompts=persona.sample_prompts[:3], seed=seed)  # fmt: skip
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)

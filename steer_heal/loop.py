@@ -150,8 +150,8 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
 
     t0 = time.perf_counter()
     # perplexity under the base model (adapters off, no steering), never the steered student
-    patterns = {"narration_patterns": s.axis.narration_patterns} if s.axis.narration_patterns else {}  # the axis's own
-    filt = default_filter(s.history.base, s.tok, tau=config.filter.ppl_tau, tail=config.filter.tail, **patterns)
+    filt = default_filter(s.history.base, s.tok, tau=config.filter.ppl_tau, tail=config.filter.tail,
+                          narration_patterns=s.axis.narration_patterns)  # fmt: skip
     dose = walk_dose(s.model, s.tok, vec, s.axis.prompts, filt, target=d.target, c_min=d.c_min, c_max=d.c_max,
                      steps=d.steps, probe_size=d.probe_size, seed=seed, **sampling)  # fmt: skip
     run.log("dose", r, coeff=dose.coeff, probes=dose.to_dict()["probes"])
