@@ -15,6 +15,7 @@ from steer_heal.data import load_axis, load_contexts
 from steer_heal.extract import last_token_states
 from steer_heal.model import chat_prompt, encode, resolve_layers, n_layers
 from steer_heal.tiny import FAMILY_NAMES, tiny_model
+from steer_heal.sampling import Sampling
 
 
 @torch.no_grad()
@@ -67,7 +68,7 @@ def real_numbers() -> None:
             counts = []
 
             def run():
-                out = generate(model, tok, ps, max_new_tokens=new, batch_size=batch, **kw)
+                out = generate(model, tok, ps, **kw, sampling=Sampling(max_new_tokens=new, batch_size=batch))
                 counts.append(sum(len(c.token_ids) + (c.finish_reason == "stop") for c in out))
 
             t = timed(run, repeats=2)

@@ -29,6 +29,7 @@ from steer_heal.data import load_axis, load_contexts
 from steer_heal.dose import walk_dose
 from steer_heal.filter_report import FilterReport
 from steer_heal.filters import Perplexity, default_filter
+from steer_heal.sampling import Sampling
 
 
 def main() -> None:
@@ -60,10 +61,7 @@ def main() -> None:
     for i, coeff in enumerate(args.coeffs):
         prompts = [axis.prompts[(i * args.n + j) % len(axis.prompts)] for j in range(args.n)]
         t0 = time.perf_counter()
-        completions += generate(
-            model, tok, prompts, steering=vec, coeff=coeff, max_new_tokens=args.tokens, do_sample=True,
-            batch_size=args.batch_size, seed=args.seed + 100 * i, progress=False,
-        )  # fmt: skip
+        completions += generate(model, tok, prompts, steering=vec, coeff=coeff, seed=args.seed + 100 * i, progress=False, sampling=Sampling(max_new_tokens=args.tokens, do_sample=True, batch_size=args.batch_size))  # fmt: skip
         print(f"generated {args.n} at c={coeff:g} in {time.perf_counter() - t0:.1f} s", flush=True)
     lengths = [len(c.token_ids) for c in completions]
     record["completion_tokens"] = {"mean": statistics.fmean(lengths), "min": min(lengths), "max": max(lengths)}
@@ -90,8 +88,7 @@ def main() -> None:
 
     if args.walk:
         t0 = time.perf_counter()
-        dose = walk_dose(model, tok, vec, axis.prompts, default_filter(model, tok), c_min=1.0, c_max=16.0, steps=3,
-                         probe_size=8, max_new_tokens=64, batch_size=8, seed=args.seed)  # fmt: skip
+        dose = walk_dose(model, tok, vec, axis.prompts, default_filter(model, tok), c_min=1.0, c_max=16.0, steps=3, probe_size=8, seed=args.seed, sampling=Sampling(do_sample=True, max_new_tokens=64, batch_size=8))  # fmt: skip
         record["walk_s"] = time.perf_counter() - t0
         record["walk"] = dose.to_dict()
         print(f"\nwalk_dose ({record['walk_s']:.0f} s):\n{dose.table()}")

@@ -20,6 +20,7 @@ from steer_heal.data import load_contexts  # noqa: E402
 from steer_heal.model import hidden_size, n_layers, resolve_layers  # noqa: E402
 from steer_heal.slot import SteeringSlot  # noqa: E402
 from steer_heal.tiny import tiny_tokenizer  # noqa: E402
+from steer_heal.sampling import Sampling
 
 
 def main() -> None:
@@ -42,10 +43,10 @@ def main() -> None:
     def run(compiled, ctx=None, **kw):
         g0 = dynamo_graphs()
         if ctx is None:
-            out = generate(model, tok, prompts, max_new_tokens=24, compiled=compiled, **kw)
+            out = generate(model, tok, prompts, compiled=compiled, **kw, sampling=Sampling(max_new_tokens=24))
         else:
             with ctx:
-                out = generate(model, tok, prompts, max_new_tokens=24, compiled=compiled, **kw)
+                out = generate(model, tok, prompts, compiled=compiled, **kw, sampling=Sampling(max_new_tokens=24))
         return [c.token_ids for c in out], dynamo_graphs() - g0
 
     eager = {c: run(False, steering=vec, coeff=c)[0] for c in (0.0, 4.0, 8.0)}

@@ -28,6 +28,7 @@ from steer_heal.history import History
 from steer_heal.model import execution_device
 from steer_heal.regularizers import KLRev, SpectralNorm
 from steer_heal.tiny import tiny_tokenizer
+from steer_heal.sampling import Sampling
 
 SHAPES = {
     "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
@@ -76,7 +77,7 @@ def throughput(model, tok, vec, prompts, new, batch, repeats=3) -> float:
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
-        outs = generate(model, tok, prompts, steering=vec, coeff=2.0, max_new_tokens=new, batch_size=batch)
+        outs = generate(model, tok, prompts, steering=vec, coeff=2.0, sampling=Sampling(max_new_tokens=new, batch_size=batch))
         sync()
         best = max(best, sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
     return best
@@ -86,9 +87,9 @@ def one_heal_step(model, tok, completions, reg: str):
     history = History(model)
     regs = [KLRev(tau=0.0)] if reg == "klrev" else [SpectralNorm(lam=0.1)]
     try:
-        result = heal(model, tok, completions, regs, lora=LoraSettings(r=8, alpha=16),
+        result = heal(history, tok, completions, regs, lora=LoraSettings(r=8, alpha=16),
                       train=TrainSettings(epochs=1, batch_size=len(completions), lr=1e-3, seed=0, val_frac=0.0, max_steps=1),
-                      history=history, round=0)  # fmt: skip
+                      round=0)  # fmt: skip
         return result.steps[0], {k: v for k, v in result.adapter.state.items() if "lora_B" in k}
     finally:
         history.close()
@@ -124,8 +125,8 @@ def main() -> None:
     print(f"steered logits (hooks), split vs one device: rel {rel(got, want):.2e}")
     print(f"hook vs bias on the split model: rel {rel(baked, got):.2e}")
     prompts = [f"{c} Please answer briefly." for c in contexts] * (args.batch // len(contexts) or 1)
-    a = generate(single, tok, prompts, steering=vec, coeff=2.0, max_new_tokens=args.new, batch_size=args.batch)
-    b = generate(sharded, tok, prompts, steering=vec, coeff=2.0, max_new_tokens=args.new, batch_size=args.batch)
+    a = generate(single, tok, prompts, steering=vec, coeff=2.0, sampling=Sampling(max_new_tokens=args.new, batch_size=args.batch))
+    b = generate(sharded, tok, prompts, steering=vec, coeff=2.0, sampling=Sampling(max_new_tokens=args.new, batch_size=args.batch))
     print(f"steered greedy generation identical: {sum(x.token_ids == y.token_ids for x, y in zip(a, b))}/{len(a)}")
     # fixed texts: the random model's own tokens mostly fall outside the small tokenizer's vocabulary
     texts = [Completion(c, "Here is a short and careful answer to your question about it.", (), 2.0, "length") for c in contexts]
@@ -138,7 +139,7 @@ def main() -> None:
     probe = Vignettes(items=stratified_subset(load_vignettes(), 14))
     m_one, m_split = probe(single, tok).metrics, probe(sharded, tok).metrics
     print(f"vignettes, split vs one device: max abs metric diff {max(abs(m_one[k] - m_split[k]) for k in m_one):.2e}")
-    train = generate(single, tok, prompts[:4], steering=vec, coeff=2.0, max_new_tokens=16, do_sample=True, seed=0)
+    train = generate(single, tok, prompts[:4], steering=vec, coeff=2.0, seed=0, sampling=Sampling(max_new_tokens=16, do_sample=True))
     step_a, lora_a = one_heal_step(single, tok, train, "klrev")
     step_b, lora_b = one_heal_step(sharded, tok, train, "klrev")
     # Adam's first step is about lr * sign(grad): entries whose gradient is ~0 can flip on float noise

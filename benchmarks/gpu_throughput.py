@@ -29,6 +29,7 @@ from steer_heal.data import load_contexts
 from steer_heal.model import hidden_size, n_layers, resolve_layers
 from steer_heal.slot import SteeringSlot
 from steer_heal.tiny import tiny_tokenizer
+from steer_heal.sampling import Sampling
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -76,7 +77,7 @@ def timed_generate(model, tok, prompts, new, compiled, ctx_factory, batch):
     sync()
     start = time.perf_counter()
     with ctx_factory():
-        out = generate(model, tok, prompts, max_new_tokens=new, batch_size=batch, compiled=compiled, progress=False)
+        out = generate(model, tok, prompts, compiled=compiled, progress=False, sampling=Sampling(max_new_tokens=new, batch_size=batch))
     sync()
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) + (c.finish_reason == "stop") for c in out)

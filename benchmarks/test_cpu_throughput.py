@@ -19,6 +19,7 @@ from steer_heal import generate
 from steer_heal.data import load_contexts
 from steer_heal.extract import mean_difference
 from steer_heal.filters import Perplexity
+from steer_heal.sampling import Sampling
 
 NEW = 32
 VARIANTS = ["unsteered", "hooks 1 layer", "hooks all layers", "bias 1 layer", "bias all layers"]
@@ -33,7 +34,7 @@ def steering(name, vectors, model):
 
 
 def run_generation(model, tok, prompts):
-    out = generate(model, tok, prompts, max_new_tokens=NEW, batch_size=len(prompts), progress=False)
+    out = generate(model, tok, prompts, progress=False, sampling=Sampling(max_new_tokens=NEW, batch_size=len(prompts)))
     return sum(len(c.token_ids) + (c.finish_reason == "stop") for c in out)
 
 
@@ -81,7 +82,7 @@ def test_extraction(benchmark, bench_model, axis):
 
 def test_perplexity_filter(benchmark, bench_model, axis):
     model, tok = bench_model
-    completions = generate(model, tok, axis.prompts[:16], max_new_tokens=NEW, batch_size=16, progress=False)
+    completions = generate(model, tok, axis.prompts[:16], progress=False, sampling=Sampling(max_new_tokens=NEW, batch_size=16))
     flt = Perplexity(model, tok, batch_size=8)
     benchmark.group = "perplexity filter (16 completions)"
     benchmark.pedantic(lambda: flt(completions), rounds=2, iterations=1)

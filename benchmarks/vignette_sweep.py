@@ -23,7 +23,7 @@ from steer_heal.data import load_contexts
 from steer_heal.evaluate import (
     FOUNDATIONS,
     EvalResult,
-    Perplexity,
+    HeldOutPerplexity,
     TraitJudge,
     Vignettes,
     foundation_key,
@@ -190,7 +190,7 @@ def prompted(model, tok, bundled, think_full, record) -> None:
 def free_text(model, tok, vec, coeffs, record) -> None:
     """Judge score and neutral perplexity vs coefficient."""
     judge = TraitJudge("authority", max_new_tokens=48)
-    ppl = Perplexity()
+    ppl = HeldOutPerplexity()
     results: dict = {}
     log("\n#### free text vs coeff (judge: authority axis, 8 prompts, greedy 48 tokens)\n")
     log("| coeff | judge score [95% CI] | neutral ppl | sample |")

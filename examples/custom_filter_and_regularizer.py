@@ -1,9 +1,10 @@
 """A custom Filter and a custom Regularizer, plugged into `collect` and `heal`.
 
-A `Filter` is any callable mapping a list of `Completion`s to one `Verdict` each
-(`keep`, `scores`, `reasons`); combine it with the built-in ones through `AllOf`, which
-merges scores (the names must not clash) and concatenates the reasons, so `FilterReport`
-counts drops per filter by the text before the first ':' of each reason.
+A `Filter` is any callable with a `name` mapping a list of `Completion`s to one `Verdict`
+each (`keep`, `scores`, `reasons`); combine it with the built-in ones through `AllOf`, which
+merges scores (the names must not clash) and concatenates the reasons. A reason is a
+`Reason(filter, detail)` (a plain "name: detail" string is converted), so `FilterReport`
+counts drops per filter by `reason.filter`.
 
 A `Regularizer` is any object with `name`, `needs_reference`, `weight_decay` and
 `__call__(ctx: RegContext) -> Penalty`; `heal` adds every penalty's `loss` to the NLL and
@@ -26,14 +27,17 @@ import torch
 from steer_heal import Completion, SteeringVector, load_model
 from steer_heal.data import load_axis, load_contexts
 from steer_heal.dose import collect
-from steer_heal.filters import AllOf, Filter, Verdict, default_filter
+from steer_heal.filters import AllOf, Filter, Reason, Verdict, default_filter
 from steer_heal.heal import LoraSettings, TrainSettings, heal
 from steer_heal.history import History
 from steer_heal.regularizers import KLRev, Penalty, RegContext, Regularizer
+from steer_heal.sampling import Sampling
 
 
 class MinWords:
     """Drop completions shorter than `n` words (too short to carry the trait)."""
+
+    name = "min_words"
 
     def __init__(self, n: int = 12) -> None:
         self.n = n
@@ -42,7 +46,7 @@ class MinWords:
         verdicts = []
         for c in completions:
             words = len(c.text.split())
-            reasons = [] if words >= self.n else [f"min_words: {words} < {self.n}"]
+            reasons = [] if words >= self.n else [Reason(self.name, f"{words} < {self.n}")]
             verdicts.append(Verdict(keep=not reasons, scores={"words": float(words)}, reasons=reasons))
         return verdicts
 
@@ -81,12 +85,11 @@ def main() -> None:
     with History(model) as history:
         flt = AllOf(MinWords(args.min_words), *default_filter(history.base, tok, tau=args.ppl_tau).filters)
         assert isinstance(flt, Filter) and isinstance(AdapterL2(), Regularizer)  # the Protocols are runtime-checkable
-        got = collect(history.model, tok, vec, axis.prompts, flt, args.coeff, n_keep=args.n_keep, max_batches=4,
-                      max_new_tokens=args.max_new_tokens, batch_size=8)
+        got = collect(history.model, tok, vec, axis.prompts, flt, args.coeff, n_keep=args.n_keep, max_batches=4, sampling=Sampling(do_sample=True, max_new_tokens=args.max_new_tokens, batch_size=8))
         print(got.report.table(fmt="plain", samples=True))
 
-        result = heal(history.model, tok, got.kept, regularizers=[KLRev(), AdapterL2(args.lam)],
-                      lora=LoraSettings(r=8, alpha=16), train=TrainSettings(epochs=args.epochs), history=history)
+        result = heal(history, tok, got.kept, regularizers=[KLRev(), AdapterL2(args.lam)],
+                      lora=LoraSettings(r=8, alpha=16), train=TrainSettings(epochs=args.epochs))
         last = result.steps[-1]
         print(f"heal: {len(result.steps)} steps, last nll {last.nll:.3f}, "
               f"adapter_l2.sq_norm {last.extra['adapter_l2.sq_norm']:.4g}, "

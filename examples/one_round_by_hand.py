@@ -28,6 +28,7 @@ from steer_heal.filters import default_filter
 from steer_heal.heal import LoraSettings, TrainSettings, heal
 from steer_heal.history import History
 from steer_heal.regularizers import KLRev
+from steer_heal.sampling import Sampling
 
 
 def main() -> None:
@@ -57,12 +58,12 @@ def main() -> None:
 
         # 2-3. generate + filter: perplexity under the base model, whatever the student is now
         filt = default_filter(history.base, tok, tau=args.ppl_tau)
-        sampling = dict(max_new_tokens=args.max_new_tokens, batch_size=8)
+        sampling = Sampling(max_new_tokens=args.max_new_tokens, do_sample=True, batch_size=8)
         dose = walk_dose(history.model, tok, vec, axis.prompts, filt, target=args.target, steps=2, probe_size=8,
-                         seed=args.seed, **sampling)
+                         seed=args.seed, sampling=sampling)
         print(dose.table())
         kept = collect(history.model, tok, vec, axis.prompts, filt, dose.coeff, n_keep=args.n_keep, max_batches=4,
-                       seed=args.seed + 1, **sampling)
+                       seed=args.seed + 1, sampling=sampling)
         print(kept.report.table(fmt="plain"))
         print(f"kept {len(kept.kept)} of {len(kept.completions)} completions at coeff {dose.coeff:.3g}")
 
@@ -70,9 +71,9 @@ def main() -> None:
             stages["steered"] = probe(history.model, tok)
 
         # 4. heal: NLL on the kept completions + reverse-KL barrier (RMSE over positions) to `prev`
-        result = heal(history.model, tok, kept.kept, regularizers=[KLRev(lam=1.0, tau=0.5, agg="rmse")],
+        result = heal(history, tok, kept.kept, regularizers=[KLRev(lam=1.0, tau=0.5, agg="rmse")],
                       reference="prev", lora=LoraSettings(r=16, alpha=32),
-                      train=TrainSettings(epochs=args.epochs, seed=args.seed), history=history)
+                      train=TrainSettings(epochs=args.epochs, seed=args.seed))
         for e in result.epochs:
             print(f"heal epoch {e.epoch}: train nll {e.train_nll:.3f}" + ("" if e.val_nll is None else f", val nll {e.val_nll:.3f}"))
 

@@ -17,6 +17,7 @@ import textwrap
 
 from steer_heal import SteeringVector, generate, load_model
 from steer_heal.data import load_axis, load_contexts
+from steer_heal.sampling import Sampling
 
 
 def main() -> None:
@@ -37,8 +38,8 @@ def main() -> None:
     print(f"vector on layers {list(vec.layers)}, norms " + ", ".join(f"{n:.2f}" for n in vec.norms().values()))
 
     prompts = axis.prompts[: args.n_prompts]
-    plain = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens)
-    steered = generate(model, tok, prompts, steering=vec, coeff=args.coeff, max_new_tokens=args.max_new_tokens)
+    plain = generate(model, tok, prompts, sampling=Sampling(max_new_tokens=args.max_new_tokens))
+    steered = generate(model, tok, prompts, steering=vec, coeff=args.coeff, sampling=Sampling(max_new_tokens=args.max_new_tokens))
 
     for a, b in zip(plain, steered):
         print(f"\n> {a.prompt}")

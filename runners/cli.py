@@ -71,10 +71,11 @@ def extract(model_name, axis, pos, neg, contexts_file, n_contexts, layers, batch
 def steer(vector_file, model_name, prompts, coeff, system, max_new_tokens, how, sample, seed) -> None:
     """Print unsteered and steered completions side by side."""
     from steer_heal import SteeringVector, generate, load_model
+    from steer_heal.sampling import Sampling
 
     vec = SteeringVector.load(vector_file)
     model, tok = load_model(model_name or vec.model_id)
-    settings = dict(max_new_tokens=max_new_tokens, do_sample=sample, seed=seed, system=system)
+    settings = dict(sampling=Sampling(max_new_tokens=max_new_tokens, do_sample=sample), seed=seed, system=system)
     plain = generate(model, tok, list(prompts), **settings)
     steered = generate(model, tok, list(prompts), steering=vec, coeff=coeff, how=how, **settings)
     width = shutil.get_terminal_size((100, 20)).columns
@@ -183,7 +184,8 @@ def sweep(vector_file, model_name, axis, coeffs, items, mfv_dir, n_items, n, max
     from steer_heal.data import load_axis
     from steer_heal.filters import default_filter
     from steer_heal.loop import probes
-    from steer_heal.runlog import atomic_write_text
+    from steer_heal.io import atomic_write_text
+    from steer_heal.sampling import Sampling
     from steer_heal.sweep import dose_sweep, sweep_report
 
     try:
@@ -197,9 +199,7 @@ def sweep(vector_file, model_name, axis, coeffs, items, mfv_dir, n_items, n, max
     model, tok = load_model(model_name or vec.model_id)
     chosen = {k: replace(p, progress=True) for k, p in probes(RunConfig(eval=EvalSection(items=items, n_items=n_items, mfv_dir=mfv_dir or "")), seed).items()}
     start = time.perf_counter()
-    points = dose_sweep(model, tok, vec, doses, chosen, prompts=persona.prompts,
-                        filt=default_filter(model, tok, tau=ppl_tau, narration_patterns=persona.narration_patterns) if n else None,
-                        n=max(n, 1), max_new_tokens=max_new_tokens, sample_prompts=persona.sample_prompts[:3], seed=seed)  # fmt: skip
+    points = dose_sweep(model, tok, vec, doses, chosen, prompts=persona.prompts, filt=default_filter(model, tok, tau=ppl_tau, narration_patterns=persona.narration_patterns) if n else None, n=max(n, 1), sample_prompts=persona.sample_prompts[:3], seed=seed, sampling=Sampling(do_sample=True, max_new_tokens=max_new_tokens, batch_size=16))  # fmt: skip
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "sweep.json", json.dumps({"vector": vector_file, "axis": axis, "points": [p.to_dict() for p in points]}))

@@ -4,8 +4,7 @@ Data flows one way: model -> vector -> completions -> verdicts -> adapter -> his
 evaluation -> events.
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .model import load_model  # noqa: E402
 from .vector import SteeringVector  # noqa: E402
 from .generate import Completion, generate  # noqa: E402

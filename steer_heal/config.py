@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .sampling import Sampling
+from .vocab import Aggregation, ItemSet, Reference, RegName, choices
+
 
 @dataclass(frozen=True)
 class RunSection:
@@ -41,13 +44,9 @@ class DoseSection:
     multiples: list = field(default_factory=lambda: [1.0])  # collect at these multiples of the dose
 
 
-@dataclass(frozen=True)
-class GenerateSection:
-    max_new_tokens: int = 96
-    temperature: float = 1.0
-    top_p: float = 0.95
-    top_k: int = 64
-    batch_size: int = 16
+def _loop_sampling() -> Sampling:
+    """[generate]: how the dose walk and collect decode (sampled, so probes see variety)."""
+    return Sampling(max_new_tokens=96, do_sample=True, batch_size=16)
 
 
 @dataclass(frozen=True)
@@ -65,12 +64,12 @@ class FilterSection:
 
 @dataclass(frozen=True)
 class HealSection:
-    reg: str = "klrev"  # klrev | klfwd | nll | spectral
+    reg: str = "klrev"  # a `vocab.RegName`
     lam: float = 1.0
     tau: float = 0.5
-    agg: str = "rmse"
+    agg: str = "rmse"  # a `vocab.Aggregation`
     lam_round_pow: float = -0.5
-    reference: str = "prev"  # prev | base | last_good
+    reference: str = "prev"  # a `vocab.Reference`
     last_good_threshold: float | None = None  # coherence a round must clear to become last_good
     weight_decay: float = 0.0
     rank: int = 32
@@ -83,7 +82,7 @@ class HealSection:
 
 @dataclass(frozen=True)
 class EvalSection:
-    items: str = "bundled"  # bundled | mfv | both
+    items: str = "bundled"  # a `vocab.ItemSet`
     n_items: int = 0  # 0: all; else a stratified subset of this size
     think_tokens: int = 0  # measured on SmolLM2: thinking cost coherence (benchmarks/vignette_sweep.py)
     mfv_dir: str = ""  # where the public MFV JSONL files are (for items = mfv | both)
@@ -96,7 +95,7 @@ class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     extract: ExtractSection = field(default_factory=ExtractSection)
     dose: DoseSection = field(default_factory=DoseSection)
-    generate: GenerateSection = field(default_factory=GenerateSection)
+    generate: Sampling = field(default_factory=_loop_sampling)
     collect: CollectSection = field(default_factory=CollectSection)
     filter: FilterSection = field(default_factory=FilterSection)
     heal: HealSection = field(default_factory=HealSection)
@@ -109,15 +108,15 @@ class RunConfig:
         h, d, r = self.heal, self.dose, self.run
         checks = [
             (r.rounds >= 1, f"run.rounds must be >= 1, got {r.rounds}"),
-            (h.reg in ("klrev", "klfwd", "nll", "spectral"), f"heal.reg must be klrev|klfwd|nll|spectral, got {h.reg!r}"),
-            (h.agg in ("mean", "rmse", "p95", "max"), f"heal.agg must be mean|rmse|p95|max, got {h.agg!r}"),
-            (h.reference in ("prev", "base", "last_good"), f"heal.reference must be prev|base|last_good, got {h.reference!r}"),
+            (h.reg in choices(RegName), f"heal.reg must be {'|'.join(choices(RegName))}, got {h.reg!r}"),
+            (h.agg in choices(Aggregation), f"heal.agg must be {'|'.join(choices(Aggregation))}, got {h.agg!r}"),
+            (h.reference in choices(Reference), f"heal.reference must be {'|'.join(choices(Reference))}, got {h.reference!r}"),
             (h.reference != "last_good" or h.last_good_threshold is not None,
              "heal.reference = 'last_good' needs heal.last_good_threshold (the coherence a round must clear)"),
             (h.lam >= 0 and h.tau >= 0, f"heal.lam and heal.tau must be >= 0, got {h.lam} and {h.tau}"),
             (0 < d.target <= 1, f"dose.target must be in (0, 1], got {d.target}"),
             (0 < d.c_min < d.c_max, f"dose needs 0 < c_min < c_max, got {d.c_min} and {d.c_max}"),
-            (self.eval.items in ("bundled", "mfv", "both"), f"eval.items must be bundled|mfv|both, got {self.eval.items!r}"),
+            (self.eval.items in choices(ItemSet), f"eval.items must be {'|'.join(choices(ItemSet))}, got {self.eval.items!r}"),
             (0 <= self.eval.coherence_floor <= 1,
              f"eval.coherence_floor is a fraction of the base coherence in [0, 1], got {self.eval.coherence_floor}"),
             (0 < self.filter.tail <= 1, f"filter.tail must be in (0, 1], got {self.filter.tail}"),
@@ -172,7 +171,11 @@ def _merge(config: RunConfig, updates: dict[str, Any], where: str) -> RunConfig:
         for key, value in values.items():
             if key not in valid:
                 raise ValueError(f"{where}: unknown key {name}.{key}; valid keys: {', '.join(valid)}")
-        out = replace(out, **{name: replace(section, **_coerce(section, values, where, name))})
+        try:
+            updated = replace(section, **_coerce(section, values, where, name))
+        except ValueError as exc:  # a section that validates itself (e.g. Sampling)
+            raise ValueError(f"{where}: [{name}] {exc}") from None
+        out = replace(out, **{name: updated})
     return out
 
 

@@ -21,14 +21,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
-
 from torch import nn
 
 from .filter_report import FilterReport
-from .filters import Filter, Verdict
+from .filters import FilterLike, Verdict
 from .generate import Completion, generate
-from .vector import Number, SteeringVector
+from .sampling import SAMPLED, Sampling
+from .vector import SteeringVector
+from .vocab import Number, SteerHow
 
 
 class DoseError(RuntimeError):
@@ -88,12 +88,10 @@ def _check_prompts(prompts: Sequence[str]) -> None:
 def _sample(
     model: nn.Module, tok, vector: SteeringVector, prompts: list[str], coeff: float, seed: int, settings: dict
 ) -> list[Completion]:
-    return generate(
-        model, tok, prompts, steering=vector, coeff=coeff, do_sample=True, seed=seed, progress=False, **settings
-    )
+    return generate(model, tok, prompts, steering=vector, coeff=coeff, seed=seed, progress=False, **settings)
 
 
-def _filter(flt: Filter, completions: list[Completion]) -> list[Verdict]:
+def _filter(flt: FilterLike, completions: list[Completion]) -> list[Verdict]:
     verdicts = flt(completions)
     if len(verdicts) != len(completions):
         raise ValueError(f"filter {flt!r} returned {len(verdicts)} verdicts for {len(completions)} completions")
@@ -105,19 +103,15 @@ def walk_dose(
     tok,
     vector: SteeringVector,
     prompts: Sequence[str],
-    filter: Filter,
+    filter: FilterLike,
     target: Number = 0.75,
     c_min: Number = 0.25,
     c_max: Number = 4.0,
     steps: int = 4,
     probe_size: int = 16,
-    max_new_tokens: int = 64,
-    temperature: Number = 1.0,
-    top_p: Number = 0.95,
-    top_k: int = 64,
-    batch_size: int = 8,
+    sampling: Sampling = SAMPLED,
     system: str | None = None,
-    how: Literal["hooks", "bias"] = "hooks",
+    how: SteerHow = "hooks",
     seed: int = 0,
 ) -> DoseResult:
     """Bisect (log space) for the largest coefficient whose probe kept fraction >= target.
@@ -134,10 +128,9 @@ def walk_dose(
         raise ValueError(f"need 0 < c_min < c_max (finite; the search is in log space), got c_min={c_min}, c_max={c_max}")
     if steps < 0 or probe_size < 1:
         raise ValueError(f"steps must be >= 0 and probe_size >= 1, got {steps} and {probe_size}")
-    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    batch_size=batch_size, system=system, how=how)  # fmt: skip
+    settings = dict(sampling=sampling, system=system, how=how)
     # generate seeds batch b with seed + b: space the probes so no two batches share a seed
-    seeds_per_probe = math.ceil(probe_size / batch_size)
+    seeds_per_probe = math.ceil(probe_size / sampling.batch_size)
     probes: list[Probe] = []
 
     def probe(coeff: float) -> Probe:
@@ -175,19 +168,15 @@ def collect(
     tok,
     vector: SteeringVector,
     prompts: Sequence[str],
-    filter: Filter,
+    filter: FilterLike,
     coeff: Number,
     multiples: Sequence[Number] = (1.0,),
     n_keep: int = 64,
     max_batches: int = 32,
     min_keep: int = 1,
-    max_new_tokens: int = 64,
-    temperature: Number = 1.0,
-    top_p: Number = 0.95,
-    top_k: int = 64,
-    batch_size: int = 8,
+    sampling: Sampling = SAMPLED,
     system: str | None = None,
-    how: Literal["hooks", "bias"] = "hooks",
+    how: SteerHow = "hooks",
     seed: int = 0,
 ) -> Collection:
     """Generate at `coeff * m` for each multiple, `batch_size` prompts per batch (rotating
@@ -198,13 +187,13 @@ def collect(
         raise ValueError(f"coeff must be finite, got {coeff}")
     if not multiples or any(not (math.isfinite(m) and m > 0) for m in multiples):
         raise ValueError(f"multiples must be a non-empty list of finite numbers > 0, got {list(multiples)}")
-    if not 1 <= min_keep <= n_keep or max_batches < 1 or batch_size < 1:
+    if not 1 <= min_keep <= n_keep or max_batches < 1:
         raise ValueError(
-            f"need 1 <= min_keep <= n_keep, max_batches >= 1 and batch_size >= 1; got min_keep={min_keep}, "
-            f"n_keep={n_keep}, max_batches={max_batches}, batch_size={batch_size}"
+            f"need 1 <= min_keep <= n_keep and max_batches >= 1; got min_keep={min_keep}, "
+            f"n_keep={n_keep}, max_batches={max_batches}"
         )
-    settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                    batch_size=batch_size, system=system, how=how)  # fmt: skip
+    batch_size = sampling.batch_size
+    settings = dict(sampling=sampling, system=system, how=how)
     coeffs = [coeff * float(m) for m in multiples]
     completions: list[Completion] = []
     verdicts: list[Verdict] = []

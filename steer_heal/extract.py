@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .model import (
+    Depth,
     LayerSpec,
     chat_prompt,
     decoder_blocks,
@@ -28,12 +29,10 @@ from .model import (
     hidden_size,
     input_device,
     left_pad,
-    model_id,
     n_layers,
     pad_id,
     resolve_layers,
 )
-from .vector import SteeringVector
 
 
 class _Enough(Exception):
@@ -100,11 +99,14 @@ def mean_difference(
     pos: str,
     neg: str,
     contexts: Sequence[str],
-    layers: LayerSpec = (0.45, 0.55),
+    layers: LayerSpec = Depth(0.45, 0.55),
     batch_size: int = 8,
     progress: bool = False,
-) -> SteeringVector:
-    """The steering vector `mean(h(pos) - h(neg))` at the last prompt token, per layer."""
+) -> dict[int, Float[Tensor, " hidden"]]:
+    """The directions `mean(h(pos) - h(neg))` at the last prompt token, per layer (fp32, CPU).
+
+    `SteeringVector.from_persona_pair` wraps them with their provenance.
+    """
     if not contexts:
         raise ValueError("contexts is empty; pass a few hundred diverse user messages")
     if pos.strip() == neg.strip():
@@ -113,16 +115,4 @@ def mean_difference(
     texts = [chat_prompt(tok, context, system=persona) for persona in (pos, neg) for context in contexts]
     states = last_token_states(model, tok, texts, chosen, batch_size=batch_size, progress=progress)
     n = len(contexts)
-    directions = {
-        layer: (h[:n].double().mean(0) - h[n:].double().mean(0)).float() for layer, h in states.items()
-    }
-    return SteeringVector(
-        directions=directions,
-        hidden_size=hidden_size(model),
-        n_layers=n_layers(model),
-        model_id=model_id(model),
-        method="mean_diff",
-        pos=pos,
-        neg=neg,
-        extra={"n_contexts": str(n)},
-    )
+    return {layer: (h[:n].double().mean(0) - h[n:].double().mean(0)).float() for layer, h in states.items()}

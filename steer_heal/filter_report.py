@@ -23,9 +23,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .filters import PPL, Verdict, reason_name
+from .filters import PPL, Verdict
 from .generate import Completion
-from .vector import Number
+from .vocab import Number
 
 
 def _num(x: float | None) -> float | None:
@@ -78,14 +78,14 @@ class CoeffStats:
 def _stats(coeff: float, pairs: list[tuple[Completion, Verdict]], samples: int) -> CoeffStats:
     ppls = [v.scores[PPL] for _, v in pairs if PPL in v.scores]
     finite = [p for p in ppls if math.isfinite(p)]
-    drops = Counter(name for _, v in pairs for name in {reason_name(r) for r in v.reasons})
+    drops = Counter(name for _, v in pairs for name in {r.filter for r in v.reasons})
 
     def sample(c: Completion, v: Verdict) -> Sample:
         return Sample(c.prompt, c.text, v.scores.get(PPL), tuple(v.reasons))
 
     kept_ppl = sorted(((c, v) for c, v in pairs if v.keep and PPL in v.scores), key=lambda cv: -cv[1].scores[PPL])
     over = sorted(
-        ((c, v) for c, v in pairs if any(reason_name(r) == "perplexity" for r in v.reasons)),
+        ((c, v) for c, v in pairs if any(r.filter == "perplexity" for r in v.reasons)),
         key=lambda cv: cv[1].scores[PPL],
     )
     return CoeffStats(

@@ -18,7 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .model import chat_prompt, encode, input_device, left_pad, pad_id, stop_token_ids
-from .vector import Number, SteeringVector, check_coeff, steer
+from .runtime import seeded
+from .sampling import GREEDY, Sampling
+from .steering import steering_coeff
+from .vector import SteeringVector, check_coeff, steer
+from .vocab import Number, SteerHow
 
 
 @dataclass(frozen=True)
@@ -28,7 +32,7 @@ class Completion:
     prompt: str  # the user message
     text: str  # decoded completion, without the stop token
     token_ids: tuple[int, ...]  # completion tokens, without the stop token
-    coeff: float
+    coeff: float  # the steering actually active while it was made (`steering.steering_coeff`)
     finish_reason: Literal["stop", "length"]
     system: str | None = None
     prompt_text: str = ""  # the chat-formatted prompt the model saw
@@ -42,6 +46,10 @@ class Completion:
     def from_dict(cls, record: dict) -> Completion:
         return cls(**{**record, "token_ids": tuple(record["token_ids"])})
 
+    def formatted_prompt(self, tok) -> str:
+        """The chat-formatted prompt this completion answered (rebuilt if not recorded)."""
+        return self.prompt_text or chat_prompt(tok, self.prompt, system=self.system)
+
 
 def generate(
     model: nn.Module,
@@ -49,19 +57,18 @@ def generate(
     prompts: Sequence[str],
     steering: SteeringVector | None = None,
     coeff: Number = 0.0,
-    max_new_tokens: int = 64,
-    do_sample: bool = False,
-    temperature: Number = 1.0,
-    top_p: Number = 0.95,
-    top_k: int = 64,
-    batch_size: int = 8,
+    sampling: Sampling = GREEDY,
     seed: int = 0,
     system: str | None = None,
-    how: Literal["hooks", "bias"] = "hooks",
+    how: SteerHow = "hooks",
     progress: bool | None = None,
     compiled: bool = False,
 ) -> list[Completion]:
     """Generate one completion per prompt, steered by `coeff * steering` if given.
+
+    `sampling` says how to decode (greedy by default). Each completion records the
+    steering coefficient actually active (`Completion.coeff`): `coeff` when `steering` is
+    given, a `SteeringSlot`'s or a baked vector's coefficient when one is active, else 0.
 
     `compiled=True` decodes with a static KV cache, which transformers compiles on GPUs.
     torch's default (`skip_nnmodule_hook_guards=True`) lets a compiled graph silently keep
@@ -72,17 +79,14 @@ def generate(
     """
     from transformers import GenerationConfig
 
+    if isinstance(prompts, str):
+        raise ValueError("prompts must be a list of user messages, not one string; wrap it: [prompt]")
     if not prompts:
         raise ValueError("no prompts to generate from")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     coeff = check_coeff(coeff)
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     stops = stop_token_ids(model, tok)
-    settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id(tok), eos_token_id=stops)
-    if do_sample:
-        settings.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    settings = dict(sampling.hf_settings(), pad_token_id=pad_id(tok), eos_token_id=stops)
+    batch_size = sampling.batch_size
     if compiled:
         settings["cache_implementation"] = "static"
     config = GenerationConfig(**settings)
@@ -94,13 +98,12 @@ def generate(
     results: list[Completion | None] = [None] * len(texts)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     show = progress if progress is not None else len(batches) > 1
-    rng_devices = [device] if device.type == "cuda" else []
     guards = torch._dynamo.config.patch(skip_nnmodule_hook_guards=False) if compiled else nullcontext()
     with torch.inference_mode(), guards, steer(model, steering, coeff, how):
-        for index, rows in enumerate(tqdm(batches, desc=f"generate c={coeff:g}", disable=not show, leave=False)):
+        applied = steering_coeff(model)
+        for index, rows in enumerate(tqdm(batches, desc=f"generate c={applied:g}", disable=not show, leave=False)):
             ids, mask, _ = left_pad([token_lists[i] for i in rows], pad_id(tok), device)
-            with torch.random.fork_rng(devices=rng_devices):
-                torch.manual_seed(seed + index)
+            with seeded(seed + index, device):
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             for row, i in enumerate(rows):
                 new = out[row, ids.shape[1] :].tolist()
@@ -110,7 +113,7 @@ def generate(
                     prompt=prompts[i],
                     text=tok.decode(kept, skip_special_tokens=True),
                     token_ids=tuple(kept),
-                    coeff=coeff,
+                    coeff=applied,
                     finish_reason="length" if cut is None else "stop",
                     system=system,
                     prompt_text=texts[i],

@@ -1,18 +1,14 @@
 """Heal: distil kept completions into a fresh LoRA with a divergence barrier.
 
-Each completion becomes `prompt_ids + completion_ids (+ end_of_turn)`: the chat-formatted
-prompt (`Completion.prompt_text`, its special tokens included) encoded as is, the
-completion's own token ids (no special tokens added), and the end-of-turn token when the
-completion ended by stopping (`finish_reason == "stop"`; a completion cut at the token limit
-did not end, and teaching a stop there would teach stopping mid-sentence). The loss is
+Each completion becomes `prompt_ids + completion_ids (+ end_of_turn)` (`steer_heal.encoding`).
+The loss is
 
     L = (1/N) sum_{t in completion} -log p_student(x_t | x_<t)  +  sum_k R_k(ctx)
 
 over the N completion tokens of a micro-batch (token-weighted), with the regularisers R_k
-of `steer_heal.regularizers`. Only the completion positions reach the output head: a
-forward pre-hook on the head gathers their hidden states, so logits are `[N, vocab]` and
-never `[batch, seq, vocab]` (no work or memory spent on prompt and padding positions).
-Batches are left-padded with position ids counting real tokens.
+of `steer_heal.regularizers`. Log-probs come from the one engine, `steer_heal.logprobs`:
+only the completion positions reach the output head, so logits are `[N, vocab]` and never
+`[batch, seq, vocab]`. The adapter's shape comes from `LoraSettings` (`steer_heal.lora`).
 
 The adapter is peft LoRA with B = 0 at init, so the first step's student equals the
 reference `prev` exactly (KL = 0). The reference is the same weights with other adapters
@@ -35,73 +31,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import __version__
+from ._version import __version__
+from .encoding import context_length, encode_completions
 from .generate import Completion
-from .history import REFERENCES, Adapter, History, TrainSlot
-from .model import (
-    LayerSpec, chat_prompt, decoder_blocks, encode, end_of_turn_id, hidden_size, input_device, left_pad, model_id,
-    n_layers, pad_id, resolve_layers, unwrap,
-)
-from .regularizers import KLRev, Penalty, Real, RegContext, Regularizer
+from .history import Adapter, History, TrainSlot
+from .logprobs import Example, make_batch, nll_per_example, target_logprobs
+from .lora import LoraSettings
+from .model import hidden_size, input_device, model_id, n_layers, pad_id
+from .regularizers import KLRev, Penalty, RegContext, Regularizer
+from .runtime import eval_mode, seeded
+from .vocab import Number, Reference, Schedule, check_choice, choices
 
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """Which linears get a LoRA, and its rank and alpha (peft's scale is alpha / r)."""
-
-    r: int = 32
-    alpha: Real = 64.0
-    layers: LayerSpec = (0.2, 0.8)
-    targets: str | tuple[str, ...] = "all-linear"  # or leaf names, e.g. ("q_proj", "v_proj")
-
-    def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRA rank r must be an int >= 1, got {self.r!r}")
-        if not (math.isfinite(float(self.alpha)) and self.alpha > 0):
-            raise ValueError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
-        if isinstance(self.targets, str) and self.targets != "all-linear":
-            raise ValueError(f"targets must be 'all-linear' or a tuple of module names, got {self.targets!r}")
-
-    def target_names(self, model: nn.Module) -> list[str]:
-        """Full names of the linears to adapt inside the chosen decoder blocks."""
-        from peft.tuners.tuners_utils import BaseTunerLayer
-        from transformers.pytorch_utils import Conv1D
-
-        base = unwrap(model)
-        blocks = decoder_blocks(model)
-        where = {id(m): n for n, m in base.named_modules()}
-        names = []
-        for index in resolve_layers(self.layers, len(blocks)):
-            block_name = where[id(blocks[index])]
-            wrapped = [n for n, m in blocks[index].named_modules() if isinstance(m, BaseTunerLayer)]
-            for sub, module in blocks[index].named_modules():
-                if not sub or any(sub.startswith(w + ".") for w in wrapped):
-                    continue  # a LoRA layer's own pieces (base_layer, lora_A...) are not targets
-                if not isinstance(module, (nn.Linear, Conv1D, BaseTunerLayer)):
-                    continue
-                if self.targets == "all-linear" or sub.rsplit(".", 1)[-1] in self.targets:
-                    names.append(f"{block_name}.{sub}")
-        if not names:
-            raise ValueError(f"no linear layer named {self.targets!r} in layers {self.layers!r}; check LoraSettings.targets")
-        return names
-
-    def config(self, model: nn.Module):
-        from peft import LoraConfig
-        from transformers.pytorch_utils import Conv1D
-
-        names = self.target_names(model)
-        base = unwrap(model)
-        modules = dict(base.named_modules())
-        # GPT-2's Conv1D stores weights transposed; peft must know
-        conv = any(isinstance(getattr(modules[n], "base_layer", modules[n]), Conv1D) for n in names)
-        return LoraConfig(
-            r=self.r, lora_alpha=self.alpha, target_modules=names, lora_dropout=0.0, bias="none",
-            init_lora_weights=True, fan_in_fan_out=conv, task_type="CAUSAL_LM", base_model_name_or_path=model_id(model),
-        )
+__all__ = ["EpochLog", "HealDiverged", "HealResult", "LoraSettings", "StepLog", "TrainSettings", "heal"]
 
 
 @dataclass(frozen=True)
@@ -109,12 +53,12 @@ class TrainSettings:
     epochs: int = 6
     batch_size: int = 4
     grad_accum: int = 1
-    lr: Real = 1e-4
-    betas: tuple[Real, Real] = (0.9, 0.95)
-    warmup: Real = 0.1  # fraction of the optimiser steps
-    schedule: str = "cosine"  # cosine | linear | constant
-    clip: Real | None = 1.0
-    val_frac: Real = 1 / 8
+    lr: Number = 1e-4
+    betas: tuple[Number, Number] = (0.9, 0.95)
+    warmup: Number = 0.1  # fraction of the optimiser steps
+    schedule: str = "cosine"  # a `Schedule`
+    clip: Number | None = 1.0
+    val_frac: Number = 1 / 8
     seed: int = 42
     max_len: int | None = None  # tokens per sequence; None: the model's context length
     max_steps: int | None = None  # stop after this many optimiser steps
@@ -131,8 +75,7 @@ class TrainSettings:
             raise ValueError(f"TrainSettings.betas must be two numbers in [0, 1), got {self.betas!r}")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"TrainSettings.warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"TrainSettings.schedule must be cosine, linear or constant, got {self.schedule!r}")
+        check_choice("TrainSettings.schedule", self.schedule, Schedule)
         if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
             raise ValueError(f"TrainSettings.clip must be > 0 or None, got {self.clip!r}")
         if not 0 <= self.val_frac < 1:
@@ -198,105 +141,6 @@ class HealDiverged(RuntimeError):
         self.result = result
 
 
-# ---------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class Example:
-    ids: tuple[int, ...]
-    n_prompt: int  # ids[:n_prompt] is the prompt; the rest are trained-on targets
-
-
-def encode_completions(tok, completions: Sequence[Completion], max_len: int | None) -> tuple[list[Example], int]:
-    """Token ids per completion, truncated to `max_len`; returns (examples, number truncated)."""
-    eot = end_of_turn_id(tok)
-    examples, truncated = [], 0
-    for c in completions:
-        prompt = encode(tok, c.prompt_text or chat_prompt(tok, c.prompt, system=c.system))
-        body = list(c.token_ids) if c.token_ids else encode(tok, c.text)
-        if c.finish_reason == "stop":
-            body.append(eot)
-        if not prompt or not body:
-            continue  # nothing to predict (empty cut-off completion); counted by the caller
-        if max_len is not None and len(prompt) + len(body) > max_len:
-            truncated += 1
-            prompt = prompt[-(max_len - 1):] if len(prompt) >= max_len else prompt  # keep the assistant tag
-            body = body[: max_len - len(prompt)]
-        examples.append(Example(tuple(prompt + body), len(prompt)))
-    return examples, truncated
-
-
-@dataclass
-class Batch:
-    ids: Int[Tensor, "batch seq"]
-    attention: Int[Tensor, "batch seq"]
-    positions: Int[Tensor, "batch seq"]
-    mask: Bool[Tensor, "batch seq"]  # positions whose next token is a target
-    index: Int[Tensor, " n"]  # those positions, flattened row-major
-    targets: Int[Tensor, " n"]
-    rows: Int[Tensor, " n"]
-
-
-def make_batch(examples: Sequence[Example], pad: int, device: torch.device | str = "cpu") -> Batch:
-    ids, attention, positions = left_pad([e.ids for e in examples], pad, device)
-    width = ids.shape[1]
-    mask = torch.zeros_like(ids, dtype=torch.bool)
-    for row, e in enumerate(examples):
-        start = width - len(e.ids)
-        mask[row, start + e.n_prompt - 1 : width - 1] = True
-    index = mask.flatten().nonzero().squeeze(1)
-    shifted = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)  # next token at each position
-    return Batch(ids, attention, positions, mask, index, shifted.flatten()[index], index // width)
-
-
-def completion_logprobs(model: nn.Module, batch: Batch) -> Float[Tensor, "n vocab"]:
-    """Log-probs (fp32) at the batch's target positions, computed only there."""
-    head = unwrap(model).get_output_embeddings()
-    index = batch.index
-
-    def gather(module, args):
-        hidden = args[0]
-        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index.to(hidden.device))  # head may sit elsewhere
-        return (picked.unsqueeze(0), *args[1:])
-
-    handle = head.register_forward_pre_hook(gather)
-    try:
-        out = model(input_ids=batch.ids, attention_mask=batch.attention, position_ids=batch.positions, use_cache=False)
-    finally:
-        handle.remove()
-    logits = out.logits.reshape(-1, out.logits.shape[-1])
-    if logits.shape[0] != index.shape[0]:
-        raise ValueError("the model's output head did not see the gathered positions; unsupported forward")
-    return logits.float().log_softmax(-1).to(index.device)  # beside the targets, wherever the head ran
-
-
-def _nll_sum(model: nn.Module, examples: Sequence[Example], pad: int, batch_size: int) -> tuple[float, int]:
-    total, count = 0.0, 0
-    device = input_device(model)
-    with torch.no_grad():
-        for a in range(0, len(examples), batch_size):
-            batch = make_batch(examples[a : a + batch_size], pad, device)
-            logp = completion_logprobs(model, batch)
-            total += float(-logp.gather(1, batch.targets[:, None]).sum())
-            count += int(batch.targets.numel())
-    return total, count
-
-
-def _context_length(model: nn.Module, max_len: int | None) -> int | None:
-    context = getattr(unwrap(model).config, "max_position_embeddings", None)
-    limits = [x for x in (context, max_len) if isinstance(x, int)]
-    return min(limits) if limits else None
-
-
-def completion_nll(model: nn.Module, tok, completions: Sequence[Completion], batch_size: int = 8, max_len: int | None = None) -> float:
-    """Mean NLL per completion token (end-of-turn included) under the model as it runs now."""
-    examples, _ = encode_completions(tok, completions, _context_length(model, max_len))
-    if not examples:
-        raise ValueError("no completion tokens to score; pass non-empty completions")
-    total, count = _nll_sum(model, examples, pad_id(tok), batch_size)
-    return total / count
-
-
 # ---------------------------------------------------------------- the loop
 
 
@@ -317,23 +161,22 @@ class _NonFinite(Exception):
 
 
 def heal(
-    model: nn.Module,
+    target: History | nn.Module,
     tok,
     completions: Sequence[Completion],
     regularizers: Sequence[Regularizer] = (KLRev(),),
-    reference: str = "prev",
+    reference: str = "prev",  # a `Reference`: base | prev | last_good
     lora: LoraSettings = LoraSettings(),
     train: TrainSettings = TrainSettings(),
-    history: History | None = None,
     round: int | None = None,
     progress: bool | None = None,
 ) -> HealResult:
     """Train one round's adapter on `completions`; the model is left as it was.
 
-    With a `history` the adapter trains on top of its folded rounds and the reference is
-    taken from it; fold the result with `history.fold(result)`. Without one the reference
-    `prev` and `last_good` are the base model. `round` (default: rounds folded so far)
-    drives the barrier's lambda decay.
+    `target` is a `History`: the adapter trains on top of its folded rounds and the
+    reference is taken from it; fold the result with `history.fold(result)`. Or a plain
+    model: then `prev` and `last_good` are the base model. `round` (default: rounds folded
+    so far) drives the barrier's lambda decay.
     """
     completions = list(completions)
     if not completions:
@@ -342,14 +185,14 @@ def heal(
     for reg in regs:
         if not isinstance(reg, Regularizer):
             raise ValueError(f"{reg!r} is not a Regularizer (needs name, needs_reference, weight_decay and __call__)")
-    if reference not in REFERENCES:
-        raise ValueError(f"unknown reference {reference!r}; choose one of {', '.join(REFERENCES)}")
-    if history is not None and unwrap(model) is not history.model:
-        raise ValueError("model is not the History's model; pass history.model (or no history)")
+    if reference not in choices(Reference):
+        raise ValueError(f"unknown reference {reference!r}; choose one of {', '.join(choices(Reference))}")
+    history = target if isinstance(target, History) else None
     r = (len(history) if history is not None else 0) if round is None else round
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"round must be an int >= 0, got {round!r}")
-    max_len = _context_length(model, train.max_len)
+    model = history.model if history is not None else target
+    max_len = context_length(model, train.max_len)
     examples, truncated = encode_completions(tok, completions, max_len)
     if not examples:
         raise ValueError("every completion is empty and was cut at the token limit: nothing to train on")
@@ -361,18 +204,12 @@ def heal(
     hist = history if history is not None else History(model)
     try:
         student = hist.model
-        was_training = student.training
-        student.eval()  # no dropout: student and reference are the same deterministic network
-        device = input_device(student)
-        try:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(train.seed)
-                config = lora.config(student)
-                # enable_grad: a caller inside torch.no_grad() still gets a trained adapter
-                with hist.train_adapter(config) as slot, torch.enable_grad():
-                    return _train(hist, slot, tok, examples, regs, reference, train, r, truncated, progress)
-        finally:
-            student.train(was_training)
+        # no dropout: student and reference are the same deterministic network
+        with eval_mode(student), seeded(train.seed, input_device(student)):
+            config = lora.config(student)
+            # enable_grad: a caller inside torch.no_grad() still gets a trained adapter
+            with hist.train_adapter(config) as slot, torch.enable_grad():
+                return _train(hist, slot, tok, examples, regs, reference, train, r, truncated, progress)
     finally:
         if history is None:
             hist.close()
@@ -394,7 +231,7 @@ def _train(hist: History, slot: TrainSlot, tok, examples, regs, reference, train
     need_ref = any(reg.needs_reference for reg in regs)
     steps: list[StepLog] = []
     epochs: list[EpochLog] = []
-    val_start = _mean(*_nll_sum(model, val, pad, train.batch_size)) if val else None
+    val_start = _val_nll(model, val, pad, train.batch_size)
 
     def result() -> HealResult:
         meta = {
@@ -426,7 +263,7 @@ def _train(hist: History, slot: TrainSlot, tok, examples, regs, reference, train
                 run_sum, run_count = run_sum + log.nll * log.tokens, run_count + log.tokens
                 bar.update(1)
                 bar.set_postfix(nll=f"{log.nll:.3f}")
-            epochs.append(EpochLog(epoch, run_sum / run_count, _mean(*_nll_sum(model, val, pad, train.batch_size)) if val else None))
+            epochs.append(EpochLog(epoch, run_sum / run_count, _val_nll(model, val, pad, train.batch_size)))
     except _NonFinite as bad:
         raise HealDiverged(
             f"{bad.what} is not finite at step {bad.step}; stopped before applying it. The last good adapter "
@@ -438,8 +275,12 @@ def _train(hist: History, slot: TrainSlot, tok, examples, regs, reference, train
     return result()
 
 
-def _mean(total: float, count: int) -> float:
-    return total / count
+def _val_nll(model: nn.Module, val: Sequence[Example], pad: int, batch_size: int) -> float | None:
+    """Mean NLL per completion token of the held-out examples (None without any)."""
+    if not val:
+        return None
+    scored = nll_per_example(model, val, pad, batch_size)
+    return sum(t for t, _ in scored) / sum(c for _, c in scored)
 
 
 def _step(hist, slot, group, regs, reference, need_ref, train, r, pad, device, step, epoch, opt, sched) -> StepLog:
@@ -453,8 +294,8 @@ def _step(hist, slot, group, regs, reference, need_ref, train, r, pad, device, s
         ref = None
         if need_ref:
             with torch.no_grad(), hist.reference(reference):
-                ref = completion_logprobs(model, batch)
-        logp = completion_logprobs(model, batch)
+                ref = target_logprobs(model, batch)
+        logp = target_logprobs(model, batch)
         nll = -logp.gather(1, batch.targets[:, None]).mean()
         ctx = RegContext(logp, ref, batch.targets, batch.rows, batch.mask, r, slot.name, slot.modules, params)
         penalties: list[Penalty] = [reg(ctx) for reg in regs]

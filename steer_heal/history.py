@@ -44,24 +44,15 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import __version__
+from ._version import __version__
+from .io import atomic_write, atomic_write_text
+from .vocab import Reference, choices
 from .model import family_of, hidden_size, model_id, n_layers, unwrap
 
 FORMAT = "steer_heal.history/1"
-REFERENCES = ("base", "prev", "last_good")
+REFERENCES = choices(Reference)
 _CONFIG_FILE = "adapter_config.json"
 _WEIGHTS_FILE = "adapter_model.safetensors"
-
-
-def _write_atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 @dataclass(frozen=True)
@@ -81,12 +72,12 @@ class Adapter:
         staging = Path(tempfile.mkdtemp(prefix=".config-", dir=path))
         try:
             config.save_pretrained(str(staging))  # peft's own writer: the standard file
-            os.replace(staging / _CONFIG_FILE, path / _CONFIG_FILE)
+            atomic_write(path / _CONFIG_FILE, lambda tmp: shutil.copyfile(staging / _CONFIG_FILE, tmp))
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state.items()}
         meta = {"format": "pt", **{f"steer_heal.{k}": str(v) for k, v in self.meta.items()}}
-        _write_atomic(path / _WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
+        atomic_write(path / _WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
         return path
 
     @classmethod
@@ -393,7 +384,7 @@ class History:
             "n_good": self._n_good,
             "rounds": [{"name": r.name, "coherence": r.coherence} for r in self._rounds],
         }
-        _write_atomic(directory / "history.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+        atomic_write_text(directory / "history.json", json.dumps(record, indent=2))
         return directory
 
     @classmethod

@@ -1,4 +1,4 @@
-"""The distill-and-heal loop, as plain functions over the primitives (DESIGN.md steps 1-6).
+"""The distill-and-heal loop, as plain functions over the primitives (docs/method.md, steps 1-6).
 
     base, prompted  = evaluate(model), evaluate(model, persona as system prompt)
     for r in rounds:
@@ -31,12 +31,14 @@ from .dose import collect, walk_dose
 from .evaluate import EvalResult, Samples, Vignettes, load_mfv, load_vignettes, stratified_subset
 from .extract import last_token_states
 from .filters import default_filter
-from .heal import LoraSettings, TrainSettings, heal
+from .heal import TrainSettings, heal
 from .history import Adapter, History
+from .lora import LoraSettings
 from .model import chat_prompt, load_model, n_layers
-from .regularizers import NLL, KLFwd, KLRev, SpectralNorm, WeightDecay
+from .regularizers import NLL, KLFwd, KLRev, Regularizer, SpectralNorm, WeightDecay
 from .runlog import RunDir
 from .vector import SteeringVector
+from .vocab import RegName
 
 
 @dataclass
@@ -54,14 +56,16 @@ class Setup:
         return self.history.model
 
 
-def regularizers(config: RunConfig) -> list:
+def regularizers(config: RunConfig) -> list[Regularizer]:
+    """The config's main regulariser (one per `vocab.RegName`), plus weight decay if set."""
     h = config.heal
-    main = {
+    registry: dict[RegName, Any] = {
         "klrev": lambda: KLRev(lam=h.lam, tau=h.tau, agg=h.agg, lam_round_pow=h.lam_round_pow),
         "klfwd": lambda: KLFwd(lam=h.lam, tau=h.tau, agg=h.agg, lam_round_pow=h.lam_round_pow),
         "spectral": lambda: SpectralNorm(lam=h.lam),
         "nll": NLL,
-    }[h.reg]()
+    }
+    main = registry[h.reg]()
     return [main] + ([WeightDecay(wd=h.weight_decay)] if h.weight_decay > 0 else [])
 
 
@@ -140,9 +144,7 @@ def base_stage(config: RunConfig, s: Setup, run: RunDir) -> None:
 def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVector | None) -> dict[str, Any]:
     """Extract, dose, collect, steer-evaluate, heal, fold, evaluate: one round."""
     seed = config.run.seed * 1000 + r * 100  # every stochastic step of round r derives from this
-    g, d, c = config.generate, config.dose, config.collect
-    sampling = dict(max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k,
-                    batch_size=g.batch_size)  # fmt: skip
+    d, c = config.dose, config.collect
     t0 = time.perf_counter()
     vec = SteeringVector.from_persona_pair(s.model, s.tok, s.axis.pos, s.axis.neg, s.contexts,
                                            layers=config.extract.layers, batch_size=config.extract.batch_size)  # fmt: skip
@@ -153,10 +155,10 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
     filt = default_filter(s.history.base, s.tok, tau=config.filter.ppl_tau, tail=config.filter.tail,
                           narration_patterns=s.axis.narration_patterns)  # fmt: skip
     dose = walk_dose(s.model, s.tok, vec, s.axis.prompts, filt, target=d.target, c_min=d.c_min, c_max=d.c_max,
-                     steps=d.steps, probe_size=d.probe_size, seed=seed, **sampling)  # fmt: skip
+                     steps=d.steps, probe_size=d.probe_size, seed=seed, sampling=config.generate)  # fmt: skip
     run.log("dose", r, coeff=dose.coeff, probes=dose.to_dict()["probes"])
     kept = collect(s.model, s.tok, vec, s.axis.prompts, filt, dose.coeff, multiples=d.multiples, n_keep=c.n_keep,
-                   max_batches=c.max_batches, min_keep=c.min_keep, seed=seed + 50, **sampling)  # fmt: skip
+                   max_batches=c.max_batches, min_keep=c.min_keep, seed=seed + 50, sampling=config.generate)  # fmt: skip
     run.log("gen", r, coeff=dose.coeff, report=kept.report.to_dict(),
             completions=[{**x.to_dict(), "keep": v.keep, "reasons": v.reasons, "scores": v.scores}
                          for x, v in zip(kept.completions, kept.verdicts)])  # fmt: skip
@@ -170,10 +172,10 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
 
     t0 = time.perf_counter()
     h = config.heal
-    result = heal(s.model, s.tok, kept.kept, regularizers(config), reference=h.reference,
+    result = heal(s.history, s.tok, kept.kept, regularizers(config), reference=h.reference,
                   lora=LoraSettings(r=h.rank, alpha=h.alpha, layers=tuple(h.lora_layers)),
                   train=TrainSettings(epochs=h.epochs, batch_size=h.batch_size, lr=h.lr, seed=seed + 70),
-                  history=s.history, round=r)  # fmt: skip
+                  round=r)  # fmt: skip
     run.log("heal", r, n_train=result.n_train, n_val=result.n_val, seconds=result.seconds, val_nll_start=result.val_nll_start,
             epochs=[vars(e) for e in result.epochs], steps=[vars(x) for x in result.steps])  # fmt: skip
     s.history.fold(result)

@@ -116,32 +116,54 @@ def residual_writer(model: nn.Module, layer: int) -> nn.Module:
     return base_layer if isinstance(base_layer, nn.Module) else module
 
 
-LayerSpec = int | Sequence[int | float]  # ints, or a (lo, hi) pair of depth fractions
+@dataclass(frozen=True)
+class Depth:
+    """A band of decoder blocks given as fractions of depth, `0 <= lo <= hi <= 1`.
+
+    `Depth(0.45, 0.55)` of 30 blocks is blocks 13..16; `Depth(0.0, 1.0)` is every block.
+    Write it this way rather than as a bare pair: `(0, 1)` means blocks 0 and 1.
+    """
+
+    lo: float
+    hi: float
+
+    def __post_init__(self) -> None:
+        lo, hi = float(self.lo), float(self.hi)
+        if not (0.0 <= lo <= hi <= 1.0):
+            raise ValueError(f"depth fractions must satisfy 0 <= lo <= hi <= 1, got ({lo}, {hi})")
+        object.__setattr__(self, "lo", lo)
+        object.__setattr__(self, "hi", hi)
+
+    def blocks(self, n: int) -> tuple[int, ...]:
+        """`range(floor(lo * n), max(floor(lo * n) + 1, ceil(hi * n)))`, clipped to n blocks."""
+        start = min(math.floor(self.lo * n), n - 1)
+        stop = min(max(start + 1, math.ceil(self.hi * n)), n)
+        return tuple(range(start, stop))
+
+
+# a Depth band; an int or a list of ints (block indices, negative from the end); or a pair
+# of floats, read as Depth (TOML and the command line cannot carry the type)
+LayerSpec = int | Depth | Sequence[int | float]
 
 
 def resolve_layers(spec: LayerSpec, n: int) -> tuple[int, ...]:
     """Turn a layer spec into sorted, unique, non-negative block indices.
 
+    - `Depth(lo, hi)`, or a pair of floats `(lo, hi)`: the depth band (see `Depth.blocks`);
     - an int (negative counts from the end): one layer;
-    - a sequence of ints: those layers;
-    - a pair of floats `(lo, hi)` in [0, 1]: the depth band
-      `range(floor(lo * n), max(floor(lo * n) + 1, ceil(hi * n)))`, e.g. (0.45, 0.55) of 30
-      layers is 13..16.
+    - a sequence of ints: those layers.
     """
+    if isinstance(spec, Depth):
+        return spec.blocks(n)
     if isinstance(spec, bool):
-        raise ValueError(f"layer spec must be an int, a list of ints or a (lo, hi) depth fraction, not {spec!r}")
+        raise ValueError(f"layer spec must be an int, a list of ints or Depth(lo, hi), not {spec!r}")
     if isinstance(spec, int):
         spec = [spec]
     spec = list(spec)
     if not spec:
-        raise ValueError("layer spec is empty; pass e.g. (0.45, 0.55) or [13, 14]")
+        raise ValueError("layer spec is empty; pass e.g. Depth(0.45, 0.55) or [13, 14]")
     if len(spec) == 2 and all(isinstance(x, float) for x in spec):
-        lo, hi = spec
-        if not (0.0 <= lo <= hi <= 1.0):
-            raise ValueError(f"depth fractions must satisfy 0 <= lo <= hi <= 1, got ({lo}, {hi})")
-        start = min(math.floor(lo * n), n - 1)
-        stop = min(max(start + 1, math.ceil(hi * n)), n)
-        return tuple(range(start, stop))
+        return Depth(*spec).blocks(n)
     out = set()
     for x in spec:
         if isinstance(x, bool) or not isinstance(x, int):

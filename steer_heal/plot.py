@@ -14,7 +14,8 @@ from typing import Any
 
 from .data import load_axis
 from .evaluate import FOUNDATIONS, EvalResult, foundation_key, stage_table
-from .runlog import atomic_write_bytes, atomic_write_text, read_events
+from .io import atomic_write_bytes, atomic_write_text
+from .runlog import read_events
 
 COLOURS = {"base": "#444444", "prompted": "#8e44ad", "steered": "#e67e22", "healed": "#2980b9"}
 

@@ -39,8 +39,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-Real = float | int  # numeric settings accept ints (beartype does not widen int to float)
-AGGREGATIONS: tuple[str, ...] = ("mean", "rmse", "p95", "max")
+from .vocab import Aggregation, Number, choices
+
+AGGREGATIONS: tuple[str, ...] = choices(Aggregation)
 RMSE_EPS = 1e-6
 _CHUNK = 128  # rows of [n, vocab] processed at once, to bound temporaries
 
@@ -194,10 +195,10 @@ def barrier(per_row: Float[Tensor, " rows"], lam: float, tau: float) -> Float[Te
 
 @dataclass(frozen=True)
 class _KLBarrier:
-    lam: Real = 1.0
-    tau: Real = 0.5
-    agg: str = "rmse"  # one of AGGREGATIONS
-    lam_round_pow: Real = -0.5
+    lam: Number = 1.0
+    tau: Number = 0.5
+    agg: str = "rmse"  # an `Aggregation` (checked with its own message, not by the annotation)
+    lam_round_pow: Number = -0.5
     needs_reference: bool = field(default=True, init=False)
     weight_decay: float = field(default=0.0, init=False)
 
@@ -275,7 +276,7 @@ class NLL:
 class WeightDecay:
     """Decoupled weight decay on the adapter (an optimiser setting; adds no loss)."""
 
-    wd: Real = 0.01
+    wd: Number = 0.01
     name: str = field(default="weight_decay", init=False)
     needs_reference: bool = field(default=False, init=False)
 
@@ -310,7 +311,7 @@ def top_singular(
 class SpectralNorm:
     """`lam * mean over adapted modules of sigma_max(scale * B @ A)` (power iteration)."""
 
-    lam: Real = 1e-2
+    lam: Number = 1e-2
     n_iter: int = 3
     name: str = field(default="spectral_norm", init=False)
     needs_reference: bool = field(default=False, init=False)

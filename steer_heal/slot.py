@@ -23,7 +23,9 @@ import torch
 from torch import Tensor, nn
 
 from .model import decoder_blocks, hidden_size, n_layers
-from .vector import Number, SteeringVector, add_to_output, check_coeff, placement
+from .steering import AddDelta
+from .vector import SteeringVector, check_coeff, placement
+from .vocab import Number
 
 
 class SteeringSlot:
@@ -35,6 +37,7 @@ class SteeringSlot:
         self.model = model
         self.layers = tuple(sorted(set(layers)))
         self.deltas: dict[int, Tensor] = {}
+        self._hooks: list[AddDelta] = []
         self._stack: ExitStack | None = None
 
     def __enter__(self) -> SteeringSlot:
@@ -47,7 +50,9 @@ class SteeringSlot:
             for layer in self.layers:
                 device, dtype = placement(blocks[layer])
                 self.deltas[layer] = torch.zeros(size, device=device, dtype=dtype)
-                stack.callback(blocks[layer].register_forward_hook(add_to_output(self.deltas[layer])).remove)
+                hook = AddDelta(self.deltas[layer], 0.0, "slot")
+                self._hooks.append(hook)
+                stack.callback(blocks[layer].register_forward_hook(hook).remove)
         except BaseException:
             stack.close()
             raise
@@ -56,7 +61,7 @@ class SteeringSlot:
 
     def __exit__(self, *exc) -> None:
         stack, self._stack = self._stack, None
-        self.deltas = {}
+        self.deltas, self._hooks = {}, []
         if stack is not None:
             stack.close()
 
@@ -76,3 +81,5 @@ class SteeringSlot:
                 delta.zero_()
             else:
                 delta.copy_(coeff * vector.directions[layer])
+        for hook in self._hooks:  # what `steering.active_steering` reports
+            hook.coeff = 0.0 if vector is None else coeff

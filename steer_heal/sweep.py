@@ -10,7 +10,7 @@ coefficient c (c = 0, the unsteered model, is the reference every row is compare
 - greedy samples of a few prompts at c, to read next to the numbers.
 
 `operating_dose` picks the largest c whose coherence (the lowest over probes) stays at or
-above `floor` x the unsteered coherence: the dose beyond which the vector breaks the probe.
+above `coherence_floor` x the unsteered coherence: the dose beyond which the vector breaks the probe.
 It says nothing about whether the trait moved; read the profile for that.
 """
 
@@ -26,9 +26,11 @@ from torch import nn
 from .evaluate import EvalResult, Samples, Vignettes, foundation_key, stage_table
 from .evaluate.items import FOUNDATIONS
 from .filter_report import FilterReport
-from .filters import Filter
+from .filters import FilterLike
 from .generate import generate
-from .vector import Number, SteeringVector
+from .sampling import SAMPLED, Sampling
+from .vector import SteeringVector
+from .vocab import Number
 
 
 @dataclass(frozen=True)
@@ -55,14 +57,17 @@ def dose_sweep(
     coeffs: Sequence[Number],
     probes: Mapping[str, Vignettes],
     prompts: Sequence[str] = (),
-    filt: Filter | None = None,
+    filt: FilterLike | None = None,
     n: int = 16,
-    max_new_tokens: int = 64,
+    sampling: Sampling = SAMPLED,
     sample_prompts: Sequence[str] = (),
     seed: int = 0,
-    batch_size: int = 16,
 ) -> list[SweepPoint]:
-    """One `SweepPoint` per coefficient, in the order given (include 0 for the reference)."""
+    """One `SweepPoint` per coefficient, in the order given (include 0 for the reference).
+
+    `sampling` decodes the `n` filtered completions per dose; the greedy samples use its
+    `max_new_tokens`.
+    """
     if not coeffs or 0.0 not in [float(c) for c in coeffs]:
         raise ValueError(f"coeffs must include 0 (the unsteered reference), got {list(coeffs)}")
     if filt is not None and (n < 1 or not prompts):
@@ -75,11 +80,10 @@ def dose_sweep(
         c = float(c)
         with vec.apply(model, c):
             results = {name: probe(model, tok) for name, probe in probes.items()}
-            rows = Samples(sample_prompts, max_new_tokens=max_new_tokens)(model, tok).rows if sample_prompts else []
+            rows = Samples(sample_prompts, max_new_tokens=sampling.max_new_tokens)(model, tok).rows if sample_prompts else []
         row = None
         if filt is not None:  # generate steers inside the call; the filter then scores unsteered
-            outs = generate(model, tok, gen_prompts, steering=vec, coeff=c, max_new_tokens=max_new_tokens, do_sample=True,
-                            seed=seed, batch_size=batch_size)  # fmt: skip
+            outs = generate(model, tok, gen_prompts, steering=vec, coeff=c, sampling=sampling, seed=seed)
             row = FilterReport.from_verdicts(outs, filt(outs)).rows[0].to_dict()
         points.append(SweepPoint(c, results, row, [{"prompt": r["prompt"], "text": r["text"]} for r in rows]))
     return points
@@ -89,10 +93,11 @@ def _coherence(point: SweepPoint) -> float:
     return min(r.metrics["coherence"] for r in point.results.values())
 
 
-def operating_dose(points: Sequence[SweepPoint], floor: float = 0.95) -> float:
-    """The largest coefficient whose coherence is >= floor x the coherence at c = 0."""
+def operating_dose(points: Sequence[SweepPoint], coherence_floor: float = 0.95) -> float:
+    """The largest coefficient whose coherence is >= coherence_floor x the coherence at c = 0."""
+    floor = coherence_floor
     if not 0 < floor <= 1:
-        raise ValueError(f"floor is a fraction of the unsteered coherence in (0, 1], got {floor}")
+        raise ValueError(f"coherence_floor is a fraction of the unsteered coherence in (0, 1], got {floor}")
     reference = next((p for p in points if p.coeff == 0.0), None)
     if reference is None:
         raise ValueError("the sweep has no c = 0 point to compare coherence with")
@@ -120,9 +125,10 @@ def profile_table(points: Sequence[SweepPoint], probe: str) -> str:
     return "\n".join(lines)
 
 
-def sweep_report(points: Sequence[SweepPoint], target: str, direction: int, floor: float = 0.95) -> str:
+def sweep_report(points: Sequence[SweepPoint], target: str, direction: int, coherence_floor: float = 0.95) -> str:
     """Markdown: per probe the profile and the paired stage table vs c = 0; then samples."""
     stages = {p.coeff: p for p in sorted(points, key=lambda p: p.coeff)}
+    floor = coherence_floor
     parts = [f"Operating dose (coherence >= {floor:g} x unsteered): c = {operating_dose(points, floor):g}"]
     for probe in points[0].results:
         parts.append(f"### {probe}: profile (nats) and filter\n\n{profile_table(points, probe)}")

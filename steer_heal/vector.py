@@ -18,8 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,11 +29,23 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import __version__
-from .model import decoder_blocks, execution_device, hidden_size, model_id, n_layers, residual_writer
+from ._version import __version__
+from .io import atomic_write
+from .extract import mean_difference
+from .model import (
+    Depth,
+    LayerSpec,
+    decoder_blocks,
+    execution_device,
+    hidden_size,
+    model_id,
+    n_layers,
+    residual_writer,
+)
+from .steering import BAKED_ATTR, AddDelta, Baked
+from .vocab import Number, SteerHow, check_choice
 
 FORMAT = "steer_heal.vector/1"
-Number = float | int  # beartype, unlike PEP 484, does not let an int pass as a float
 
 
 def check_coeff(coeff: Number) -> float:
@@ -53,17 +64,6 @@ def block_param(block: nn.Module) -> Tensor:
 def placement(block: nn.Module) -> tuple[torch.device, torch.dtype]:
     """Where a block computes and in which dtype (offloaded weights sit on "meta" until used)."""
     return execution_device(block), block_param(block).dtype
-
-
-def add_to_output(delta: Tensor):
-    """A forward hook adding `delta` to a block's hidden-state output (tensor or tuple)."""
-
-    def hook(module: nn.Module, args, output):
-        if isinstance(output, tuple):
-            return (output[0] + delta, *output[1:])
-        return output + delta
-
-    return hook
 
 
 @dataclass(frozen=True)
@@ -96,13 +96,28 @@ class SteeringVector:
 
     @classmethod
     def from_persona_pair(
-        cls, model: nn.Module, tok, pos: str, neg: str, contexts, layers=(0.45, 0.55), batch_size: int = 8,
+        cls,
+        model: nn.Module,
+        tok,
+        pos: str,
+        neg: str,
+        contexts: Sequence[str],
+        layers: LayerSpec = Depth(0.45, 0.55),
+        batch_size: int = 8,
         progress: bool = False,
     ) -> SteeringVector:
-        """Extract the mean-difference vector of a persona pair (see `steer_heal.extract`)."""
-        from .extract import mean_difference  # extract builds on this module, not the reverse
-
-        return mean_difference(model, tok, pos, neg, contexts, layers=layers, batch_size=batch_size, progress=progress)
+        """The mean-difference vector of a persona pair (the math is in `steer_heal.extract`)."""
+        directions = mean_difference(model, tok, pos, neg, contexts, layers=layers, batch_size=batch_size, progress=progress)
+        return cls(
+            directions=directions,
+            hidden_size=hidden_size(model),
+            n_layers=n_layers(model),
+            model_id=model_id(model),
+            method="mean_diff",
+            pos=pos,
+            neg=neg,
+            extra={"n_contexts": str(len(contexts))},
+        )
 
     # ------------------------------------------------------------ algebra
 
@@ -147,13 +162,6 @@ class SteeringVector:
         b = torch.cat([other.directions[layer] for layer in shared]).double()
         return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
 
-    def cosine_per_layer(self, other: SteeringVector) -> dict[int, float]:
-        return {
-            layer: float(torch.nn.functional.cosine_similarity(v.double(), other.directions[layer].double(), dim=0))
-            for layer, v in self.directions.items()
-            if layer in other.directions
-        }
-
     # ------------------------------------------------------------ running it
 
     def check_compatible(self, model: nn.Module) -> None:
@@ -179,7 +187,7 @@ class SteeringVector:
             for layer, v in self.directions.items():
                 device, dtype = placement(blocks[layer])  # each layer's delta lives on that layer's device
                 delta = (coeff * v).to(device=device, dtype=dtype)
-                handle = blocks[layer].register_forward_hook(add_to_output(delta))
+                handle = blocks[layer].register_forward_hook(AddDelta(delta, coeff, "hooks"))
                 stack.callback(handle.remove)
             yield model
 
@@ -195,7 +203,7 @@ class SteeringVector:
                     raise ValueError(f"bake cannot fold into layer {layer}: its weights are offloaded (on 'meta' until the "
                                      "forward); use apply(), or load the model without disk/CPU offload")  # fmt: skip
                 delta = (coeff * v).to(device=linear.weight.device, dtype=linear.weight.dtype)
-                stack.callback(_add_bias(linear, delta))
+                stack.callback(_add_bias(linear, delta, coeff))
             yield model
 
     # ------------------------------------------------------------ files
@@ -215,19 +223,9 @@ class SteeringVector:
         }
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write safetensors atomically (temp file + rename) with the provenance in metadata."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write safetensors atomically (`steer_heal.io`) with the provenance in metadata."""
         tensors = {f"layer.{layer}": v.contiguous() for layer, v in self.directions.items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=self.metadata())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SteeringVector:
@@ -259,14 +257,25 @@ class SteeringVector:
             raise ValueError(f"{path} has incomplete vector metadata (missing {exc}); re-save it") from None
 
 
-def _add_bias(linear: nn.Module, delta: Tensor):
-    """Add `delta` to `linear`'s bias (creating a zero bias if absent); return the undo."""
+def _add_bias(linear: nn.Module, delta: Tensor, coeff: float):
+    """Add `delta` to `linear`'s bias (creating a zero bias if absent) and tag the linear
+    as baked (`steer_heal.steering`); return the undo."""
     old = linear.bias
+    tags = getattr(linear, BAKED_ATTR, ())
+    setattr(linear, BAKED_ATTR, (*tags, Baked(coeff)))
+
+    def untag() -> None:
+        if tags:
+            setattr(linear, BAKED_ATTR, tags)
+        else:
+            delattr(linear, BAKED_ATTR)
+
     if old is None:
         linear.bias = nn.Parameter(delta.clone(), requires_grad=False)
 
         def undo() -> None:
             linear.bias = None
+            untag()
 
         return undo
     saved = old.detach().clone()
@@ -276,6 +285,7 @@ def _add_bias(linear: nn.Module, delta: Tensor):
     def restore() -> None:
         with torch.no_grad():
             old.copy_(saved)
+        untag()
 
     return restore
 
@@ -283,8 +293,7 @@ def _add_bias(linear: nn.Module, delta: Tensor):
 @contextmanager
 def steer(model: nn.Module, vector: SteeringVector | None, coeff: Number, how: str = "hooks") -> Iterator[nn.Module]:
     """Steer with `vector` if given (hooks or bias), else run the model as it is."""
-    if how not in ("hooks", "bias"):
-        raise ValueError(f"steering mode must be 'hooks' or 'bias', got {how!r}")
+    check_choice("steering mode", how, SteerHow)
     if vector is None:
         yield model
         return

@@ -2,7 +2,7 @@
 
 import pytest
 
-from steer_heal.babble import Babble, babble_scores
+from steer_heal.filters.babble import Babble, babble_scores
 from steer_heal.filters import reason_name
 from steer_heal.generate import Completion
 

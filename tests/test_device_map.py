@@ -16,6 +16,7 @@ from steer_heal.model import chat_prompt, execution_device, input_device
 from steer_heal.regularizers import KLRev
 from steer_heal.slot import SteeringSlot
 from steer_heal.tiny import tiny_model
+from steer_heal.sampling import Sampling
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -54,8 +55,8 @@ def test_extract_apply_generate_slot_match_the_plain_model(plain_and_dispatched)
             slot.set(vec, 4.0)
             from_slot = model(ids).logits
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-6) and torch.allclose(from_slot, want, rtol=1e-5, atol=1e-6)
-    a = generate(plain, tok, ["hello", "hi there"], steering=vec, coeff=4.0, max_new_tokens=6)
-    b = generate(model, tok, ["hello", "hi there"], steering=vec, coeff=4.0, max_new_tokens=6)
+    a = generate(plain, tok, ["hello", "hi there"], steering=vec, coeff=4.0, sampling=Sampling(max_new_tokens=6))
+    b = generate(model, tok, ["hello", "hi there"], steering=vec, coeff=4.0, sampling=Sampling(max_new_tokens=6))
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
     verdicts = [default_filter(m, tok, tau=1e9)(a) for m in (plain, model)]
     assert [v.scores[PPL] for v in verdicts[0]] == pytest.approx([v.scores[PPL] for v in verdicts[1]], rel=1e-5)
@@ -70,7 +71,7 @@ def test_bake_and_heal_refuse_offloaded_layers(plain_and_dispatched):
         with vec.bake(model, 1.0):
             pass
     assert model.model.layers[1].mlp.down_proj.bias is None  # nothing left half-done
-    outs = generate(plain, tok, ["hello", "hi there"] * 2, max_new_tokens=4)
+    outs = generate(plain, tok, ["hello", "hi there"] * 2, sampling=Sampling(max_new_tokens=4))
     with pytest.raises(ValueError, match=r"offloaded layers \(model.embed_tokens, model.layers.1, model.layers.2\)"):
-        heal(model, tok, outs, [KLRev()], lora=LoraSettings(r=2, alpha=4), train=TrainSettings(epochs=1, batch_size=2),
-             history=History(model), round=0)  # fmt: skip
+        heal(History(model), tok, outs, [KLRev()], lora=LoraSettings(r=2, alpha=4),
+             train=TrainSettings(epochs=1, batch_size=2), round=0)  # fmt: skip

@@ -9,10 +9,11 @@ import torch
 
 from steer_heal.dose import Collection, DoseError, DoseResult, collect, walk_dose
 from steer_heal.filters import Verdict
+from steer_heal.sampling import Sampling
 from steer_heal.vector import SteeringVector
 
 POOL = [f"Question number {i}: should I follow the rule?" for i in range(7)]
-FAST = dict(max_new_tokens=2, batch_size=4)
+FAST = dict(sampling=Sampling(do_sample=True, max_new_tokens=2, batch_size=4))
 
 
 class KeepBelow:

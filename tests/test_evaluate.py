@@ -15,7 +15,7 @@ from steer_heal.evaluate import (
     FOUNDATIONS,
     EvalResult,
     Evaluator,
-    Perplexity,
+    HeldOutPerplexity,
     Samples,
     Vignette,
     Vignettes,
@@ -389,7 +389,7 @@ def test_judge_bad_input(judge, tmp_path):
 def test_perplexity_matches_unpadded_reference(llama):
     model, tok = llama
     texts = load_paragraphs()[:3]
-    result = Perplexity(texts, max_tokens=64, batch_size=3)(model, tok)
+    result = HeldOutPerplexity(texts, max_tokens=64, batch_size=3)(model, tok)
     total, count = 0.0, 0
     with torch.inference_mode():
         for text in texts:
@@ -409,7 +409,7 @@ def test_samples_and_text_bad_input(llama):
     with pytest.raises(ValueError, match="at least one prompt"):
         Samples([])
     with pytest.raises(ValueError, match="non-empty texts"):
-        Perplexity(["ok", "  "])
+        HeldOutPerplexity(["ok", "  "])
 
 
 # ---------------------------------------------------------------- the embedded model

@@ -4,6 +4,7 @@ import torch
 from steer_heal import SteeringVector, generate
 from steer_heal.extract import last_token_states, mean_difference
 from steer_heal.model import chat_prompt, decoder_blocks, encode, hidden_size
+from steer_heal.sampling import Sampling
 
 POS = "You are someone who looks after others' wellbeing even when it means defying authority."
 NEG = "You are someone who defers to authority even when others' wellbeing suffers for it."
@@ -89,9 +90,9 @@ def test_real_model_vector_changes_greedy_output_at_coeff_1_not_0(smollm2):
     vec = SteeringVector.from_persona_pair(model, tok, pos=POS, neg=NEG, contexts=load_contexts()[:32])
     assert vec.layers == (13, 14, 15, 16)
     prompts = ["My boss told me to hide a safety problem from the customers. What should I do?"]
-    vanilla = generate(model, tok, prompts, max_new_tokens=24)
-    zero = generate(model, tok, prompts, steering=vec, coeff=0.0, max_new_tokens=24)
-    one = generate(model, tok, prompts, steering=vec, coeff=1.0, max_new_tokens=24)
+    vanilla = generate(model, tok, prompts, sampling=Sampling(max_new_tokens=24))
+    zero = generate(model, tok, prompts, steering=vec, coeff=0.0, sampling=Sampling(max_new_tokens=24))
+    one = generate(model, tok, prompts, steering=vec, coeff=1.0, sampling=Sampling(max_new_tokens=24))
     assert zero[0].token_ids == vanilla[0].token_ids
     assert one[0].token_ids != vanilla[0].token_ids
     assert load_axis("authority").pos == POS

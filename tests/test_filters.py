@@ -104,10 +104,10 @@ def test_ngram_share_exact():
     words = "a b c a b c a b c a b c".split()  # 12 words, period 3
     assert ngram_share(words, 2) == 4 / 11
     assert ngram_share(words, 3) == 4 / 10
-    assert ngram_share(words, 4) == 3 / 10  # 9 four-grams, below the floor of 10
-    assert ngram_share(words, 4, floor=1) == 3 / 9
+    assert ngram_share(words, 4) == 3 / 10  # 9 four-grams, below min_ngrams = 10
+    assert ngram_share(words, 4, min_ngrams=1) == 3 / 9
     assert ngram_share(["a"], 2) == 0.0
-    with pytest.raises(ValueError, match="n and floor"):
+    with pytest.raises(ValueError, match="n and min_ngrams"):
         ngram_share(words, 0)
 
 
@@ -205,7 +205,7 @@ class Spy:
     """Records how many completions it scored; drops the ones containing `word`."""
 
     def __init__(self, word: str, key: str) -> None:
-        self.word, self.key, self.seen = word, key, 0
+        self.word, self.key, self.seen, self.name = word, key, 0, key
 
     def __call__(self, completions):
         self.seen += len(completions)

@@ -4,6 +4,7 @@ import torch
 from steer_heal import Completion, SteeringVector, generate
 from steer_heal.model import chat_prompt, encode, hidden_size, n_layers
 from steer_heal.tiny import tiny_model
+from steer_heal.sampling import Sampling
 
 PROMPTS = ["hi", "tell me a story about the fox", "What matters more, rules or people?", "ok", "Please write a note."]
 
@@ -21,8 +22,8 @@ def big_vector(model, scale=4.0, layers=(1, 2)):
 def test_greedy_batched_equals_unbatched(family):
     model, tok = tiny_model(family)
     vec = big_vector(model, scale=0.5)
-    batched = generate(model, tok, PROMPTS, steering=vec, coeff=1.0, max_new_tokens=12, batch_size=5)
-    single = generate(model, tok, PROMPTS, steering=vec, coeff=1.0, max_new_tokens=12, batch_size=1)
+    batched = generate(model, tok, PROMPTS, steering=vec, coeff=1.0, sampling=Sampling(max_new_tokens=12, batch_size=5))
+    single = generate(model, tok, PROMPTS, steering=vec, coeff=1.0, sampling=Sampling(max_new_tokens=12, batch_size=1))
     assert [c.token_ids for c in batched] == [c.token_ids for c in single]
     assert [c.prompt for c in batched] == PROMPTS  # order kept despite length sorting
 
@@ -30,7 +31,7 @@ def test_greedy_batched_equals_unbatched(family):
 def test_coeff_zero_equals_vanilla_generate(llama):
     model, tok = llama
     vec = big_vector(model)
-    steered = generate(model, tok, PROMPTS[:2], steering=vec, coeff=0.0, max_new_tokens=10, batch_size=1)
+    steered = generate(model, tok, PROMPTS[:2], steering=vec, coeff=0.0, sampling=Sampling(max_new_tokens=10, batch_size=1))
     for completion, prompt in zip(steered, PROMPTS[:2]):
         ids = torch.tensor([encode(tok, chat_prompt(tok, prompt))])
         out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
@@ -43,9 +44,9 @@ def test_coeff_zero_equals_vanilla_generate(llama):
 def test_steering_changes_output_and_bias_equals_hooks(llama):
     model, tok = llama
     vec = big_vector(model)
-    plain = generate(model, tok, PROMPTS, max_new_tokens=10)
-    hooks = generate(model, tok, PROMPTS, steering=vec, coeff=2.0, max_new_tokens=10, how="hooks")
-    bias = generate(model, tok, PROMPTS, steering=vec, coeff=2.0, max_new_tokens=10, how="bias")
+    plain = generate(model, tok, PROMPTS, sampling=Sampling(max_new_tokens=10))
+    hooks = generate(model, tok, PROMPTS, steering=vec, coeff=2.0, how="hooks", sampling=Sampling(max_new_tokens=10))
+    bias = generate(model, tok, PROMPTS, steering=vec, coeff=2.0, how="bias", sampling=Sampling(max_new_tokens=10))
     assert [c.token_ids for c in hooks] != [c.token_ids for c in plain]
     assert [c.token_ids for c in hooks] == [c.token_ids for c in bias]
     assert all(c.coeff == 2.0 for c in hooks)
@@ -55,17 +56,17 @@ def test_sampling_reproducible_and_rng_untouched(llama):
     model, tok = llama
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    a = generate(model, tok, PROMPTS, do_sample=True, max_new_tokens=12, seed=7, batch_size=2)
+    a = generate(model, tok, PROMPTS, seed=7, sampling=Sampling(do_sample=True, max_new_tokens=12, batch_size=2))
     assert torch.equal(torch.get_rng_state(), before)
-    b = generate(model, tok, PROMPTS, do_sample=True, max_new_tokens=12, seed=7, batch_size=2)
-    c = generate(model, tok, PROMPTS, do_sample=True, max_new_tokens=12, seed=8, batch_size=2)
+    b = generate(model, tok, PROMPTS, seed=7, sampling=Sampling(do_sample=True, max_new_tokens=12, batch_size=2))
+    c = generate(model, tok, PROMPTS, seed=8, sampling=Sampling(do_sample=True, max_new_tokens=12, batch_size=2))
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
     assert [x.token_ids for x in a] != [x.token_ids for x in c]
 
 
 def test_finish_reason_and_record_round_trip(llama):
     model, tok = llama
-    out = generate(model, tok, ["hi"], max_new_tokens=5, system="You are kind.")[0]
+    out = generate(model, tok, ["hi"], system="You are kind.", sampling=Sampling(max_new_tokens=5))[0]
     assert out.finish_reason in ("stop", "length")
     assert out.prompt_text == chat_prompt(tok, "hi", system="You are kind.")
     assert len(out.token_ids) <= 5 and tok.eos_token_id not in out.token_ids
@@ -82,7 +83,7 @@ def test_stop_token_ends_completion(llama):
     handle = model.lm_head.register_forward_hook(lambda m, a, out: out + bias)
     try:
         bias[eos] = 1e4
-        out = generate(model, tok, ["hi"], max_new_tokens=8)[0]
+        out = generate(model, tok, ["hi"], sampling=Sampling(max_new_tokens=8))[0]
     finally:
         handle.remove()
     assert out.finish_reason == "stop" and out.token_ids == () and out.text == ""
@@ -93,12 +94,15 @@ def test_stop_token_ends_completion(llama):
     [
         (dict(prompts=[]), "no prompts"),
         (dict(coeff=float("nan")), "coeff must be a finite number"),
-        (dict(batch_size=0), "batch_size and max_new_tokens must be >= 1"),
+        (dict(batch_size=0), "batch_size, max_new_tokens and top_k must be >= 1"),
         (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
+        (dict(prompts="hello"), "not one string"),
     ],
 )
 def test_generate_bad_input(llama, kwargs, message):
     model, tok = llama
-    args = dict(prompts=["hi"], steering=big_vector(model), max_new_tokens=2) | kwargs
+    sampling_keys = {"batch_size", "do_sample", "temperature", "max_new_tokens"}
+    settings = {"max_new_tokens": 2} | {k: v for k, v in kwargs.items() if k in sampling_keys}
+    args = dict(prompts=["hi"], steering=big_vector(model)) | {k: v for k, v in kwargs.items() if k not in sampling_keys}
     with pytest.raises(ValueError, match=message):
-        generate(model, tok, **args)
+        generate(model, tok, sampling=Sampling(**settings), **args)

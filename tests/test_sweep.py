@@ -10,6 +10,7 @@ from steer_heal import SteeringVector
 from steer_heal.evaluate import EvalResult, Vignettes, load_vignettes, stratified_subset
 from steer_heal.filters import default_text_filter
 from steer_heal.sweep import SweepPoint, dose_sweep, operating_dose, sweep_report
+from steer_heal.sampling import Sampling
 
 
 def probe():
@@ -19,8 +20,7 @@ def probe():
 def test_zero_dose_is_the_plain_model_and_steering_changes_it(llama):
     model, tok = llama
     vec = SteeringVector.from_persona_pair(model, tok, "You love rules.", "You hate rules.", ["hi", "what now?"], layers=(1, 2))
-    points = dose_sweep(model, tok, vec, [0, 40.0], {"v": probe()}, prompts=["a", "b", "c"], filt=default_text_filter(), n=3,
-                        max_new_tokens=4, sample_prompts=["hello"])  # fmt: skip
+    points = dose_sweep(model, tok, vec, [0, 40.0], {"v": probe()}, prompts=["a", "b", "c"], filt=default_text_filter(), n=3, sample_prompts=["hello"], sampling=Sampling(do_sample=True, max_new_tokens=4))  # fmt: skip
     plain = probe()(model, tok)
     assert points[0].results["v"].metrics == plain.metrics  # coeff 0 == vanilla, exactly
     assert points[1].results["v"].metrics["care_nats"] != plain.metrics["care_nats"]
@@ -37,12 +37,12 @@ def point(coeff: float, coherence: float) -> SweepPoint:
 
 def test_operating_dose_is_the_largest_coherent_one():
     points = [point(0, 0.90), point(1, 0.89), point(2, 0.86), point(3, 0.80), point(4, 0.86)]
-    assert operating_dose(points, floor=0.95) == 4  # 0.86 >= 0.855: the rule is per dose, not "until first failure"
-    assert operating_dose(points, floor=0.98) == 1
+    assert operating_dose(points, coherence_floor=0.95) == 4  # 0.86 >= 0.855: the rule is per dose, not "until first failure"
+    assert operating_dose(points, coherence_floor=0.98) == 1
     with pytest.raises(ValueError, match="no c = 0"):
         operating_dose(points[1:])
     with pytest.raises(ValueError, match="floor is a fraction"):
-        operating_dose(points, floor=0.0)
+        operating_dose(points, coherence_floor=0.0)
 
 
 def test_sweep_needs_zero(llama):

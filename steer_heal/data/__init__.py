@@ -45,13 +45,7 @@ class Axis:
     target: str = "Care"
     direction: int = 1
     sample_prompts: list[str] = field(default_factory=list)
-    narration_patterns: list[str] = field(default_factory=lambda: _default_narration())  # the filters' defaults
-
-
-def _default_narration() -> list[str]:
-    from ..filters import NARRATION_PATTERNS  # lazily: the data module stays free of torch
-
-    return list(NARRATION_PATTERNS)
+    narration_patterns: list[str] | None = None  # None: `Narration` uses its defaults
 
 
 def available_axes() -> list[str]:

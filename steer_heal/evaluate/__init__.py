@@ -1,15 +1,15 @@
-"""Evaluation of every stage on the same items (DESIGN.md step 6).
+"""Evaluation of every stage on the same items (docs/method.md, step 6).
 
 - `Vignettes`: forced-choice moral-foundations probe (nats per foundation + coherence);
 - `TraitJudge`: the trait in free text, scored with a small sentence-embedding model;
-- `Perplexity`, `Samples`: fluency on neutral text and greedy samples for the report;
+- `HeldOutPerplexity`, `Samples`: fluency on neutral text and greedy samples for the report;
 - `compare`, `stage_table`: paired deltas and a verdict that checks coherence first.
 
 Evaluators run the model they are given; steer or bake around the call.
 """
 
 from .base import EvalResult, Evaluator
-from .compare import COHERENCE_FLOOR, Comparison, compare, stage_table
+from .compare import BROKEN_BELOW, Comparison, compare, stage_table
 from .items import (
     FOUNDATIONS,
     Vignette,
@@ -21,11 +21,11 @@ from .items import (
     stratified_subset,
 )
 from .judge import INSTALL_HINT, JudgeAxis, TraitJudge, bootstrap_ci, load_judge_axes
-from .text import Perplexity, Samples, load_paragraphs
+from .text import HeldOutPerplexity, Samples, load_paragraphs
 from .vignettes import LABELS, WORDINGS, Vignettes, Wording, option_token_ids
 
 __all__ = [
-    "COHERENCE_FLOOR",
+    "BROKEN_BELOW",
     "FOUNDATIONS",
     "INSTALL_HINT",
     "LABELS",
@@ -34,7 +34,7 @@ __all__ = [
     "EvalResult",
     "Evaluator",
     "JudgeAxis",
-    "Perplexity",
+    "HeldOutPerplexity",
     "Samples",
     "TraitJudge",
     "Vignette",

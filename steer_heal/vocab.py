@@ -1,0 +1,34 @@
+"""The library's vocabulary: names that are valid settings, written once.
+
+The config validation, the command line's `click.Choice`s and the loop's registries all
+read their lists from the `Literal` types here (`choices(Reference)` ->
+`("base", "prev", "last_good")`), so a new name is added in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+Number = float | int  # beartype, unlike PEP 484, does not let an int pass as a float
+
+RegName = Literal["klrev", "klfwd", "nll", "spectral"]  # the loop's main regulariser
+Aggregation = Literal["mean", "rmse", "p95", "max"]  # per-completion divergence -> one number
+Reference = Literal["base", "prev", "last_good"]  # which folded state heal is anchored to
+SteerHow = Literal["hooks", "bias"]  # forward hooks or a baked bias
+ItemSet = Literal["bundled", "mfv", "both"]  # which vignettes the probes use
+Schedule = Literal["cosine", "linear", "constant"]  # heal's learning-rate decay
+
+
+def choices(names) -> tuple[str, ...]:
+    """The values of a `Literal` type, in order."""
+    return tuple(get_args(names))
+
+
+def check_choice(what: str, value: object, names) -> str:
+    """`value` if it is one of the `Literal`'s names, else a one-line error listing them."""
+    valid = choices(names)
+    if value not in valid:
+        quoted = [repr(v) for v in valid]
+        options = " or ".join(quoted) if len(quoted) == 2 else "one of " + ", ".join(quoted)
+        raise ValueError(f"{what} must be {options}, got {value!r}")
+    return value  # type: ignore[return-value]
