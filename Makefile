@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: demo test install dev bench clean
+.PHONY: demo test lint install dev bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 	$(BIN)/python -m pytest benchmarks -q --benchmark-disable -k "not interleaved"
+
+# format and lint (ruff, configured in pyproject.toml); CI runs it before the tests
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 bench: install
 	BENCH_MODEL=smollm2 $(BIN)/python -m pytest benchmarks -q --benchmark-only -s

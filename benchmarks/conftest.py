@@ -29,5 +29,7 @@ def vectors(bench_model, axis):
     model, tok = bench_model
     contexts = load_contexts()[:16]
     band = SteeringVector.from_persona_pair(model, tok, axis.pos, axis.neg, contexts, layers=(0.5, 0.5))
-    every = SteeringVector.from_persona_pair(model, tok, axis.pos, axis.neg, contexts, layers=list(range(n_layers(model))))
+    every = SteeringVector.from_persona_pair(
+        model, tok, axis.pos, axis.neg, contexts, layers=list(range(n_layers(model)))
+    )
     return {"1 layer": band, "all layers": every}

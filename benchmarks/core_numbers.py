@@ -12,10 +12,9 @@ import torch
 
 from steer_heal import SteeringVector, generate, load_model
 from steer_heal.data import load_axis, load_contexts
-from steer_heal.extract import last_token_states
-from steer_heal.model import chat_prompt, encode, resolve_layers, n_layers
-from steer_heal.tiny import FAMILY_NAMES, tiny_model
+from steer_heal.model import chat_prompt, encode
 from steer_heal.sampling import Sampling
+from steer_heal.tiny import FAMILY_NAMES, tiny_model
 
 
 @torch.no_grad()
@@ -26,9 +25,15 @@ def family_errors() -> None:
     print("|---|---|---|")
     for family in FAMILY_NAMES:
         model, tok = tiny_model(family)
-        vec = SteeringVector.from_persona_pair(model, tok, axis.pos, axis.neg, contexts, layers=(0.25, 0.75), batch_size=6)
-        single = SteeringVector.from_persona_pair(model, tok, axis.pos, axis.neg, contexts, layers=(0.25, 0.75), batch_size=1)
-        ext = max(float((vec.directions[l] - single.directions[l]).norm() / single.directions[l].norm()) for l in vec.layers)
+        vec = SteeringVector.from_persona_pair(
+            model, tok, axis.pos, axis.neg, contexts, layers=(0.25, 0.75), batch_size=6
+        )
+        single = SteeringVector.from_persona_pair(
+            model, tok, axis.pos, axis.neg, contexts, layers=(0.25, 0.75), batch_size=1
+        )
+        ext = max(
+            float((vec.directions[l] - single.directions[l]).norm() / single.directions[l].norm()) for l in vec.layers
+        )
         ids = torch.tensor([encode(tok, chat_prompt(tok, "My boss told me to skip the check."))])
         unit = vec * (1.0 / max(vec.norms().values()))
         with unit.apply(model, 2.0):
@@ -55,7 +60,9 @@ def real_numbers() -> None:
     model, tok = load_model("smollm2-135m")
     axis = load_axis("authority")
     contexts = load_contexts()[:64]
-    t = timed(lambda: SteeringVector.from_persona_pair(model, tok, axis.pos, axis.neg, contexts, batch_size=8), repeats=2)
+    t = timed(
+        lambda: SteeringVector.from_persona_pair(model, tok, axis.pos, axis.neg, contexts, batch_size=8), repeats=2
+    )
     print(f"\nextraction, 64 contexts x 2 personas, batch 8, layers 13-16: {t:.2f} s ({128 / t:.1f} prompts/s)")
     vec = SteeringVector.from_persona_pair(model, tok, axis.pos, axis.neg, contexts, batch_size=8)
     prompts = axis.prompts[:8]
@@ -63,7 +70,11 @@ def real_numbers() -> None:
     print("\n| batch | variant | tok/s |\n|---|---|---|")
     for batch in (1, 8):
         ps = prompts[:batch]
-        for name, kw in (("unsteered", {}), ("hooks c=1", dict(steering=vec, coeff=1.0)), ("bias c=1", dict(steering=vec, coeff=1.0, how="bias"))):
+        for name, kw in (
+            ("unsteered", {}),
+            ("hooks c=1", dict(steering=vec, coeff=1.0)),
+            ("bias c=1", dict(steering=vec, coeff=1.0, how="bias")),
+        ):
             # min_new_tokens is not exposed; count the tokens actually generated
             counts = []
 

@@ -53,8 +53,12 @@ def main() -> None:
     print("not babble:   ", precision_recall([(r, v) for r, v in pairs if r["category"] != "babble"]))
     for r, v in pairs:
         if v.keep != (r["label"] == "keep"):
-            print(f"  {r['category']:9} labelled {r['label']}, got {'keep' if v.keep else 'drop'} {v.reasons}: {r['text'][:70]!r}")
-    holdout = [json.loads(line) for line in LABELS.with_name("filter_labels_holdout.jsonl").read_text().splitlines() if line]
+            print(
+                f"  {r['category']:9} labelled {r['label']}, got {'keep' if v.keep else 'drop'} {v.reasons}: {r['text'][:70]!r}"
+            )
+    holdout = [
+        json.loads(line) for line in LABELS.with_name("filter_labels_holdout.jsonl").read_text().splitlines() if line
+    ]
     held = list(zip(holdout, flt([Completion(r["prompt"], r["text"], (), 1.0, "length") for r in holdout])))
     print(f"holdout ({len(holdout)}):", precision_recall(held))
     if args.ppl:

@@ -27,8 +27,7 @@ import torch
 from steer_heal import SteeringVector, generate, load_model
 from steer_heal.data import load_axis, load_contexts
 from steer_heal.dose import walk_dose
-from steer_heal.filter_report import FilterReport
-from steer_heal.filters import Perplexity, default_filter
+from steer_heal.filters import FilterReport, Perplexity, default_filter
 from steer_heal.sampling import Sampling
 
 
@@ -51,17 +50,30 @@ def main() -> None:
     axis = load_axis("authority")
     contexts = load_contexts()[::5][:64]  # every 5th bundled context: 64 spread over all topics
     t0 = time.perf_counter()
-    vec = SteeringVector.from_persona_pair(model, tok, pos=axis.pos, neg=axis.neg, contexts=contexts, layers=(0.45, 0.55))
+    vec = SteeringVector.from_persona_pair(
+        model, tok, pos=axis.pos, neg=axis.neg, contexts=contexts, layers=(0.45, 0.55)
+    )
     record["extract_s"] = time.perf_counter() - t0
     record["vector_norms"] = {str(k): v for k, v in vec.norms().items()}
-    print(f"vector: layers {vec.layers}, norms {[round(v, 2) for v in vec.norms().values()]}, "
-          f"{len(contexts)} contexts, {record['extract_s']:.1f} s")  # fmt: skip
+    print(
+        f"vector: layers {vec.layers}, norms {[round(v, 2) for v in vec.norms().values()]}, "
+        f"{len(contexts)} contexts, {record['extract_s']:.1f} s"
+    )
 
     completions = []
     for i, coeff in enumerate(args.coeffs):
         prompts = [axis.prompts[(i * args.n + j) % len(axis.prompts)] for j in range(args.n)]
         t0 = time.perf_counter()
-        completions += generate(model, tok, prompts, steering=vec, coeff=coeff, seed=args.seed + 100 * i, progress=False, sampling=Sampling(max_new_tokens=args.tokens, do_sample=True, batch_size=args.batch_size))  # fmt: skip
+        completions += generate(
+            model,
+            tok,
+            prompts,
+            steering=vec,
+            coeff=coeff,
+            seed=args.seed + 100 * i,
+            progress=False,
+            sampling=Sampling(max_new_tokens=args.tokens, do_sample=True, batch_size=args.batch_size),
+        )
         print(f"generated {args.n} at c={coeff:g} in {time.perf_counter() - t0:.1f} s", flush=True)
     lengths = [len(c.token_ids) for c in completions]
     record["completion_tokens"] = {"mean": statistics.fmean(lengths), "min": min(lengths), "max": max(lengths)}
@@ -77,9 +89,11 @@ def main() -> None:
     t0 = time.perf_counter()
     ppl(completions)
     record["ppl_filter_s"] = time.perf_counter() - t0
-    print(f"\nperplexity filter: {len(completions)} completions ({statistics.fmean(lengths):.0f} tokens on average, "
-          f"min {min(lengths)}, max {max(lengths)}) in {record['ppl_filter_s']:.1f} s, batch 8, "
-          f"{args.threads} threads; whole default filter {record['default_filter_s']:.1f} s")  # fmt: skip
+    print(
+        f"\nperplexity filter: {len(completions)} completions ({statistics.fmean(lengths):.0f} tokens on average, "
+        f"min {min(lengths)}, max {max(lengths)}) in {record['ppl_filter_s']:.1f} s, batch 8, "
+        f"{args.threads} threads; whole default filter {record['default_filter_s']:.1f} s"
+    )
     if args.unbatched:
         t0 = time.perf_counter()
         Perplexity(model, tok, batch_size=1)(completions)
@@ -88,7 +102,19 @@ def main() -> None:
 
     if args.walk:
         t0 = time.perf_counter()
-        dose = walk_dose(model, tok, vec, axis.prompts, default_filter(model, tok), c_min=1.0, c_max=16.0, steps=3, probe_size=8, seed=args.seed, sampling=Sampling(do_sample=True, max_new_tokens=64, batch_size=8))  # fmt: skip
+        dose = walk_dose(
+            model,
+            tok,
+            vec,
+            axis.prompts,
+            default_filter(model, tok),
+            c_min=1.0,
+            c_max=16.0,
+            steps=3,
+            probe_size=8,
+            seed=args.seed,
+            sampling=Sampling(do_sample=True, max_new_tokens=64, batch_size=8),
+        )
         record["walk_s"] = time.perf_counter() - t0
         record["walk"] = dose.to_dict()
         print(f"\nwalk_dose ({record['walk_s']:.0f} s):\n{dose.table()}")

@@ -18,9 +18,9 @@ from gpu_throughput import SHAPES, dynamo_graphs  # noqa: E402
 from steer_heal import SteeringVector, generate  # noqa: E402
 from steer_heal.data import load_contexts  # noqa: E402
 from steer_heal.model import hidden_size, n_layers, resolve_layers  # noqa: E402
+from steer_heal.sampling import Sampling
 from steer_heal.slot import SteeringSlot  # noqa: E402
 from steer_heal.tiny import tiny_tokenizer  # noqa: E402
-from steer_heal.sampling import Sampling
 
 
 def main() -> None:
@@ -29,8 +29,14 @@ def main() -> None:
     shape = sys.argv[1] if len(sys.argv) > 1 else "0.5b"
     dtype = getattr(torch, sys.argv[2]) if len(sys.argv) > 2 else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=1, eos_token_id=3, pad_token_id=0,
-                         initializer_range=0.08)  # peaked logits: fewer argmax near-ties between kernels
+    config = Qwen2Config(
+        **SHAPES[shape],
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=3,
+        pad_token_id=0,
+        initializer_range=0.08,
+    )  # peaked logits: fewer argmax near-ties between kernels
     torch.manual_seed(0)
     with torch.device(device):
         model = Qwen2ForCausalLM(config).to(dtype).eval()
@@ -38,7 +44,9 @@ def main() -> None:
     prompts = load_contexts()[:4]
     band = resolve_layers((0.45, 0.55), n_layers(model))
     g = torch.Generator().manual_seed(1)
-    vec = SteeringVector({l: torch.randn(hidden_size(model), generator=g) for l in band}, hidden_size(model), n_layers(model))
+    vec = SteeringVector(
+        {l: torch.randn(hidden_size(model), generator=g) for l in band}, hidden_size(model), n_layers(model)
+    )
 
     def run(compiled, ctx=None, **kw):
         g0 = dynamo_graphs()
@@ -57,7 +65,10 @@ def main() -> None:
         same = sum(a == b for a, b in zip(tokens, eager[coeff]))
         steered_effect = tokens != eager[0.0] if coeff else None
         checks.append((label, coeff, same, len(tokens), steered_effect, graphs))
-        print(f"{label:34s} c={coeff:<4} matches eager {same}/{len(tokens)} rows; differs from unsteered: {steered_effect}; new graphs {graphs}", flush=True)
+        print(
+            f"{label:34s} c={coeff:<4} matches eager {same}/{len(tokens)} rows; differs from unsteered: {steered_effect}; new graphs {graphs}",
+            flush=True,
+        )
 
     tokens, graphs = run(True)
     check("compiled, unsteered (first)", tokens, 0.0, graphs)
@@ -86,13 +97,17 @@ def main() -> None:
     with torch._dynamo.config.patch(skip_nnmodule_hook_guards=True), torch.inference_mode():
         model.generate(input_ids=ids, attention_mask=mask, **settings)
         with vec.apply(model, 4.0):
-            hooked = model.generate(input_ids=ids, attention_mask=mask, **settings)[:, ids.shape[1]:]
+            hooked = model.generate(input_ids=ids, attention_mask=mask, **settings)[:, ids.shape[1] :]
     rows = [tuple(r) for r in hooked.tolist()]
     lost = sum(r[: len(e)] == e for r, e in zip(rows, eager[0.0]))
     kept = sum(r[: len(e)] == e for r, e in zip(rows, eager[4.0]))
-    print(f"torch default (hook guards skipped), hooks added after compile: {kept}/4 rows steered, {lost}/4 rows equal UNSTEERED output")
+    print(
+        f"torch default (hook guards skipped), hooks added after compile: {kept}/4 rows steered, {lost}/4 rows equal UNSTEERED output"
+    )
     bad = [c for c in checks if c[2] != c[3]]
-    print(f"\n{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'} {dtype}: {len(checks) - len(bad)}/{len(checks)} compiled runs equal eager token for token")
+    print(
+        f"\n{torch.cuda.get_device_name() if device == 'cuda' else 'CPU'} {dtype}: {len(checks) - len(bad)}/{len(checks)} compiled runs equal eager token for token"
+    )
 
 
 if __name__ == "__main__":

@@ -27,22 +27,40 @@ from steer_heal.heal import LoraSettings, TrainSettings, heal
 from steer_heal.history import History
 from steer_heal.model import execution_device
 from steer_heal.regularizers import KLRev, SpectralNorm
-from steer_heal.tiny import tiny_tokenizer
 from steer_heal.sampling import Sampling
+from steer_heal.tiny import tiny_tokenizer
 
 SHAPES = {
-    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151936),
-    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=512),  # a CPU smoke test of this script
+    "0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+    ),  # a CPU smoke test of this script
 }
 
 
 def build(shape: str, device: str):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=2048, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=3, pad_token_id=0)
+    config = Qwen2Config(
+        **SHAPES[shape],
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(config).eval()
     model.generation_config.eos_token_id = 3
@@ -58,7 +76,9 @@ def split(model, second: str):
     device_map |= {f"model.layers.{i}": (first if i < n // 2 else second) for i in range(n)}
     # main_device "cpu": accelerate would otherwise treat "cpu" entries as offload (weights
     # streamed to the GPU per forward) instead of layers that compute on the CPU
-    return dispatch_model(model, device_map=device_map, main_device="cpu" if second == "cpu" else first, force_hooks=True)
+    return dispatch_model(
+        model, device_map=device_map, main_device="cpu" if second == "cpu" else first, force_hooks=True
+    )
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,7 +97,9 @@ def throughput(model, tok, vec, prompts, new, batch, repeats=3) -> float:
     for _ in range(repeats):
         sync()
         start = time.perf_counter()
-        outs = generate(model, tok, prompts, steering=vec, coeff=2.0, sampling=Sampling(max_new_tokens=new, batch_size=batch))
+        outs = generate(
+            model, tok, prompts, steering=vec, coeff=2.0, sampling=Sampling(max_new_tokens=new, batch_size=batch)
+        )
         sync()
         best = max(best, sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
     return best
@@ -87,9 +109,15 @@ def one_heal_step(model, tok, completions, reg: str):
     history = History(model)
     regs = [KLRev(tau=0.0)] if reg == "klrev" else [SpectralNorm(lam=0.1)]
     try:
-        result = heal(history, tok, completions, regs, lora=LoraSettings(r=8, alpha=16),
-                      train=TrainSettings(epochs=1, batch_size=len(completions), lr=1e-3, seed=0, val_frac=0.0, max_steps=1),
-                      round=0)  # fmt: skip
+        result = heal(
+            history,
+            tok,
+            completions,
+            regs,
+            lora=LoraSettings(r=8, alpha=16),
+            train=TrainSettings(epochs=1, batch_size=len(completions), lr=1e-3, seed=0, val_frac=0.0, max_steps=1),
+            round=0,
+        )
         return result.steps[0], {k: v for k, v in result.adapter.state.items() if "lora_B" in k}
     finally:
         history.close()
@@ -110,9 +138,15 @@ def main() -> None:
     print("layer devices:", sorted({str(execution_device(b)) for b in sharded.model.layers}))
     tok = tiny_tokenizer()
     contexts = ["Tell me about your day.", "What should I cook tonight?", "Explain tides.", "Any advice for a new job?"]
-    vecs = [SteeringVector.from_persona_pair(m, tok, "You are warm and kind.", "You are cold and curt.", contexts,
-                                             layers=(0.45, 0.55)) for m in (single, sharded)]  # fmt: skip
-    print(f"extraction, split vs one device: rel {max(rel(vecs[1].directions[k], vecs[0].directions[k]) for k in vecs[0].layers):.2e}")
+    vecs = [
+        SteeringVector.from_persona_pair(
+            m, tok, "You are warm and kind.", "You are cold and curt.", contexts, layers=(0.45, 0.55)
+        )
+        for m in (single, sharded)
+    ]
+    print(
+        f"extraction, split vs one device: rel {max(rel(vecs[1].directions[k], vecs[0].directions[k]) for k in vecs[0].layers):.2e}"
+    )
     vec = vecs[0]
     ids = tok(["Tell me a story about a dog."] * 2, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -125,33 +159,55 @@ def main() -> None:
     print(f"steered logits (hooks), split vs one device: rel {rel(got, want):.2e}")
     print(f"hook vs bias on the split model: rel {rel(baked, got):.2e}")
     prompts = [f"{c} Please answer briefly." for c in contexts] * (args.batch // len(contexts) or 1)
-    a = generate(single, tok, prompts, steering=vec, coeff=2.0, sampling=Sampling(max_new_tokens=args.new, batch_size=args.batch))
-    b = generate(sharded, tok, prompts, steering=vec, coeff=2.0, sampling=Sampling(max_new_tokens=args.new, batch_size=args.batch))
+    a = generate(
+        single, tok, prompts, steering=vec, coeff=2.0, sampling=Sampling(max_new_tokens=args.new, batch_size=args.batch)
+    )
+    b = generate(
+        sharded,
+        tok,
+        prompts,
+        steering=vec,
+        coeff=2.0,
+        sampling=Sampling(max_new_tokens=args.new, batch_size=args.batch),
+    )
     print(f"steered greedy generation identical: {sum(x.token_ids == y.token_ids for x, y in zip(a, b))}/{len(a)}")
     # fixed texts: the random model's own tokens mostly fall outside the small tokenizer's vocabulary
-    texts = [Completion(c, "Here is a short and careful answer to your question about it.", (), 2.0, "length") for c in contexts]
+    texts = [
+        Completion(c, "Here is a short and careful answer to your question about it.", (), 2.0, "length")
+        for c in contexts
+    ]
     verdicts = [default_filter(m, tok, tau=1e9)(texts) for m in (single, sharded)]
     ppl = [[v.scores[PPL] for v in vs] for vs in verdicts]
     finite = [(x, y) for x, y in zip(ppl[1], ppl[0]) if math.isfinite(y)]
     same_inf = sum(x == y for x, y in zip(ppl[1], ppl[0]) if not math.isfinite(y))
-    print(f"filter tail perplexity, split vs one device: max rel {max((abs(x - y) / y for x, y in finite), default=0):.2e} "
-          f"over {len(finite)} finite, {same_inf} equal non-finite, of {len(ppl[0])}")
+    print(
+        f"filter tail perplexity, split vs one device: max rel {max((abs(x - y) / y for x, y in finite), default=0):.2e} "
+        f"over {len(finite)} finite, {same_inf} equal non-finite, of {len(ppl[0])}"
+    )
     probe = Vignettes(items=stratified_subset(load_vignettes(), 14))
     m_one, m_split = probe(single, tok).metrics, probe(sharded, tok).metrics
     print(f"vignettes, split vs one device: max abs metric diff {max(abs(m_one[k] - m_split[k]) for k in m_one):.2e}")
-    train = generate(single, tok, prompts[:4], steering=vec, coeff=2.0, seed=0, sampling=Sampling(max_new_tokens=16, do_sample=True))
+    train = generate(
+        single, tok, prompts[:4], steering=vec, coeff=2.0, seed=0, sampling=Sampling(max_new_tokens=16, do_sample=True)
+    )
     step_a, lora_a = one_heal_step(single, tok, train, "klrev")
     step_b, lora_b = one_heal_step(sharded, tok, train, "klrev")
     # Adam's first step is about lr * sign(grad): entries whose gradient is ~0 can flip on float noise
-    flipped = sum(int(((lora_b[k] - lora_a[k]).abs() > 1e-4).sum()) for k in lora_a) / sum(v.numel() for v in lora_a.values())
+    flipped = sum(int(((lora_b[k] - lora_a[k]).abs() > 1e-4).sum()) for k in lora_a) / sum(
+        v.numel() for v in lora_a.values()
+    )
     step_c, _ = one_heal_step(sharded, tok, train, "spectral")  # a regulariser that reads every LoRA layer
-    print(f"one heal step: nll {step_a.nll:.6f} vs {step_b.nll:.6f}; grad norm {step_a.grad_norm:.6f} vs "
-          f"{step_b.grad_norm:.6f}; LoRA B after the step: {flipped:.2%} of entries differ by > 1e-4; "
-          f"SpectralNorm step on the split model: nll {step_c.nll:.6f}")  # fmt: skip
+    print(
+        f"one heal step: nll {step_a.nll:.6f} vs {step_b.nll:.6f}; grad norm {step_a.grad_norm:.6f} vs "
+        f"{step_b.grad_norm:.6f}; LoRA B after the step: {flipped:.2%} of entries differ by > 1e-4; "
+        f"SpectralNorm step on the split model: nll {step_c.nll:.6f}"
+    )
     t_one = throughput(single, tok, vec, prompts, args.new, args.batch)
     t_split = throughput(sharded, tok, vec, prompts, args.new, args.batch)
-    print(f"steered generation, batch {args.batch}, {args.new} new tokens: one device {t_one:.0f} tok/s, "
-          f"split {t_split:.0f} tok/s, ratio {t_split / t_one:.3f}")
+    print(
+        f"steered generation, batch {args.batch}, {args.new} new tokens: one device {t_one:.0f} tok/s, "
+        f"split {t_split:.0f} tok/s, ratio {t_split / t_one:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -20,16 +20,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from steer_heal import SteeringVector, generate
 from steer_heal.data import load_contexts
 from steer_heal.model import hidden_size, n_layers, resolve_layers
+from steer_heal.sampling import Sampling
 from steer_heal.slot import SteeringSlot
 from steer_heal.tiny import tiny_tokenizer
-from steer_heal.sampling import Sampling
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -40,20 +40,44 @@ def sync() -> None:
 
 
 SHAPES = {
-    "0.5b": dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-                 intermediate_size=4864, vocab_size=151936),
-    "tiny": dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                 intermediate_size=128, vocab_size=512),  # CPU smoke test of this script
-    "4b": dict(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-               intermediate_size=9728, vocab_size=151936),
+    "0.5b": dict(
+        hidden_size=896,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        intermediate_size=4864,
+        vocab_size=151936,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=512,
+    ),  # CPU smoke test of this script
+    "4b": dict(
+        hidden_size=2560,
+        num_hidden_layers=36,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=9728,
+        vocab_size=151936,
+    ),
 }
 
 
 def build(shape: str):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=4096, tie_word_embeddings=shape == "0.5b",
-                         bos_token_id=1, eos_token_id=3, pad_token_id=0)
+    config = Qwen2Config(
+        **SHAPES[shape],
+        max_position_embeddings=4096,
+        tie_word_embeddings=shape == "0.5b",
+        bos_token_id=1,
+        eos_token_id=3,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
@@ -63,8 +87,11 @@ def build(shape: str):
 
 def random_vector(model, layers) -> SteeringVector:
     g = torch.Generator().manual_seed(1)
-    return SteeringVector({l: torch.randn(hidden_size(model), generator=g) for l in layers},
-                          hidden_size=hidden_size(model), n_layers=n_layers(model))
+    return SteeringVector(
+        {l: torch.randn(hidden_size(model), generator=g) for l in layers},
+        hidden_size=hidden_size(model),
+        n_layers=n_layers(model),
+    )
 
 
 def dynamo_graphs() -> int:
@@ -77,14 +104,18 @@ def timed_generate(model, tok, prompts, new, compiled, ctx_factory, batch):
     sync()
     start = time.perf_counter()
     with ctx_factory():
-        out = generate(model, tok, prompts, compiled=compiled, progress=False, sampling=Sampling(max_new_tokens=new, batch_size=batch))
+        out = generate(
+            model,
+            tok,
+            prompts,
+            compiled=compiled,
+            progress=False,
+            sampling=Sampling(max_new_tokens=new, batch_size=batch),
+        )
     sync()
     seconds = time.perf_counter() - start
     tokens = sum(len(c.token_ids) + (c.finish_reason == "stop") for c in out)
     return tokens / seconds, out
-
-
-from contextlib import contextmanager
 
 
 @contextmanager
@@ -99,7 +130,10 @@ def record(rows: list, shape: str, batch: int, mode: str, results: dict) -> None
     for name, values in results.items():
         med = statistics.median(values)
         rows.append((shape, batch, mode, name, med, min(values), max(values), med / base))
-        print(f"{shape} b={batch} {mode:8s} {name:18s} {med:8.1f} tok/s  [{min(values):.1f}, {max(values):.1f}]  x{med / base:.3f}", flush=True)
+        print(
+            f"{shape} b={batch} {mode:8s} {name:18s} {med:8.1f} tok/s  [{min(values):.1f}, {max(values):.1f}]  x{med / base:.3f}",
+            flush=True,
+        )
 
 
 def bench_shape(shape: str, batches, repeats: int, new: int, rows: list) -> None:
@@ -121,11 +155,11 @@ def bench_shape(shape: str, batches, repeats: int, new: int, rows: list) -> None
             "bias band": lambda: vec_band.bake(model, 1.0),
         }
         results = {name: [] for name in eager}
-        for name, factory in eager.items():
+        for factory in eager.values():
             timed_generate(model, tok, prompts, new, False, factory, batch)
         names = list(eager)
         for r in range(repeats):
-            for name in names[r % len(names):] + names[: r % len(names)]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 results[name].append(timed_generate(model, tok, prompts, new, False, eager[name], batch)[0])
         record(rows, shape, batch, "eager", results)
         # compiled: each variant's steering is installed once for its block (a slot for hooks,
@@ -142,7 +176,9 @@ def bench_shape(shape: str, batches, repeats: int, new: int, rows: list) -> None
         for name, block in blocks.items():
             with block():
                 timed_generate(model, tok, prompts, new, True, nullcontext, batch)
-                results[name] = [timed_generate(model, tok, prompts, new, True, nullcontext, batch)[0] for _ in range(repeats)]
+                results[name] = [
+                    timed_generate(model, tok, prompts, new, True, nullcontext, batch)[0] for _ in range(repeats)
+                ]
         record(rows, shape, batch, "compiled", results)
 
     # recompiles when the coefficient changes, and compiled == eager (batch 8, band)
@@ -152,8 +188,13 @@ def bench_shape(shape: str, batches, repeats: int, new: int, rows: list) -> None
         _, eager = timed_generate(model, tok, prompts, new, False, nullcontext, 8)
         _, comp = timed_generate(model, tok, prompts, new, True, nullcontext, 8)
         same = sum(a.token_ids == b.token_ids for a, b in zip(eager, comp))
-        first_diff = [next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None) for a, b in zip(eager, comp)]
-        print(f"{shape}: compiled vs eager steered (bf16, slot, b=8): {same}/8 identical; first differing position per row: {first_diff}")
+        first_diff = [
+            next((i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y), None)
+            for a, b in zip(eager, comp)
+        ]
+        print(
+            f"{shape}: compiled vs eager steered (bf16, slot, b=8): {same}/8 identical; first differing position per row: {first_diff}"
+        )
         g0 = dynamo_graphs()
         for coeff in (0.5, 1.5, 2.5):
             slot.set(vec_band, coeff)
@@ -174,7 +215,7 @@ def bench_shape(shape: str, batches, repeats: int, new: int, rows: list) -> None
             b1, _ = timed_generate(model, tok, prompts_all[:8], new, compiled, nullcontext, 1)
         mode = "compiled" if compiled else "eager"
         print(f"{shape}: steered {mode}: batch 32 {b32:.1f} tok/s vs one at a time {b1:.1f} tok/s = x{b32 / b1:.1f}")
-    del model
+    model = None  # free the weights before the next shape
     if DEVICE == "cuda":
         torch.cuda.empty_cache()
 

@@ -143,23 +143,46 @@ def run(args) -> dict:
 def compare(args) -> None:
     rows = []
     for reg, tau in (("nll", args.tau), ("klrev", args.tau)):
-        cmd = [sys.executable, __file__, "run", "--reg", reg, "--tau", str(tau), "--epochs", str(args.epochs),
-               "--threads", str(args.threads), "--n", str(args.n), "--tokens", str(args.tokens), "--batch", str(args.batch)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "run",
+            "--reg",
+            reg,
+            "--tau",
+            str(tau),
+            "--epochs",
+            str(args.epochs),
+            "--threads",
+            str(args.threads),
+            "--n",
+            str(args.n),
+            "--tokens",
+            str(args.tokens),
+            "--batch",
+            str(args.batch),
+        ]
         if args.max_steps:
             cmd += ["--max-steps", str(args.max_steps)]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         rows.append(json.loads(out))
         print(out, flush=True)
     nll, kl = rows
-    print("| run | steps | wall s | s/step | RSS before heal MB | peak RSS in heal MB | heal increment MB | ru_maxrss MB |")
+    print(
+        "| run | steps | wall s | s/step | RSS before heal MB | peak RSS in heal MB | heal increment MB | ru_maxrss MB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        print(f"| {row['reg']} | {row['steps']} | {row['wall_s']} | {row['s_per_step']} | {row['rss_before_heal_mb']} | "
-              f"{row['peak_rss_during_heal_mb']} | {row['heal_increment_mb']} | {row['ru_maxrss_mb']} |")
-    print(f"peak RSS ratio klrev/nll: {kl['peak_rss_during_heal_mb'] / nll['peak_rss_during_heal_mb']:.3f} "
-          f"(ru_maxrss {kl['ru_maxrss_mb'] / nll['ru_maxrss_mb']:.3f}); "
-          f"heal increment ratio {kl['heal_increment_mb'] / max(nll['heal_increment_mb'], 1e-9):.2f}; "
-          f"time ratio {kl['wall_s'] / nll['wall_s']:.2f}")
+        print(
+            f"| {row['reg']} | {row['steps']} | {row['wall_s']} | {row['s_per_step']} | {row['rss_before_heal_mb']} | "
+            f"{row['peak_rss_during_heal_mb']} | {row['heal_increment_mb']} | {row['ru_maxrss_mb']} |"
+        )
+    print(
+        f"peak RSS ratio klrev/nll: {kl['peak_rss_during_heal_mb'] / nll['peak_rss_during_heal_mb']:.3f} "
+        f"(ru_maxrss {kl['ru_maxrss_mb'] / nll['ru_maxrss_mb']:.3f}); "
+        f"heal increment ratio {kl['heal_increment_mb'] / max(nll['heal_increment_mb'], 1e-9):.2f}; "
+        f"time ratio {kl['wall_s'] / nll['wall_s']:.2f}"
+    )
 
 
 def main() -> None:

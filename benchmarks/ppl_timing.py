@@ -55,7 +55,7 @@ def main() -> None:
     model.to(args.device)
 
     stream = [t for line in LABELS.read_text().splitlines() for t in encode(tok, json.loads(line)["text"] + "\n\n")]
-    texts, ids = [], []
+    texts = []
     for i in range(args.n):
         start = (i * 37) % (len(stream) - args.tokens)  # overlapping windows, different starts
         texts.append(tok.decode(stream[start : start + args.tokens]))
@@ -63,9 +63,11 @@ def main() -> None:
     prompts = [prompts[i % len(prompts)] for i in range(args.n)]
     lengths = [len(encode(tok, t)) for t in texts]
     prompt_lengths = [len(encode(tok, p)) for p in prompts]
-    print(f"{args.n} completions, {statistics.fmean(lengths):.1f} tokens (min {min(lengths)}, max {max(lengths)}) "
-          f"after re-encoding; prompts {statistics.fmean(prompt_lengths):.0f} tokens; {args.device}, {args.threads} threads; "
-          f"load average {os.getloadavg()}")  # fmt: skip
+    print(
+        f"{args.n} completions, {statistics.fmean(lengths):.1f} tokens (min {min(lengths)}, max {max(lengths)}) "
+        f"after re-encoding; prompts {statistics.fmean(prompt_lengths):.0f} tokens; {args.device}, {args.threads} threads; "
+        f"load average {os.getloadavg()}"
+    )
     tail_perplexity(model, tok, prompts[:2], texts[:2])  # warm-up
     for batch_size in args.batch_sizes:
         t0 = time.perf_counter()

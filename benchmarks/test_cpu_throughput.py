@@ -60,7 +60,7 @@ def test_interleaved_ratios(bench_model, vectors, axis, capsys):
         prompts = axis.prompts[:batch]
         rates = {v: [] for v in VARIANTS}
         for r in range(3):
-            for variant in VARIANTS[r % len(VARIANTS):] + VARIANTS[: r % len(VARIANTS)]:
+            for variant in VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]:
                 start = time.perf_counter()
                 with steering(variant, vectors, model):
                     tokens = run_generation(model, tok, prompts)
@@ -82,7 +82,9 @@ def test_extraction(benchmark, bench_model, axis):
 
 def test_perplexity_filter(benchmark, bench_model, axis):
     model, tok = bench_model
-    completions = generate(model, tok, axis.prompts[:16], progress=False, sampling=Sampling(max_new_tokens=NEW, batch_size=16))
+    completions = generate(
+        model, tok, axis.prompts[:16], progress=False, sampling=Sampling(max_new_tokens=NEW, batch_size=16)
+    )
     flt = Perplexity(model, tok, batch_size=8)
     benchmark.group = "perplexity filter (16 completions)"
     benchmark.pedantic(lambda: flt(completions), rounds=2, iterations=1)

@@ -28,8 +28,8 @@ from steer_heal.evaluate import (
     Vignettes,
     foundation_key,
     load_mfv,
-    stage_table,
     load_vignettes,
+    stage_table,
     stratified_subset,
 )
 
@@ -51,8 +51,10 @@ def profile_table(title: str, results: list[tuple[str, dict]]) -> None:
     for name, r in results:
         m = r["metrics"]
         cells = " | ".join(f"{m[f'{foundation_key(f)}_nats']:.3f}" for f in FOUNDATIONS)
-        log(f"| {name} | {cells} | {m['coherence']:.3f} | {m['frac_unscorable']:.2f} | {m['prefill_nll']:.2f} "
-            f"| {m['top1_acc']:.3f} | {m.get('label_bias', float('nan')):.3f} | {r['seconds']:.0f} |")
+        log(
+            f"| {name} | {cells} | {m['coherence']:.3f} | {m['frac_unscorable']:.2f} | {m['prefill_nll']:.2f} "
+            f"| {m['top1_acc']:.3f} | {m.get('label_bias', float('nan')):.3f} | {r['seconds']:.0f} |"
+        )
 
 
 def run(model, tok, evaluator, coeff: float = 0.0, vec: SteeringVector | None = None) -> dict:
@@ -62,8 +64,7 @@ def run(model, tok, evaluator, coeff: float = 0.0, vec: SteeringVector | None = 
             result = evaluator(model, tok)
     else:
         result = evaluator(model, tok)
-    return {"metrics": result.metrics, "meta": result.meta, "seconds": time.perf_counter() - start,
-            "rows": result.rows}
+    return {"metrics": result.metrics, "meta": result.meta, "seconds": time.perf_counter() - start, "rows": result.rows}
 
 
 def main() -> None:
@@ -72,17 +73,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     parser.add_argument("--coeffs", default="0,1,2,3,4,6")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--sections", default="timing,sweep,prompted,text,positions,positions_think,wording,stages",
-                        help="comma-separated subset of: timing, sweep, prompted, text, positions, positions_think, "
-                        "wording, stages")
+    parser.add_argument(
+        "--sections",
+        default="timing,sweep,prompted,text,positions,positions_think,wording,stages",
+        help="comma-separated subset of: timing, sweep, prompted, text, positions, positions_think, wording, stages",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     coeffs = [float(c) for c in args.coeffs.split(",")]
     sections = set(args.sections.split(","))
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    record: dict = {"env": {"torch": torch.__version__, "threads": args.threads, "cpus": os.cpu_count(),
-                            "machine": platform.machine(), "load_avg_start": os.getloadavg()}}
+    record: dict = {
+        "env": {
+            "torch": torch.__version__,
+            "threads": args.threads,
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "load_avg_start": os.getloadavg(),
+        }
+    }
 
     def save() -> None:
         slim = json.loads(json.dumps(record, default=str))
@@ -112,10 +122,16 @@ def main() -> None:
     contexts = contexts[::step][:64]
     start = time.perf_counter()
     vec = SteeringVector.from_persona_pair(model, tok, pos=POS, neg=NEG, contexts=contexts, layers=(0.45, 0.55))
-    record["vector"] = {"layers": list(vec.layers), "norms": vec.norms(), "n_contexts": len(contexts),
-                        "seconds": time.perf_counter() - start}
-    log(f"\nvector: layers {vec.layers}, norms {[round(n, 2) for n in vec.norms().values()]}, "
-        f"{len(contexts)} contexts, {record['vector']['seconds']:.0f} s")
+    record["vector"] = {
+        "layers": list(vec.layers),
+        "norms": vec.norms(),
+        "n_contexts": len(contexts),
+        "seconds": time.perf_counter() - start,
+    }
+    log(
+        f"\nvector: layers {vec.layers}, norms {[round(n, 2) for n in vec.norms().values()]}, "
+        f"{len(contexts)} contexts, {record['vector']['seconds']:.0f} s"
+    )
 
     if "sweep" in sections:
         sweep(model, tok, vec, bundled, mfv, think_full, coeffs, record, save)
@@ -146,8 +162,10 @@ def timing(model, tok, bundled, mfv, think_full, args, record) -> None:
     second = run(model, tok, Vignettes(bundled, think_tokens=think_full, orders="reversed"))
     same = first["metrics"] == second["metrics"] and first["rows"] == second["rows"]
     timing["bundled_think32"] = {k: first[k] for k in ("metrics", "seconds")} | {"seconds_2": second["seconds"]}
-    log(f"bundled set: {len(bundled)} items x 2 orders, think {think_full}: {first['seconds']:.1f} s, "
-        f"again {second['seconds']:.1f} s; identical metrics and rows: {same}")
+    log(
+        f"bundled set: {len(bundled)} items x 2 orders, think {think_full}: {first['seconds']:.1f} s, "
+        f"again {second['seconds']:.1f} s; identical metrics and rows: {same}"
+    )
     timing["deterministic"] = same
     if mfv:
         for think in (think_full, 0):
@@ -201,8 +219,10 @@ def free_text(model, tok, vec, coeffs, record) -> None:
         results[f"c{coeff:g}"] = {"judge": j, "perplexity": p}
         m = j["metrics"]
         sample = j["rows"][0]["text"].replace("\n", " ").replace("|", "/")[:110]
-        log(f"| {coeff:g} | {m['authority_score']:+.3f} [{m['authority_ci_low']:+.3f}, {m['authority_ci_high']:+.3f}] "
-            f"| {p['metrics']['perplexity']:.2f} | {sample} |")
+        log(
+            f"| {coeff:g} | {m['authority_score']:+.3f} [{m['authority_ci_low']:+.3f}, {m['authority_ci_high']:+.3f}] "
+            f"| {p['metrics']['perplexity']:.2f} | {sample} |"
+        )
     record["text"] = results
 
 
@@ -243,8 +263,15 @@ def stages(model, tok, vec, bundled, mfv, record) -> None:
     """Stage tables at the default Vignettes settings, with paired bootstrap intervals."""
     probe = Vignettes(bundled)
     log(f"\n#### stage tables, bundled, defaults (think {probe.think_tokens}, orders {probe.orders})\n")
-    runs = {"base": (None, 0.0), "base again": (None, 0.0), "prompted pos": (POS, 0.0), "prompted neg": (NEG, 0.0),
-            "steered c=1": (None, 1.0), "steered": (None, 2.0), "steered c=3": (None, 3.0)}
+    runs = {
+        "base": (None, 0.0),
+        "base again": (None, 0.0),
+        "prompted pos": (POS, 0.0),
+        "prompted neg": (NEG, 0.0),
+        "steered c=1": (None, 1.0),
+        "steered": (None, 2.0),
+        "steered c=3": (None, 3.0),
+    }
     results: dict[str, EvalResult] = {}
     for name, (system, coeff) in runs.items():
         probe = Vignettes(bundled, system=system)
@@ -256,14 +283,18 @@ def stages(model, tok, vec, bundled, mfv, record) -> None:
             results[name] = probe(model, tok)
         log(f"{name}: {time.perf_counter() - start:.0f} s")
     again = results.pop("base again")
-    log(f"defaults, two base runs identical (metrics and rows): "
-        f"{again.metrics == results['base'].metrics and again.rows == results['base'].rows}")
+    log(
+        f"defaults, two base runs identical (metrics and rows): "
+        f"{again.metrics == results['base'].metrics and again.rows == results['base'].rows}"
+    )
     if mfv:
         start = time.perf_counter()
         mfv_result = Vignettes(mfv)(model, tok)
-        log(f"MFV classic at the defaults: {len(mfv)} items x {len(mfv_result.rows) // len(mfv)} orders, "
+        log(
+            f"MFV classic at the defaults: {len(mfv)} items x {len(mfv_result.rows) // len(mfv)} orders, "
             f"{time.perf_counter() - start:.0f} s, coherence {mfv_result['coherence']:.3f}, "
-            f"top1 {mfv_result['top1_acc']:.3f}, human_match {mfv_result['human_match']:.3f}")
+            f"top1 {mfv_result['top1_acc']:.3f}, human_match {mfv_result['human_match']:.3f}"
+        )
         record["mfv_defaults"] = mfv_result.to_dict()
     for target, direction in (("Authority", -1), ("Care", 1)):
         log(f"\ntarget {target}, direction {direction:+d} (steered = c=2)\n")

@@ -20,7 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +62,14 @@ def _comments(cls) -> dict[str, str]:
     return out
 
 
-def _default(f) -> str:
-    value = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+def _note(text: str) -> str:
+    """A field comment, with `vocab.Name` spelled out as its valid values."""
+    from steer_heal import vocab
+
+    return re.sub(r"a `vocab\.(\w+)`", lambda m: " / ".join(vocab.choices(getattr(vocab, m.group(1)))), text)
+
+
+def _default(value) -> str:
     return "`" + json.dumps(value) + "`" if value is not None else "unset"
 
 
@@ -71,11 +77,15 @@ def config_section() -> str:
     from steer_heal.config import PRESETS, RunConfig
 
     lines = ["| section | key | default | note |", "|---|---|---|---|"]
+    defaults = RunConfig()
     for section in fields(RunConfig):
-        cls = section.default_factory  # type: ignore[misc]
-        notes = _comments(cls)
-        for f in fields(cls):
-            lines.append(f"| `[{section.name}]` | `{f.name}` | {_default(f)} | {notes.get(f.name, '').replace('|', '/')} |")
+        instance = getattr(defaults, section.name)  # the section's defaults as the config has them
+        notes = _comments(type(instance))
+        for f in fields(instance):
+            value = getattr(instance, f.name)
+            lines.append(
+                f"| `[{section.name}]` | `{f.name}` | {_default(value)} | {_note(notes.get(f.name, '')).replace('|', '/')} |"
+            )
     lines += ["", "Presets (`--preset NAME`) override these defaults:", "", "| preset | overrides |", "|---|---|"]
     for name, sections in PRESETS.items():
         cells = "; ".join(f"`{s}.{k} = {json.dumps(v)}`" for s, keys in sections.items() for k, v in keys.items())

@@ -62,8 +62,10 @@ def main() -> None:
         loaded = SteeringVector.load(path)
         same = all(torch.equal(vec.directions[layer], loaded.directions[layer]) for layer in vec.layers)
         assert same and loaded.layers == vec.layers
-        print(f"saved and reloaded {path.name}: layers {list(loaded.layers)}, model {loaded.model_id!r}, "
-              f"cosine to the original {loaded.cosine(vec):.6f}")
+        print(
+            f"saved and reloaded {path.name}: layers {list(loaded.layers)}, model {loaded.model_id!r}, "
+            f"cosine to the original {loaded.cosine(vec):.6f}"
+        )
         print("metadata:", {k: v for k, v in loaded.metadata().items() if k in ("format", "hidden_size", "method")})
 
 

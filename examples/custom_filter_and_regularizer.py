@@ -85,15 +85,33 @@ def main() -> None:
     with History(model) as history:
         flt = AllOf(MinWords(args.min_words), *default_filter(history.base, tok, tau=args.ppl_tau).filters)
         assert isinstance(flt, Filter) and isinstance(AdapterL2(), Regularizer)  # the Protocols are runtime-checkable
-        got = collect(history.model, tok, vec, axis.prompts, flt, args.coeff, n_keep=args.n_keep, max_batches=4, sampling=Sampling(do_sample=True, max_new_tokens=args.max_new_tokens, batch_size=8))
+        got = collect(
+            history.model,
+            tok,
+            vec,
+            axis.prompts,
+            flt,
+            args.coeff,
+            n_keep=args.n_keep,
+            max_batches=4,
+            sampling=Sampling(do_sample=True, max_new_tokens=args.max_new_tokens, batch_size=8),
+        )
         print(got.report.table(fmt="plain", samples=True))
 
-        result = heal(history, tok, got.kept, regularizers=[KLRev(), AdapterL2(args.lam)],
-                      lora=LoraSettings(r=8, alpha=16), train=TrainSettings(epochs=args.epochs))
+        result = heal(
+            history,
+            tok,
+            got.kept,
+            regularizers=[KLRev(), AdapterL2(args.lam)],
+            lora=LoraSettings(r=8, alpha=16),
+            train=TrainSettings(epochs=args.epochs),
+        )
         last = result.steps[-1]
-        print(f"heal: {len(result.steps)} steps, last nll {last.nll:.3f}, "
-              f"adapter_l2.sq_norm {last.extra['adapter_l2.sq_norm']:.4g}, "
-              f"klrev_rmse.divergence {last.extra['klrev_rmse.divergence']:.4g}")
+        print(
+            f"heal: {len(result.steps)} steps, last nll {last.nll:.3f}, "
+            f"adapter_l2.sq_norm {last.extra['adapter_l2.sq_norm']:.4g}, "
+            f"klrev_rmse.divergence {last.extra['klrev_rmse.divergence']:.4g}"
+        )
         history.fold(result)
         print(f"folded rounds: {list(history.names)}")
 

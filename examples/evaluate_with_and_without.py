@@ -32,8 +32,11 @@ def main() -> None:
 
     model, tok = load_model(args.model)
     axis = load_axis("authority")
-    vec = (SteeringVector.load(args.vector) if args.vector else
-           SteeringVector.from_persona_pair(model, tok, axis.pos, axis.neg, load_contexts()[: args.n_contexts]))
+    vec = (
+        SteeringVector.load(args.vector)
+        if args.vector
+        else SteeringVector.from_persona_pair(model, tok, axis.pos, axis.neg, load_contexts()[: args.n_contexts])
+    )
 
     items = load_vignettes()
     if 0 < args.n_items < len(items):
@@ -46,8 +49,10 @@ def main() -> None:
         stages["steered"] = probe(model, tok)
 
     c = compare(stages["base"], stages["steered"], target=axis.target, direction=axis.direction)
-    print(f"steered vs base: d {c.target} {c.d_target:+.3f} nats, coherence {c.coherence:.3f} "
-          f"({c.d_coherence:+.3f}), surgical {c.surgical}, verdict {c.verdict} ({c.reason})")
+    print(
+        f"steered vs base: d {c.target} {c.d_target:+.3f} nats, coherence {c.coherence:.3f} "
+        f"({c.d_coherence:+.3f}), surgical {c.surgical}, verdict {c.verdict} ({c.reason})"
+    )
     print()
     print(stage_table(stages, target=axis.target, direction=axis.direction))
 

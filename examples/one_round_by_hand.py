@@ -49,21 +49,44 @@ def main() -> None:
     axis = load_axis("authority")
     # the model is modified in place (LoRA layers) until the History closes
     with History(model) as history:
-        probe = Vignettes(items=stratified_subset(load_vignettes(), args.n_items, seed=args.seed),
-                          think_tokens=args.think_tokens)
+        probe = Vignettes(
+            items=stratified_subset(load_vignettes(), args.n_items, seed=args.seed), think_tokens=args.think_tokens
+        )
         stages = {"base": probe(history.model, tok)}
 
         # 1. steer: extract from the current student (the base, in round 0)
-        vec = SteeringVector.from_persona_pair(history.model, tok, axis.pos, axis.neg, load_contexts()[: args.n_contexts])
+        vec = SteeringVector.from_persona_pair(
+            history.model, tok, axis.pos, axis.neg, load_contexts()[: args.n_contexts]
+        )
 
         # 2-3. generate + filter: perplexity under the base model, whatever the student is now
         filt = default_filter(history.base, tok, tau=args.ppl_tau)
         sampling = Sampling(max_new_tokens=args.max_new_tokens, do_sample=True, batch_size=8)
-        dose = walk_dose(history.model, tok, vec, axis.prompts, filt, target=args.target, steps=2, probe_size=8,
-                         seed=args.seed, sampling=sampling)
+        dose = walk_dose(
+            history.model,
+            tok,
+            vec,
+            axis.prompts,
+            filt,
+            target=args.target,
+            steps=2,
+            probe_size=8,
+            seed=args.seed,
+            sampling=sampling,
+        )
         print(dose.table())
-        kept = collect(history.model, tok, vec, axis.prompts, filt, dose.coeff, n_keep=args.n_keep, max_batches=4,
-                       seed=args.seed + 1, sampling=sampling)
+        kept = collect(
+            history.model,
+            tok,
+            vec,
+            axis.prompts,
+            filt,
+            dose.coeff,
+            n_keep=args.n_keep,
+            max_batches=4,
+            seed=args.seed + 1,
+            sampling=sampling,
+        )
         print(kept.report.table(fmt="plain"))
         print(f"kept {len(kept.kept)} of {len(kept.completions)} completions at coeff {dose.coeff:.3g}")
 
@@ -71,11 +94,20 @@ def main() -> None:
             stages["steered"] = probe(history.model, tok)
 
         # 4. heal: NLL on the kept completions + reverse-KL barrier (RMSE over positions) to `prev`
-        result = heal(history, tok, kept.kept, regularizers=[KLRev(lam=1.0, tau=0.5, agg="rmse")],
-                      reference="prev", lora=LoraSettings(r=16, alpha=32),
-                      train=TrainSettings(epochs=args.epochs, seed=args.seed))
+        result = heal(
+            history,
+            tok,
+            kept.kept,
+            regularizers=[KLRev(lam=1.0, tau=0.5, agg="rmse")],
+            reference="prev",
+            lora=LoraSettings(r=16, alpha=32),
+            train=TrainSettings(epochs=args.epochs, seed=args.seed),
+        )
         for e in result.epochs:
-            print(f"heal epoch {e.epoch}: train nll {e.train_nll:.3f}" + ("" if e.val_nll is None else f", val nll {e.val_nll:.3f}"))
+            print(
+                f"heal epoch {e.epoch}: train nll {e.train_nll:.3f}"
+                + ("" if e.val_nll is None else f", val nll {e.val_nll:.3f}")
+            )
 
         # 5. fold: the model now runs as the student; history.base() still gives the base exactly
         history.fold(result)

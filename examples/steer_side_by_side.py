@@ -39,7 +39,9 @@ def main() -> None:
 
     prompts = axis.prompts[: args.n_prompts]
     plain = generate(model, tok, prompts, sampling=Sampling(max_new_tokens=args.max_new_tokens))
-    steered = generate(model, tok, prompts, steering=vec, coeff=args.coeff, sampling=Sampling(max_new_tokens=args.max_new_tokens))
+    steered = generate(
+        model, tok, prompts, steering=vec, coeff=args.coeff, sampling=Sampling(max_new_tokens=args.max_new_tokens)
+    )
 
     for a, b in zip(plain, steered):
         print(f"\n> {a.prompt}")

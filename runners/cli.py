@@ -34,24 +34,36 @@ def main() -> None:
 @click.option("--axis", default="authority", show_default=True, help="bundled axis name or .toml file (persona pair)")
 @click.option("--pos", default=None, help="positive persona system prompt (overrides the axis)")
 @click.option("--neg", default=None, help="negative persona system prompt (overrides the axis)")
-@click.option("--contexts", "contexts_file", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="file of user messages, one per line (default: the bundled set)")
+@click.option(
+    "--contexts",
+    "contexts_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="file of user messages, one per line (default: the bundled set)",
+)
 @click.option("--n-contexts", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--layers", default="0.45,0.55", show_default=True, help="'lo,hi' depth fractions or ints '13,14'")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="where to write the .safetensors vector")
 def extract(model_name, axis, pos, neg, contexts_file, n_contexts, layers, batch_size, out) -> None:
     """Extract a mean-difference steering vector from a persona pair."""
-    from steer_heal import SteeringVector, load_model
     from steer_heal.data import load_axis, load_contexts
+    from steer_heal.model import load_model
+    from steer_heal.vector import SteeringVector
 
     persona = load_axis(axis)
     contexts = load_contexts(contexts_file)[:n_contexts]
     model, tok = load_model(model_name)
     start = time.perf_counter()
     vec = SteeringVector.from_persona_pair(
-        model, tok, pos=pos or persona.pos, neg=neg or persona.neg, contexts=contexts,
-        layers=parse_layers(layers), batch_size=batch_size, progress=True,
+        model,
+        tok,
+        pos=pos or persona.pos,
+        neg=neg or persona.neg,
+        contexts=contexts,
+        layers=parse_layers(layers),
+        batch_size=batch_size,
+        progress=True,
     )
     vec.save(out)
     norms = ", ".join(f"{layer}: {norm:.2f}" for layer, norm in vec.norms().items())
@@ -70,8 +82,10 @@ def extract(model_name, axis, pos, neg, contexts_file, n_contexts, layers, batch
 @click.option("--seed", type=int, default=0, show_default=True)
 def steer(vector_file, model_name, prompts, coeff, system, max_new_tokens, how, sample, seed) -> None:
     """Print unsteered and steered completions side by side."""
-    from steer_heal import SteeringVector, generate, load_model
+    from steer_heal.generate import generate
+    from steer_heal.model import load_model
     from steer_heal.sampling import Sampling
+    from steer_heal.vector import SteeringVector
 
     vec = SteeringVector.load(vector_file)
     model, tok = load_model(model_name or vec.model_id)
@@ -86,8 +100,18 @@ def steer(vector_file, model_name, prompts, coeff, system, max_new_tokens, how, 
 
 def _overrides(**options) -> dict[str, dict]:
     """CLI flags -> config sections; None means 'not given'."""
-    where = {"model": "run", "rounds": "run", "seed": "run", "axis": "run", "reg": "heal", "lam": "heal", "tau": "heal",
-             "agg": "heal", "reference": "heal", "coherence_floor": "eval"}  # fmt: skip
+    where = {
+        "model": "run",
+        "rounds": "run",
+        "seed": "run",
+        "axis": "run",
+        "reg": "heal",
+        "lam": "heal",
+        "tau": "heal",
+        "agg": "heal",
+        "reference": "heal",
+        "coherence_floor": "eval",
+    }
     out: dict[str, dict] = {}
     for key, value in options.items():
         if value is not None:
@@ -107,22 +131,59 @@ def _overrides(**options) -> dict[str, dict]:
 @click.option("--agg", type=click.Choice(["mean", "rmse", "p95", "max"]), default=None)
 @click.option("--reference", type=click.Choice(["prev", "base", "last_good"]), default=None)
 @click.option("--seed", type=int, default=None)
-@click.option("--coherence-floor", type=float, default=None,
-              help="stop when a healed round's coherence < this x the base's (0 never stops)")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="run directory (default out/<timestamp>_...)")
-@click.option("--resume", "resume_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="continue a run after its last finished round (--rounds / --coherence-floor may change)")
+@click.option(
+    "--coherence-floor",
+    type=float,
+    default=None,
+    help="stop when a healed round's coherence < this x the base's (0 never stops)",
+)
+@click.option(
+    "--out", type=click.Path(file_okay=False), default=None, help="run directory (default out/<timestamp>_...)"
+)
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="continue a run after its last finished round (--rounds / --coherence-floor may change)",
+)
 @click.option("--overwrite", is_flag=True, help="replace an existing --out directory")
 @click.option("--dry-run", is_flag=True, help="print the resolved config and the planned work, run nothing")
-def run(preset, config_file, model, axis, rounds, reg, lam, tau, agg, reference, seed, coherence_floor, out, resume_dir, overwrite,
-        dry_run) -> None:  # fmt: skip
+def run(
+    preset,
+    config_file,
+    model,
+    axis,
+    rounds,
+    reg,
+    lam,
+    tau,
+    agg,
+    reference,
+    seed,
+    coherence_floor,
+    out,
+    resume_dir,
+    overwrite,
+    dry_run,
+) -> None:
     """Run the distill-and-heal loop and write a run directory."""
     from steer_heal import config as cfg
     from steer_heal import loop, plot
     from steer_heal.runlog import RunDir, read_events, run_name
 
-    overrides = _overrides(model=model, axis=axis, rounds=rounds, reg=reg, lam=lam, tau=tau, agg=agg, reference=reference, seed=seed,
-                           coherence_floor=coherence_floor)  # fmt: skip
+    overrides = _overrides(
+        model=model,
+        axis=axis,
+        rounds=rounds,
+        reg=reg,
+        lam=lam,
+        tau=tau,
+        agg=agg,
+        reference=reference,
+        seed=seed,
+        coherence_floor=coherence_floor,
+    )
     started = time.perf_counter()
     if resume_dir:
         # a preset or config file must match the saved config; single options change only
@@ -134,9 +195,11 @@ def run(preset, config_file, model, axis, rounds, reg, lam, tau, agg, reference,
         config = cfg.resolve(preset or "quick", config_file, overrides)
     if dry_run:
         click.echo(cfg.to_toml(config))
-        click.echo(f"# plan: base + prompted evaluation, then {config.run.rounds} round(s) of extract -> dose search "
-                   f"({config.dose.steps + 2} probes max) -> collect {config.collect.n_keep} -> heal ({config.heal.reg}, "
-                   f"{config.heal.epochs} epochs, reference {config.heal.reference}) -> evaluate")
+        click.echo(
+            f"# plan: base + prompted evaluation, then {config.run.rounds} round(s) of extract -> dose search "
+            f"({config.dose.steps + 2} probes max) -> collect {config.collect.n_keep} -> heal ({config.heal.reg}, "
+            f"{config.heal.epochs} epochs, reference {config.heal.reference}) -> evaluate"
+        )
         return
     if not resume_dir:
         run_dir = RunDir.create(Path(out or Path("out") / run_name(config)), config, overwrite=overwrite)
@@ -147,7 +210,9 @@ def run(preset, config_file, model, axis, rounds, reg, lam, tau, agg, reference,
     if result["stopped"]:
         click.echo(f"stopped early: {result['stopped']}")
     click.echo(f"time per stage: {plot.time_breakdown(read_events(run_dir.path / 'events.jsonl'))}")
-    click.echo(f"wall time {time.perf_counter() - started:.0f} s; report {files['report']}, figure {files['trajectory']}")
+    click.echo(
+        f"wall time {time.perf_counter() - started:.0f} s; report {files['report']}, figure {files['trajectory']}"
+    )
 
 
 @main.command()
@@ -168,25 +233,32 @@ def plot(run_dir) -> None:
 @click.option("--items", type=click.Choice(["bundled", "mfv", "both"]), default="bundled", show_default=True)
 @click.option("--mfv-dir", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option("--n-items", type=click.IntRange(min=0), default=0, help="stratified subset size per item set (0: all)")
-@click.option("--n", type=click.IntRange(min=0), default=16, show_default=True, help="completions per dose to filter (0: skip)")
+@click.option(
+    "--n", type=click.IntRange(min=0), default=16, show_default=True, help="completions per dose to filter (0: skip)"
+)
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--ppl-tau", type=float, default=50.0, show_default=True)
-@click.option("--floor", type=float, default=0.95, show_default=True, help="operating dose: coherence >= floor x unsteered")
+@click.option(
+    "--floor", type=float, default=0.95, show_default=True, help="operating dose: coherence >= floor x unsteered"
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="directory for sweep.json and sweep.md")
-def sweep(vector_file, model_name, axis, coeffs, items, mfv_dir, n_items, n, max_new_tokens, ppl_tau, floor, seed, out) -> None:
+def sweep(
+    vector_file, model_name, axis, coeffs, items, mfv_dir, n_items, n, max_new_tokens, ppl_tau, floor, seed, out
+) -> None:
     """Sweep a vector's dose: vignette profile, coherence, filter report and samples per coefficient."""
     import json
     from dataclasses import replace
 
-    from steer_heal import SteeringVector, load_model
     from steer_heal.config import EvalSection, RunConfig
     from steer_heal.data import load_axis
     from steer_heal.filters import default_filter
-    from steer_heal.loop import probes
     from steer_heal.io import atomic_write_text
+    from steer_heal.loop import probes
+    from steer_heal.model import load_model
     from steer_heal.sampling import Sampling
     from steer_heal.sweep import dose_sweep, sweep_report
+    from steer_heal.vector import SteeringVector
 
     try:
         doses = [float(x) for x in coeffs.split(",") if x.strip()]
@@ -197,12 +269,32 @@ def sweep(vector_file, model_name, axis, coeffs, items, mfv_dir, n_items, n, max
     persona = load_axis(axis)
     vec = SteeringVector.load(vector_file)
     model, tok = load_model(model_name or vec.model_id)
-    chosen = {k: replace(p, progress=True) for k, p in probes(RunConfig(eval=EvalSection(items=items, n_items=n_items, mfv_dir=mfv_dir or "")), seed).items()}
+    chosen = {
+        k: replace(p, progress=True)
+        for k, p in probes(
+            RunConfig(eval=EvalSection(items=items, n_items=n_items, mfv_dir=mfv_dir or "")), seed
+        ).items()
+    }
     start = time.perf_counter()
-    points = dose_sweep(model, tok, vec, doses, chosen, prompts=persona.prompts, filt=default_filter(model, tok, tau=ppl_tau, narration_patterns=persona.narration_patterns) if n else None, n=max(n, 1), sample_prompts=persona.sample_prompts[:3], seed=seed, sampling=Sampling(do_sample=True, max_new_tokens=max_new_tokens, batch_size=16))  # fmt: skip
+    points = dose_sweep(
+        model,
+        tok,
+        vec,
+        doses,
+        chosen,
+        prompts=persona.prompts,
+        filt=default_filter(model, tok, tau=ppl_tau, narration_patterns=persona.narration_patterns) if n else None,
+        n=max(n, 1),
+        sample_prompts=persona.sample_prompts[:3],
+        seed=seed,
+        sampling=Sampling(do_sample=True, max_new_tokens=max_new_tokens, batch_size=16),
+    )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "sweep.json", json.dumps({"vector": vector_file, "axis": axis, "points": [p.to_dict() for p in points]}))
+    atomic_write_text(
+        out_dir / "sweep.json",
+        json.dumps({"vector": vector_file, "axis": axis, "points": [p.to_dict() for p in points]}),
+    )
     report = sweep_report(points, persona.target, persona.direction, floor)
     atomic_write_text(out_dir / "sweep.md", report)
     click.echo(report)
@@ -211,7 +303,9 @@ def sweep(vector_file, model_name, axis, coeffs, items, mfv_dir, n_items, n, max
 
 @main.command(name="eval")
 @click.option("--model", "model_name", default="smollm2-135m", show_default=True, help=MODEL_HELP)
-@click.option("--adapter", type=click.Path(exists=True, file_okay=False), default=None, help="a round's adapter/ directory")
+@click.option(
+    "--adapter", type=click.Path(exists=True, file_okay=False), default=None, help="a round's adapter/ directory"
+)
 @click.option("--vector", "vector_file", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--coeff", type=float, default=1.0, show_default=True)
 @click.option("--system", default=None, help="persona system prompt (the prompted baseline)")
@@ -223,9 +317,10 @@ def evaluate(model_name, adapter, vector_file, coeff, system, items, mfv_dir, th
     """Evaluate one configuration (model, optional adapter, optional steering) on the vignettes."""
     from contextlib import ExitStack
 
-    from steer_heal import SteeringVector, load_model
     from steer_heal.evaluate import Vignettes, load_mfv, load_vignettes, stratified_subset
     from steer_heal.history import Adapter, History
+    from steer_heal.model import load_model
+    from steer_heal.vector import SteeringVector
 
     if items == "mfv" and not mfv_dir:
         raise click.UsageError("--items mfv needs --mfv-dir (the folder with the MFV JSONL files)")

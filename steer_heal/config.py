@@ -110,15 +110,25 @@ class RunConfig:
             (r.rounds >= 1, f"run.rounds must be >= 1, got {r.rounds}"),
             (h.reg in choices(RegName), f"heal.reg must be {'|'.join(choices(RegName))}, got {h.reg!r}"),
             (h.agg in choices(Aggregation), f"heal.agg must be {'|'.join(choices(Aggregation))}, got {h.agg!r}"),
-            (h.reference in choices(Reference), f"heal.reference must be {'|'.join(choices(Reference))}, got {h.reference!r}"),
-            (h.reference != "last_good" or h.last_good_threshold is not None,
-             "heal.reference = 'last_good' needs heal.last_good_threshold (the coherence a round must clear)"),
+            (
+                h.reference in choices(Reference),
+                f"heal.reference must be {'|'.join(choices(Reference))}, got {h.reference!r}",
+            ),
+            (
+                h.reference != "last_good" or h.last_good_threshold is not None,
+                "heal.reference = 'last_good' needs heal.last_good_threshold (the coherence a round must clear)",
+            ),
             (h.lam >= 0 and h.tau >= 0, f"heal.lam and heal.tau must be >= 0, got {h.lam} and {h.tau}"),
             (0 < d.target <= 1, f"dose.target must be in (0, 1], got {d.target}"),
             (0 < d.c_min < d.c_max, f"dose needs 0 < c_min < c_max, got {d.c_min} and {d.c_max}"),
-            (self.eval.items in choices(ItemSet), f"eval.items must be {'|'.join(choices(ItemSet))}, got {self.eval.items!r}"),
-            (0 <= self.eval.coherence_floor <= 1,
-             f"eval.coherence_floor is a fraction of the base coherence in [0, 1], got {self.eval.coherence_floor}"),
+            (
+                self.eval.items in choices(ItemSet),
+                f"eval.items must be {'|'.join(choices(ItemSet))}, got {self.eval.items!r}",
+            ),
+            (
+                0 <= self.eval.coherence_floor <= 1,
+                f"eval.coherence_floor is a fraction of the base coherence in [0, 1], got {self.eval.coherence_floor}",
+            ),
             (0 < self.filter.tail <= 1, f"filter.tail must be in (0, 1], got {self.filter.tail}"),
             (self.collect.min_keep <= self.collect.n_keep, "collect.min_keep must be <= collect.n_keep"),
         ]
@@ -168,7 +178,7 @@ def _merge(config: RunConfig, updates: dict[str, Any], where: str) -> RunConfig:
             raise ValueError(f"{where}: [{name}] must be a table of keys")
         section = getattr(out, name)
         valid = {f.name: f for f in fields(section)}
-        for key, value in values.items():
+        for key in values:
             if key not in valid:
                 raise ValueError(f"{where}: unknown key {name}.{key}; valid keys: {', '.join(valid)}")
         try:
@@ -195,7 +205,9 @@ def _coerce(section: Any, values: dict[str, Any], where: str, name: str) -> dict
     return out
 
 
-def resolve(preset: str | None = None, file: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+def resolve(
+    preset: str | None = None, file: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None
+) -> RunConfig:
     config = RunConfig()
     if preset is not None:
         if preset not in PRESETS:

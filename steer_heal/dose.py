@@ -21,10 +21,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
 from torch import nn
 
-from .filter_report import FilterReport
-from .filters import FilterLike, Verdict
+from .filters import FilterLike, FilterReport, Verdict
 from .generate import Completion, generate
 from .sampling import SAMPLED, Sampling
 from .vector import SteeringVector
@@ -57,7 +57,9 @@ class DoseResult:
     def table(self) -> str:
         lines = ["| probe | coeff | kept | kept % | pass |", "|---|---|---|---|---|"]
         for i, p in enumerate(self.probes):
-            lines.append(f"| {i} | {p.coeff:.4g} | {p.kept}/{p.n} | {100 * p.kept_fraction:.0f} | {'yes' if p.passed else 'no'} |")
+            lines.append(
+                f"| {i} | {p.coeff:.4g} | {p.kept}/{p.n} | {100 * p.kept_fraction:.0f} | {'yes' if p.passed else 'no'} |"
+            )
         lines.append(f"dose: {self.coeff:.4g} (target kept fraction {self.target:g})")
         return "\n".join(lines)
 
@@ -125,7 +127,9 @@ def walk_dose(
         raise ValueError(f"target kept fraction must be in (0, 1], got {target}")
     c_min, c_max = float(c_min), float(c_max)
     if not (math.isfinite(c_min) and math.isfinite(c_max) and 0.0 < c_min < c_max):
-        raise ValueError(f"need 0 < c_min < c_max (finite; the search is in log space), got c_min={c_min}, c_max={c_max}")
+        raise ValueError(
+            f"need 0 < c_min < c_max (finite; the search is in log space), got c_min={c_min}, c_max={c_max}"
+        )
     if steps < 0 or probe_size < 1:
         raise ValueError(f"steps must be >= 0 and probe_size >= 1, got {steps} and {probe_size}")
     settings = dict(sampling=sampling, system=system, how=how)
@@ -139,8 +143,9 @@ def walk_dose(
         completions = _sample(model, tok, vector, batch, coeff, seed + len(probes) * seeds_per_probe, settings)
         verdicts = _filter(filter, completions)
         kept = sum(v.keep for v in verdicts)
-        result = Probe(coeff, kept, probe_size, kept / probe_size >= target,
-                       FilterReport.from_verdicts(completions, verdicts))  # fmt: skip
+        result = Probe(
+            coeff, kept, probe_size, kept / probe_size >= target, FilterReport.from_verdicts(completions, verdicts)
+        )
         probes.append(result)
         return result
 

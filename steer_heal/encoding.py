@@ -33,7 +33,7 @@ def encode_completions(tok, completions: Sequence[Completion], max_len: int | No
             continue  # nothing to predict (empty cut-off completion); counted by the caller
         if max_len is not None and len(prompt) + len(body) > max_len:
             truncated += 1
-            prompt = prompt[-(max_len - 1):] if len(prompt) >= max_len else prompt  # keep the assistant tag
+            prompt = prompt[-(max_len - 1) :] if len(prompt) >= max_len else prompt  # keep the assistant tag
             body = body[: max_len - len(prompt)]
         examples.append(Example(tuple(prompt + body), len(prompt)))
     return examples, truncated
@@ -46,7 +46,9 @@ def context_length(model: nn.Module, max_len: int | None) -> int | None:
     return min(limits) if limits else None
 
 
-def completion_nll(model: nn.Module, tok, completions: Sequence[Completion], batch_size: int = 8, max_len: int | None = None) -> float:
+def completion_nll(
+    model: nn.Module, tok, completions: Sequence[Completion], batch_size: int = 8, max_len: int | None = None
+) -> float:
     """Mean NLL per completion token (end-of-turn included) under the model as it runs now."""
     examples, _ = encode_completions(tok, completions, context_length(model, max_len))
     if not examples:

@@ -20,8 +20,7 @@ from tqdm.auto import tqdm
 from .model import chat_prompt, encode, input_device, left_pad, pad_id, stop_token_ids
 from .runtime import seeded
 from .sampling import GREEDY, Sampling
-from .steering import steering_coeff
-from .vector import SteeringVector, check_coeff, steer
+from .steering import Steering, check_coeff, steer, steering_coeff
 from .vocab import Number, SteerHow
 
 
@@ -55,7 +54,7 @@ def generate(
     model: nn.Module,
     tok,
     prompts: Sequence[str],
-    steering: SteeringVector | None = None,
+    steering: Steering | None = None,
     coeff: Number = 0.0,
     sampling: Sampling = GREEDY,
     seed: int = 0,

@@ -197,9 +197,13 @@ def heal(
     if not examples:
         raise ValueError("every completion is empty and was cut at the token limit: nothing to train on")
     if len(examples) < len(completions):
-        warnings.warn(f"{len(completions) - len(examples)} empty completions cut at the token limit were skipped")
+        warnings.warn(
+            f"{len(completions) - len(examples)} empty completions cut at the token limit were skipped", stacklevel=2
+        )
     if truncated:
-        warnings.warn(f"{truncated} of {len(completions)} completions exceed {max_len} tokens and were truncated")
+        warnings.warn(
+            f"{truncated} of {len(completions)} completions exceed {max_len} tokens and were truncated", stacklevel=2
+        )
 
     hist = history if history is not None else History(model)
     try:
@@ -215,7 +219,9 @@ def heal(
             hist.close()
 
 
-def _train(hist: History, slot: TrainSlot, tok, examples, regs, reference, train: TrainSettings, r, truncated, progress) -> HealResult:
+def _train(
+    hist: History, slot: TrainSlot, tok, examples, regs, reference, train: TrainSettings, r, truncated, progress
+) -> HealResult:
     started = time.perf_counter()
     model, pad, device = hist.model, pad_id(tok), input_device(hist.model)
     gen = torch.Generator().manual_seed(train.seed)
@@ -235,30 +241,64 @@ def _train(hist: History, slot: TrainSlot, tok, examples, regs, reference, train
 
     def result() -> HealResult:
         meta = {
-            "model_id": model_id(model), "hidden_size": str(hidden_size(model)),
-            "n_layers": str(n_layers(model)), "round": str(r), "reference": reference,
-            "regularizers": ",".join(reg.name for reg in regs), "method": "steer_heal.heal", "version": __version__,
+            "model_id": model_id(model),
+            "hidden_size": str(hidden_size(model)),
+            "n_layers": str(n_layers(model)),
+            "round": str(r),
+            "reference": reference,
+            "regularizers": ",".join(reg.name for reg in regs),
+            "method": "steer_heal.heal",
+            "version": __version__,
         }
         adapter = hist.adapter(slot.name)
         adapter = Adapter(adapter.config, adapter.state, meta)
-        return HealResult(adapter, steps, epochs, val_start, len(trainset), n_val, truncated, r, reference,
-                          weight_decay, time.perf_counter() - started)
+        return HealResult(
+            adapter,
+            steps,
+            epochs,
+            val_start,
+            len(trainset),
+            n_val,
+            truncated,
+            r,
+            reference,
+            weight_decay,
+            time.perf_counter() - started,
+        )
 
-    bar = tqdm(total=total, desc=f"heal round {r}", disable=not (progress if progress is not None else False), leave=False)
+    bar = tqdm(
+        total=total, desc=f"heal round {r}", disable=not (progress if progress is not None else False), leave=False
+    )
     try:
         step = 0
         for epoch in range(1, train.epochs + 1):
             if step >= total:
                 break
             perm = torch.randperm(len(trainset), generator=gen).tolist()
-            batches = [[trainset[i] for i in perm[a : a + train.batch_size]] for a in range(0, len(perm), train.batch_size)]
+            batches = [
+                [trainset[i] for i in perm[a : a + train.batch_size]] for a in range(0, len(perm), train.batch_size)
+            ]
             run_sum, run_count = 0.0, 0
             for g in range(0, len(batches), train.grad_accum):
                 if step >= total:
                     break
                 step += 1
-                log = _step(hist, slot, batches[g : g + train.grad_accum], regs, reference, need_ref, train, r,
-                            pad, device, step, epoch, opt, sched)
+                log = _step(
+                    hist,
+                    slot,
+                    batches[g : g + train.grad_accum],
+                    regs,
+                    reference,
+                    need_ref,
+                    train,
+                    r,
+                    pad,
+                    device,
+                    step,
+                    epoch,
+                    opt,
+                    sched,
+                )
                 steps.append(log)
                 run_sum, run_count = run_sum + log.nll * log.tokens, run_count + log.tokens
                 bar.update(1)
@@ -268,7 +308,8 @@ def _train(hist: History, slot: TrainSlot, tok, examples, regs, reference, train
         raise HealDiverged(
             f"{bad.what} is not finite at step {bad.step}; stopped before applying it. The last good adapter "
             f"(after step {bad.step - 1}) is in err.result.adapter; lower lr or lam",
-            bad.step, result(),
+            bad.step,
+            result(),
         ) from None
     finally:
         bar.close()

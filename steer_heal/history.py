@@ -46,8 +46,8 @@ from torch import Tensor, nn
 
 from ._version import __version__
 from .io import atomic_write, atomic_write_text
-from .vocab import Reference, choices
 from .model import family_of, hidden_size, model_id, n_layers, unwrap
+from .vocab import Reference, choices
 
 FORMAT = "steer_heal.history/1"
 REFERENCES = choices(Reference)
@@ -86,7 +86,9 @@ class Adapter:
 
         path = Path(path)
         if not (path / _CONFIG_FILE).exists() or not (path / _WEIGHTS_FILE).exists():
-            raise FileNotFoundError(f"{path} is not a peft adapter directory (needs {_CONFIG_FILE} and {_WEIGHTS_FILE})")
+            raise FileNotFoundError(
+                f"{path} is not a peft adapter directory (needs {_CONFIG_FILE} and {_WEIGHTS_FILE})"
+            )
         config = LoraConfig.from_pretrained(str(path))
         with safe_open(str(path / _WEIGHTS_FILE), framework="pt", device="cpu") as f:
             header = f.metadata() or {}
@@ -244,12 +246,19 @@ class History:
     def _add(self, name: str, config) -> None:
         from peft import get_peft_model
 
-        offloaded = sorted({re.sub(r"^(.*?\.\d+)\..*$", r"\1", n.rsplit(".", 1)[0]) for n, p in self._model.named_parameters()
-                            if p.device.type == "meta"})  # fmt: skip
+        offloaded = sorted(
+            {
+                re.sub(r"^(.*?\.\d+)\..*$", r"\1", n.rsplit(".", 1)[0])
+                for n, p in self._model.named_parameters()
+                if p.device.type == "meta"
+            }
+        )
         if offloaded:  # peft would build LoRA weights on "meta" and fail deep inside
-            raise ValueError(f"cannot add LoRA adapters to offloaded layers ({', '.join(offloaded[:3])}"
-                             f"{', ...' if len(offloaded) > 3 else ''}): load the model with a device_map that keeps "
-                             "every layer on a GPU or the CPU (no 'disk' offload)")  # fmt: skip
+            raise ValueError(
+                f"cannot add LoRA adapters to offloaded layers ({', '.join(offloaded[:3])}"
+                f"{', ...' if len(offloaded) > 3 else ''}): load the model with a device_map that keeps "
+                "every layer on a GPU or the CPU (no 'disk' offload)"
+            )
         config = copy.deepcopy(config)  # peft writes into configs it is given
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
@@ -364,7 +373,11 @@ class History:
             raise ValueError(f"no adapter named {which!r}; folded rounds: {list(self.names)}")
         state = get_peft_model_state_dict(self._peft, adapter_name=which, save_embedding_layers=False)
         meta = next((r.meta for r in self._rounds if r.name == which), {})
-        return Adapter(copy.deepcopy(self._peft.peft_config[which]), {k: v.detach().to("cpu").clone() for k, v in state.items()}, dict(meta))
+        return Adapter(
+            copy.deepcopy(self._peft.peft_config[which]),
+            {k: v.detach().to("cpu").clone() for k, v in state.items()},
+            dict(meta),
+        )
 
     def save_round(self, index: int, path: str | os.PathLike) -> Path:
         return self.adapter(index).save(path)

@@ -100,7 +100,9 @@ def nll_per_example(
         chosen = order[start : start + batch_size]
         batch = make_batch([examples[i] for i in chosen], pad, device)
         nll = target_nll(target_logprobs(model, batch), batch).double()
-        sums = torch.zeros(len(chosen), dtype=torch.float64, device=nll.device).index_add_(0, batch.rows.to(nll.device), nll)
+        sums = torch.zeros(len(chosen), dtype=torch.float64, device=nll.device).index_add_(
+            0, batch.rows.to(nll.device), nll
+        )
         counts = torch.bincount(batch.rows, minlength=len(chosen))
         for row, i in enumerate(chosen):
             out[i] = (float(sums[row]), int(counts[row]))

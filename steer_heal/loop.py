@@ -79,8 +79,11 @@ def probes(config: RunConfig, seed: int) -> dict[str, Vignettes]:
             raise ValueError("eval.items includes 'mfv' but eval.mfv_dir is empty; point it at the MFV JSONL folder")
         sets["mfv"] = load_mfv(e.mfv_dir)
     return {
-        name: Vignettes(items=stratified_subset(items, e.n_items, seed=seed) if 0 < e.n_items < len(items) else items,
-                        think_tokens=e.think_tokens, name=name)
+        name: Vignettes(
+            items=stratified_subset(items, e.n_items, seed=seed) if 0 < e.n_items < len(items) else items,
+            think_tokens=e.think_tokens,
+            name=name,
+        )
         for name, items in sets.items()
     }
 
@@ -122,7 +125,9 @@ def neutral_shift(s: Setup, layers: tuple[int, ...]) -> SteeringVector:
     with s.history.base():
         base = last_token_states(s.model, s.tok, texts, layers)
     directions = {layer: (student[layer] - base[layer]).double().mean(0).float() for layer in layers}
-    return SteeringVector(directions, hidden_size=directions[layers[0]].numel(), n_layers=n_layers(s.model), method="student_shift")
+    return SteeringVector(
+        directions, hidden_size=directions[layers[0]].numel(), n_layers=n_layers(s.model), method="student_shift"
+    )
 
 
 def samples(config: RunConfig, s: Setup) -> list[dict]:
@@ -146,22 +151,65 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
     seed = config.run.seed * 1000 + r * 100  # every stochastic step of round r derives from this
     d, c = config.dose, config.collect
     t0 = time.perf_counter()
-    vec = SteeringVector.from_persona_pair(s.model, s.tok, s.axis.pos, s.axis.neg, s.contexts,
-                                           layers=config.extract.layers, batch_size=config.extract.batch_size)  # fmt: skip
+    vec = SteeringVector.from_persona_pair(
+        s.model,
+        s.tok,
+        s.axis.pos,
+        s.axis.neg,
+        s.contexts,
+        layers=config.extract.layers,
+        batch_size=config.extract.batch_size,
+    )
     timings = {"extract": time.perf_counter() - t0}
 
     t0 = time.perf_counter()
     # perplexity under the base model (adapters off, no steering), never the steered student
-    filt = default_filter(s.history.base, s.tok, tau=config.filter.ppl_tau, tail=config.filter.tail,
-                          narration_patterns=s.axis.narration_patterns)  # fmt: skip
-    dose = walk_dose(s.model, s.tok, vec, s.axis.prompts, filt, target=d.target, c_min=d.c_min, c_max=d.c_max,
-                     steps=d.steps, probe_size=d.probe_size, seed=seed, sampling=config.generate)  # fmt: skip
+    filt = default_filter(
+        s.history.base,
+        s.tok,
+        tau=config.filter.ppl_tau,
+        tail=config.filter.tail,
+        narration_patterns=s.axis.narration_patterns,
+    )
+    dose = walk_dose(
+        s.model,
+        s.tok,
+        vec,
+        s.axis.prompts,
+        filt,
+        target=d.target,
+        c_min=d.c_min,
+        c_max=d.c_max,
+        steps=d.steps,
+        probe_size=d.probe_size,
+        seed=seed,
+        sampling=config.generate,
+    )
     run.log("dose", r, coeff=dose.coeff, probes=dose.to_dict()["probes"])
-    kept = collect(s.model, s.tok, vec, s.axis.prompts, filt, dose.coeff, multiples=d.multiples, n_keep=c.n_keep,
-                   max_batches=c.max_batches, min_keep=c.min_keep, seed=seed + 50, sampling=config.generate)  # fmt: skip
-    run.log("gen", r, coeff=dose.coeff, report=kept.report.to_dict(),
-            completions=[{**x.to_dict(), "keep": v.keep, "reasons": v.reasons, "scores": v.scores}
-                         for x, v in zip(kept.completions, kept.verdicts)])  # fmt: skip
+    kept = collect(
+        s.model,
+        s.tok,
+        vec,
+        s.axis.prompts,
+        filt,
+        dose.coeff,
+        multiples=d.multiples,
+        n_keep=c.n_keep,
+        max_batches=c.max_batches,
+        min_keep=c.min_keep,
+        seed=seed + 50,
+        sampling=config.generate,
+    )
+    run.log(
+        "gen",
+        r,
+        coeff=dose.coeff,
+        report=kept.report.to_dict(),
+        completions=[
+            {**x.to_dict(), "keep": v.keep, "reasons": v.reasons, "scores": v.scores}
+            for x, v in zip(kept.completions, kept.verdicts)
+        ],
+    )
     timings["dose+collect"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -172,12 +220,26 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
 
     t0 = time.perf_counter()
     h = config.heal
-    result = heal(s.history, s.tok, kept.kept, regularizers(config), reference=h.reference,
-                  lora=LoraSettings(r=h.rank, alpha=h.alpha, layers=tuple(h.lora_layers)),
-                  train=TrainSettings(epochs=h.epochs, batch_size=h.batch_size, lr=h.lr, seed=seed + 70),
-                  round=r)  # fmt: skip
-    run.log("heal", r, n_train=result.n_train, n_val=result.n_val, seconds=result.seconds, val_nll_start=result.val_nll_start,
-            epochs=[vars(e) for e in result.epochs], steps=[vars(x) for x in result.steps])  # fmt: skip
+    result = heal(
+        s.history,
+        s.tok,
+        kept.kept,
+        regularizers(config),
+        reference=h.reference,
+        lora=LoraSettings(r=h.rank, alpha=h.alpha, layers=tuple(h.lora_layers)),
+        train=TrainSettings(epochs=h.epochs, batch_size=h.batch_size, lr=h.lr, seed=seed + 70),
+        round=r,
+    )
+    run.log(
+        "heal",
+        r,
+        n_train=result.n_train,
+        n_val=result.n_val,
+        seconds=result.seconds,
+        val_nll_start=result.val_nll_start,
+        epochs=[vars(e) for e in result.epochs],
+        steps=[vars(x) for x in result.steps],
+    )
     s.history.fold(result)
     timings["heal"] = time.perf_counter() - t0
 
@@ -243,8 +305,11 @@ def run(config: RunConfig, run_dir: RunDir, s: Setup | None = None, progress: bo
         summary = one_round(config, s, run_dir, r, v0)
         v0 = v0 or summary["vector"]
         if progress:
-            print(f"round {r}: coeff {summary['coeff']:.3g}, kept {summary['n_kept']}, coherence {summary['coherence']:.3f}, "
-                  f"cos(v_r, v_0) {summary['cos_v0']:.3f}, cos(v_student, v_r) {summary['cos_student_teacher']:.3f}", flush=True)
+            print(
+                f"round {r}: coeff {summary['coeff']:.3g}, kept {summary['n_kept']}, coherence {summary['coherence']:.3f}, "
+                f"cos(v_r, v_0) {summary['cos_v0']:.3f}, cos(v_student, v_r) {summary['cos_student_teacher']:.3f}",
+                flush=True,
+            )
         if summary["coherence"] < floor:
             stopped = stop_reason(summary["coherence"], config.eval.coherence_floor, floor, r)
             run_dir.log("stop", r, reason=stopped)

@@ -54,7 +54,9 @@ class LoraSettings:
                 if self.targets == "all-linear" or sub.rsplit(".", 1)[-1] in self.targets:
                     names.append(f"{block_name}.{sub}")
         if not names:
-            raise ValueError(f"no linear layer named {self.targets!r} in layers {self.layers!r}; check LoraSettings.targets")
+            raise ValueError(
+                f"no linear layer named {self.targets!r} in layers {self.layers!r}; check LoraSettings.targets"
+            )
         return names
 
     def config(self, model: nn.Module):

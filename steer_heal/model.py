@@ -62,9 +62,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def family_of(model: nn.Module) -> tuple[str, Family]:
     model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
     if model_type not in FAMILIES:
-        raise ValueError(
-            f"unsupported model family {model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
-        )
+        raise ValueError(f"unsupported model family {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
     return model_type, FAMILIES[model_type]
 
 
@@ -199,9 +197,7 @@ def chat_prompt(tok, user: str, system: str | None = None) -> str:
         except Exception:  # jinja2 TemplateError from templates that reject the system role
             pass
         user = f"{system}\n\n{user}"
-    return tok.apply_chat_template(
-        [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-    )
+    return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
 
 
 def encode(tok, text: str) -> list[int]:
@@ -260,8 +256,8 @@ def left_pad(
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, width - len(seq):] = 1
+        ids[row, width - len(seq) :] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
 
@@ -276,8 +272,10 @@ def execution_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         if p.device.type != "meta":
             return p.device
-    raise ValueError(f"cannot tell where {type(module).__name__} runs: its weights are all on 'meta' and no "
-                     "accelerate hook names an execution device; load the model with device_map or materialise it")
+    raise ValueError(
+        f"cannot tell where {type(module).__name__} runs: its weights are all on 'meta' and no "
+        "accelerate hook names an execution device; load the model with device_map or materialise it"
+    )
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -48,8 +48,10 @@ def stage_tables(events: list[dict[str, Any]], target: str, direction: int) -> s
     parts = []
     for probe, stages in _stages(events).items():
         first_steered = next((k for k in stages if k.startswith("steered")), None)
-        parts.append(f"### {probe}\n\n" + stage_table(stages, base="base", steered=first_steered, target=target,
-                                                      direction=direction))  # fmt: skip
+        parts.append(
+            f"### {probe}\n\n"
+            + stage_table(stages, base="base", steered=first_steered, target=target, direction=direction)
+        )
     return "\n\n".join(parts)
 
 
@@ -74,8 +76,12 @@ def trajectory(events: list[dict[str, Any]], target: str, path: Path) -> None:
         colours = [COLOURS[label.split()[0]] for label in results]
         axes[0].plot(xs, values, color="#bbbbbb", zorder=1)
         axes[0].scatter(xs, values, c=colours, zorder=2, label=probe_name)
-        axes[1].semilogy(xs, [max(1 - r.metrics["coherence"], 1e-6) for r in results.values()], marker="o", label=probe_name)
-        axes[2].scatter([r.metrics[key] for r in results.values()], [r.metrics[off_key] for r in results.values()], c=colours)
+        axes[1].semilogy(
+            xs, [max(1 - r.metrics["coherence"], 1e-6) for r in results.values()], marker="o", label=probe_name
+        )
+        axes[2].scatter(
+            [r.metrics[key] for r in results.values()], [r.metrics[off_key] for r in results.values()], c=colours
+        )
         for label, r in results.items():
             axes[2].annotate(label, (r.metrics[key], r.metrics[off_key]), fontsize=7)
     axes[0].set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
@@ -96,19 +102,27 @@ def trajectory(events: list[dict[str, Any]], target: str, path: Path) -> None:
 
 
 def rounds_table(events: list[dict[str, Any]]) -> str:
-    lines = ["| round | dose | kept | coherence | cos(v_r, v_0) | cos(v_student, v_r) | seconds |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| round | dose | kept | coherence | cos(v_r, v_0) | cos(v_student, v_r) | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for e in events:
         if e["event"] == "round":
             seconds = sum(e.get("timings", {}).values())
-            lines.append(f"| {e['round']} | {e['coeff']:.3g} | {e['n_kept']} | {e['coherence']:.3f} | {e['cos_v0']:.3f} "
-                         f"| {e['cos_student_teacher']:.3f} | {seconds:.0f} |")  # fmt: skip
+            lines.append(
+                f"| {e['round']} | {e['coeff']:.3g} | {e['n_kept']} | {e['coherence']:.3f} | {e['cos_v0']:.3f} "
+                f"| {e['cos_student_teacher']:.3f} | {seconds:.0f} |"
+            )
     return "\n".join(lines)
 
 
 def time_breakdown(events: list[dict[str, Any]]) -> str:
     """Seconds per stage, from the events: the base stage's evaluations, then each round's timings."""
-    base = {f"{e['stage']} eval" if e["event"] == "eval" else "base samples": e["seconds"]
-            for e in events if e["round"] == -1 and "seconds" in e}  # fmt: skip
+    base = {
+        f"{e['stage']} eval" if e["event"] == "eval" else "base samples": e["seconds"]
+        for e in events
+        if e["round"] == -1 and "seconds" in e
+    }
     parts = [", ".join(f"{k} {v:.0f} s" for k, v in base.items())] if base else []
     for e in events:
         if e["event"] == "round" and e.get("timings"):
@@ -136,7 +150,9 @@ def render(run_dir: str | Path) -> dict[str, Path]:
     target, direction = _axis_target(run_dir)
     tables = stage_tables(events, target, direction)
     out = {
-        "stages": atomic_write_text(run_dir / "stages.md", f"# Stages ({target}, direction {direction:+d})\n\n{tables}\n"),
+        "stages": atomic_write_text(
+            run_dir / "stages.md", f"# Stages ({target}, direction {direction:+d})\n\n{tables}\n"
+        ),
         "report": atomic_write_text(
             run_dir / "report.md",
             f"# Run report: {run_dir.name}\n\n## Stage table\n\n{tables}\n\n## Rounds\n\n{rounds_table(events)}\n\n"

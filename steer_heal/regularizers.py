@@ -292,7 +292,11 @@ class WeightDecay:
 
 
 def top_singular(
-    a: Float[Tensor, "rank fan_in"], b: Float[Tensor, "fan_out rank"], scale: float, v: Float[Tensor, " fan_in"], n_iter: int
+    a: Float[Tensor, "rank fan_in"],
+    b: Float[Tensor, "fan_out rank"],
+    scale: float,
+    v: Float[Tensor, " fan_in"],
+    n_iter: int,
 ) -> tuple[Float[Tensor, ""], Float[Tensor, " fan_in"]]:
     """sigma_max(scale * b @ a) by power iteration from `v`; returns (sigma with grad, new v)."""
     with torch.no_grad():

@@ -79,7 +79,9 @@ class RunDir:
         path = Path(path)
         if path.exists() and any(path.iterdir()):
             if not overwrite:
-                raise ValueError(f"output directory {path} exists; pass --resume {path} to continue it or --overwrite to replace it")
+                raise ValueError(
+                    f"output directory {path} exists; pass --resume {path} to continue it or --overwrite to replace it"
+                )
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path / "config.toml", config_mod.to_toml(config))
@@ -87,7 +89,10 @@ class RunDir:
 
     @classmethod
     def resume(
-        cls, path: str | os.PathLike, config: RunConfig | None = None, overrides: dict[str, dict[str, Any]] | None = None
+        cls,
+        path: str | os.PathLike,
+        config: RunConfig | None = None,
+        overrides: dict[str, dict[str, Any]] | None = None,
     ) -> RunDir:
         """Reopen a run. `config`, if given, must equal the saved one. `overrides` change keys
         of the saved config that do not alter finished rounds (`config.RESUMABLE`: more
@@ -98,14 +103,18 @@ class RunDir:
         saved = config_mod.load(path / "config.toml")
         if config is not None and config != saved:
             changes = "; ".join(config_mod.diff(saved, config))
-            raise ValueError(f"cannot resume {path} with a different config ({changes}); drop the options or start a new run")
+            raise ValueError(
+                f"cannot resume {path} with a different config ({changes}); drop the options or start a new run"
+            )
         if overrides:
             wanted = config_mod.override(saved, overrides, "resume options")
             changes = config_mod.diff(saved, wanted)
             fixed = [c for c in changes if c.split(":", 1)[0] not in config_mod.RESUMABLE]
             if fixed:
-                raise ValueError(f"cannot resume {path} with {'; '.join(fixed)}: finished rounds depend on it; only "
-                                 f"{', '.join(config_mod.RESUMABLE)} may change (start a new run for the rest)")  # fmt: skip
+                raise ValueError(
+                    f"cannot resume {path} with {'; '.join(fixed)}: finished rounds depend on it; only "
+                    f"{', '.join(config_mod.RESUMABLE)} may change (start a new run for the rest)"
+                )
             if changes:
                 atomic_write_text(path / "config.toml", config_mod.to_toml(wanted))
                 saved = wanted

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from .model import decoder_blocks, hidden_size, n_layers
-from .steering import AddDelta
-from .vector import SteeringVector, check_coeff, placement
+from .steering import AddDelta, check_coeff
+from .vector import SteeringVector, placement
 from .vocab import Number
 
 
@@ -75,7 +75,9 @@ class SteeringSlot:
             vector.check_compatible(self.model)
             missing = sorted(set(vector.layers) - set(self.layers))
             if missing:
-                raise ValueError(f"vector layers {missing} are not in this slot {self.layers}; make the slot with vec.layers")
+                raise ValueError(
+                    f"vector layers {missing} are not in this slot {self.layers}; make the slot with vec.layers"
+                )
         for layer, delta in self.deltas.items():
             if vector is None or layer not in vector.directions:
                 delta.zero_()

@@ -11,15 +11,23 @@ Steering reaches a model in three ways, and each leaves a mark this module can r
 hook or slot whose delta is all zeros adds exactly nothing and is not listed). The
 perplexity filter asks it before scoring under "the original model", and `generate` asks
 it which coefficient its completions were made at.
+
+`Steering` is what a steering direction must offer to be used by `generate` and `steer`
+(`SteeringVector` is the one this library makes); code that only runs steered models
+depends on this protocol, not on the vector class.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol, runtime_checkable
 
 from torch import Tensor, nn
+
+from .vocab import Number, SteerHow, check_choice
 
 How = Literal["hooks", "slot", "bias"]
 BAKED_ATTR = "_steer_heal_baked"
@@ -78,3 +86,31 @@ def steering_coeff(model: nn.Module) -> float:
     if not coeffs:
         return 0.0
     return coeffs.pop() if len(coeffs) == 1 else math.nan
+
+
+def check_coeff(coeff: Number) -> float:
+    coeff = float(coeff)
+    if not math.isfinite(coeff):
+        raise ValueError(f"coeff must be a finite number, got {coeff}")
+    return coeff
+
+
+@runtime_checkable
+class Steering(Protocol):
+    """Something that steers a model at a coefficient, by hooks or by a baked bias."""
+
+    def apply(self, model: nn.Module, coeff: Number = 1.0) -> AbstractContextManager[nn.Module]: ...
+
+    def bake(self, model: nn.Module, coeff: Number = 1.0) -> AbstractContextManager[nn.Module]: ...
+
+
+@contextmanager
+def steer(model: nn.Module, vector: Steering | None, coeff: Number, how: str = "hooks") -> Iterator[nn.Module]:
+    """Steer with `vector` if given (hooks or bias), else run the model as it is."""
+    check_choice("steering mode", how, SteerHow)
+    if vector is None:
+        yield model
+        return
+    manager = vector.apply if how == "hooks" else vector.bake
+    with manager(model, coeff):
+        yield model

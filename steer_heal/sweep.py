@@ -1,6 +1,6 @@
 """A dose sweep: where does a vector move the trait while the model stays coherent?
 
-Before distilling a vector, look at it across doses (DESIGN.md's gate 1 and Q0). For each
+Before distilling a vector, look at it across doses (gate 1 and Q0 of docs/method.md). For each
 coefficient c (c = 0, the unsteered model, is the reference every row is compared with):
 
 - every vignette probe on the model steered by c * v: the foundation profile in nats and
@@ -25,8 +25,7 @@ from torch import nn
 
 from .evaluate import EvalResult, Samples, Vignettes, foundation_key, stage_table
 from .evaluate.items import FOUNDATIONS
-from .filter_report import FilterReport
-from .filters import FilterLike
+from .filters import FilterLike, FilterReport
 from .generate import generate
 from .sampling import SAMPLED, Sampling
 from .vector import SteeringVector
@@ -41,8 +40,12 @@ class SweepPoint:
     samples: list[dict[str, str]]  # greedy {prompt, text}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"coeff": self.coeff, "results": {k: v.to_dict(rows=True) for k, v in self.results.items()},
-                "filter": self.filter, "samples": self.samples}  # fmt: skip
+        return {
+            "coeff": self.coeff,
+            "results": {k: v.to_dict(rows=True) for k, v in self.results.items()},
+            "filter": self.filter,
+            "samples": self.samples,
+        }
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> SweepPoint:
@@ -80,7 +83,11 @@ def dose_sweep(
         c = float(c)
         with vec.apply(model, c):
             results = {name: probe(model, tok) for name, probe in probes.items()}
-            rows = Samples(sample_prompts, max_new_tokens=sampling.max_new_tokens)(model, tok).rows if sample_prompts else []
+            rows = (
+                Samples(sample_prompts, max_new_tokens=sampling.max_new_tokens)(model, tok).rows
+                if sample_prompts
+                else []
+            )
         row = None
         if filt is not None:  # generate steers inside the call; the filter then scores unsteered
             outs = generate(model, tok, gen_prompts, steering=vec, coeff=c, sampling=sampling, seed=seed)
@@ -112,8 +119,13 @@ def profile_table(points: Sequence[SweepPoint], probe: str) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * (len(head) - 1) + "---|"]
     for p in sorted(points, key=lambda p: p.coeff):
         m = p.results[probe].metrics
-        cells = [f"{p.coeff:g}", *(f"{m[f'{foundation_key(f)}_nats']:.3f}" for f in FOUNDATIONS), f"{m['coherence']:.3f}",
-                 f"{m['frac_unscorable']:.2f}", f"{m.get('label_bias', float('nan')):.3f}"]  # fmt: skip
+        cells = [
+            f"{p.coeff:g}",
+            *(f"{m[f'{foundation_key(f)}_nats']:.3f}" for f in FOUNDATIONS),
+            f"{m['coherence']:.3f}",
+            f"{m['frac_unscorable']:.2f}",
+            f"{m.get('label_bias', float('nan')):.3f}",
+        ]
         f = p.filter
         if f:
             ppl = "-" if f.get("mean_ppl") is None else f"{f['mean_ppl']:.1f}"
@@ -133,10 +145,15 @@ def sweep_report(points: Sequence[SweepPoint], target: str, direction: int, cohe
     for probe in points[0].results:
         parts.append(f"### {probe}: profile (nats) and filter\n\n{profile_table(points, probe)}")
         named = {("base" if c == 0.0 else f"c={c:g}"): p.results[probe] for c, p in stages.items()}
-        parts.append(f"### {probe}: {target} vs c = 0 (paired)\n\n"
-                     f"{stage_table(named, base='base', steered=None, target=target, direction=direction)}")  # fmt: skip
+        parts.append(
+            f"### {probe}: {target} vs c = 0 (paired)\n\n"
+            f"{stage_table(named, base='base', steered=None, target=target, direction=direction)}"
+        )
     if any(p.samples for p in points):
-        rows = [f"#### c = {p.coeff:g}\n\n" + "\n\n".join(f"> **{s['prompt']}**\n\n{s['text'].strip() or '(empty)'}" for s in p.samples)
-                for p in stages.values()]  # fmt: skip
+        rows = [
+            f"#### c = {p.coeff:g}\n\n"
+            + "\n\n".join(f"> **{s['prompt']}**\n\n{s['text'].strip() or '(empty)'}" for s in p.samples)
+            for p in stages.values()
+        ]
         parts.append("### Greedy samples\n\n" + "\n\n".join(rows))
     return "\n\n".join(parts) + "\n"

@@ -50,7 +50,10 @@ def tiny_tokenizer(template: str = "chatml"):
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+        vocab_size=400,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     core.train_from_iterator(_CORPUS * 4, trainer=trainer)
     tok = PreTrainedTokenizerFast(
@@ -93,14 +96,27 @@ def tiny_config(family: str, vocab_size: int, layers: int = 4, hidden: int = 64)
         return tf.Phi3Config(**common)
     if family == "gpt2":
         return tf.GPT2Config(
-            vocab_size=vocab_size, n_embd=hidden, n_layer=layers, n_head=4, n_positions=512,
-            bos_token_id=1, eos_token_id=3, pad_token_id=0,
+            vocab_size=vocab_size,
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=512,
+            bos_token_id=1,
+            eos_token_id=3,
+            pad_token_id=0,
         )
     if family == "gpt_neox":
         return tf.GPTNeoXConfig(
-            vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-            num_attention_heads=4, max_position_embeddings=512, tie_word_embeddings=False,
-            bos_token_id=1, eos_token_id=3, pad_token_id=0,
+            vocab_size=vocab_size,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            tie_word_embeddings=False,
+            bos_token_id=1,
+            eos_token_id=3,
+            pad_token_id=0,
         )
     raise ValueError(f"no tiny config for {family!r}; choose from {', '.join(FAMILY_NAMES)}")
 

@@ -16,7 +16,6 @@ are not normalised: coefficient 1.0 is the persona's natural shift.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -30,8 +29,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ._version import __version__
-from .io import atomic_write
 from .extract import mean_difference
+from .io import atomic_write
 from .model import (
     Depth,
     LayerSpec,
@@ -42,17 +41,12 @@ from .model import (
     n_layers,
     residual_writer,
 )
-from .steering import BAKED_ATTR, AddDelta, Baked
-from .vocab import Number, SteerHow, check_choice
+from .steering import BAKED_ATTR, AddDelta, Baked, check_coeff, steer
+from .vocab import Number
+
+__all__ = ["SteeringVector", "block_param", "check_coeff", "placement", "steer"]
 
 FORMAT = "steer_heal.vector/1"
-
-
-def check_coeff(coeff: Number) -> float:
-    coeff = float(coeff)
-    if not math.isfinite(coeff):
-        raise ValueError(f"coeff must be a finite number, got {coeff}")
-    return coeff
 
 
 def block_param(block: nn.Module) -> Tensor:
@@ -88,7 +82,9 @@ class SteeringVector:
                 raise ValueError(f"layer {layer} out of range for {self.n_layers} layers")
             v = torch.as_tensor(v).detach().to("cpu", torch.float32).reshape(-1)
             if v.numel() != self.hidden_size:
-                raise ValueError(f"layer {layer} direction has size {v.numel()}, expected hidden size {self.hidden_size}")
+                raise ValueError(
+                    f"layer {layer} direction has size {v.numel()}, expected hidden size {self.hidden_size}"
+                )
             if not torch.isfinite(v).all():
                 raise ValueError(f"layer {layer} direction has non-finite values (NaN/inf); re-extract the vector")
             clean[int(layer)] = v
@@ -107,7 +103,9 @@ class SteeringVector:
         progress: bool = False,
     ) -> SteeringVector:
         """The mean-difference vector of a persona pair (the math is in `steer_heal.extract`)."""
-        directions = mean_difference(model, tok, pos, neg, contexts, layers=layers, batch_size=batch_size, progress=progress)
+        directions = mean_difference(
+            model, tok, pos, neg, contexts, layers=layers, batch_size=batch_size, progress=progress
+        )
         return cls(
             directions=directions,
             hidden_size=hidden_size(model),
@@ -200,8 +198,10 @@ class SteeringVector:
         with ExitStack() as stack:
             for (linear, v), layer in zip(writers, self.directions):
                 if linear.weight.device.type == "meta":
-                    raise ValueError(f"bake cannot fold into layer {layer}: its weights are offloaded (on 'meta' until the "
-                                     "forward); use apply(), or load the model without disk/CPU offload")  # fmt: skip
+                    raise ValueError(
+                        f"bake cannot fold into layer {layer}: its weights are offloaded (on 'meta' until the "
+                        "forward); use apply(), or load the model without disk/CPU offload"
+                    )
                 delta = (coeff * v).to(device=linear.weight.device, dtype=linear.weight.dtype)
                 stack.callback(_add_bias(linear, delta, coeff))
             yield model
@@ -237,9 +237,13 @@ class SteeringVector:
                 meta = f.metadata() or {}
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as exc:  # safetensors raises its own error types for truncated headers
-            raise ValueError(f"{path} is not a readable vector file (corrupt or truncated: {exc}); re-save it") from None
+            raise ValueError(
+                f"{path} is not a readable vector file (corrupt or truncated: {exc}); re-save it"
+            ) from None
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a steer_heal vector (metadata format {meta.get('format')!r}, expected {FORMAT!r})")
+            raise ValueError(
+                f"{path} is not a steer_heal vector (metadata format {meta.get('format')!r}, expected {FORMAT!r})"
+            )
         try:
             layers = json.loads(meta["layers"])
             directions = {int(layer): tensors[f"layer.{layer}"] for layer in layers}
@@ -288,16 +292,3 @@ def _add_bias(linear: nn.Module, delta: Tensor, coeff: float):
         untag()
 
     return restore
-
-
-@contextmanager
-def steer(model: nn.Module, vector: SteeringVector | None, coeff: Number, how: str = "hooks") -> Iterator[nn.Module]:
-    """Steer with `vector` if given (hooks or bias), else run the model as it is."""
-    check_choice("steering mode", how, SteerHow)
-    if vector is None:
-        yield model
-        return
-    manager = vector.apply if how == "hooks" else vector.bake
-    with manager(model, coeff):
-        yield model
-

@@ -2,8 +2,8 @@
 
 import pytest
 
-from steer_heal.filters.babble import Babble, babble_scores
 from steer_heal.filters import reason_name
+from steer_heal.filters.babble import Babble, babble_scores
 from steer_heal.generate import Completion
 
 
@@ -30,12 +30,18 @@ def test_scores_exact():
 @pytest.mark.parametrize(
     "text, rule",
     [
-        ("great face wide nature moment great skin hard hand face wood birth very great love smile early mother", "function-word"),
+        (
+            "great face wide nature moment great skin hard hand face wood birth very great love smile early mother",
+            "function-word",
+        ),
         ("care() { return help; } // ### >>>", "punctuation"),
         ("très gentille, à la soirée", "non-ASCII"),
         ("The nurse for is the of the ward and she was kind to the patient today.", "impossible word pairs"),
-        ("the nurse said that the rule was there for a reason but that the woman was cold and that "
-         "the dog was wet and that the night was long and that she would stay with her", "words per sentence"),
+        (
+            "the nurse said that the rule was there for a reason but that the woman was cold and that "
+            "the dog was wet and that the night was long and that she would stay with her",
+            "words per sentence",
+        ),
     ],
 )
 def test_each_rule_fires_alone(text, rule):
@@ -44,7 +50,9 @@ def test_each_rule_fires_alone(text, rule):
 
 
 def test_coherent_text_and_short_replies_pass():
-    assert verdict("Stay with her. Tell the nurse that she is frightened, and ask if you can sit with her a while.").keep
+    assert verdict(
+        "Stay with her. Tell the nurse that she is frightened, and ask if you can sit with her a while."
+    ).keep
     assert verdict("Call an ambulance now.").keep  # 4 words: too short for the share rules
 
 
@@ -56,8 +64,12 @@ def test_rules_turn_off():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"min_function_share": 1.5}, "min_function_share is a share"), ({"max_non_ascii": -0.1}, "max_non_ascii"),
-     ({"max_slips": 0}, "max_slips must be >= 1"), ({"min_words": 0}, "min_words")],
+    [
+        ({"min_function_share": 1.5}, "min_function_share is a share"),
+        ({"max_non_ascii": -0.1}, "max_non_ascii"),
+        ({"max_slips": 0}, "max_slips must be >= 1"),
+        ({"min_words": 0}, "min_words"),
+    ],
 )
 def test_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -27,15 +27,32 @@ def test_extract_then_steer(tmp_path):
     contexts.write_text("hi\nhello there\nwhat is up?\n")
     out = tmp_path / "v.safetensors"
     runner = CliRunner()
-    result = runner.invoke(main, ["extract", "--model", "tiny-llama", "--contexts", str(contexts), "--layers", "1,2", "--out", str(out)])
+    result = runner.invoke(
+        main, ["extract", "--model", "tiny-llama", "--contexts", str(contexts), "--layers", "1,2", "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert "3 contexts" in result.output and out.exists()
-    result = runner.invoke(main, ["steer", "--vector", str(out), "--prompt", "tell me a story", "--coeff", "50", "--max-new-tokens", "6"])
+    result = runner.invoke(
+        main, ["steer", "--vector", str(out), "--prompt", "tell me a story", "--coeff", "50", "--max-new-tokens", "6"]
+    )
     assert result.exit_code == 0, result.output
     assert "unsteered" in result.output and "steered (coeff 50)" in result.output
 
 
 def test_extract_rejects_identical_personas(tmp_path):
-    result = CliRunner().invoke(main, ["extract", "--model", "tiny-llama", "--pos", "same", "--neg", "same", "--out", str(tmp_path / "v.safetensors")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            "tiny-llama",
+            "--pos",
+            "same",
+            "--neg",
+            "same",
+            "--out",
+            str(tmp_path / "v.safetensors"),
+        ],
+    )
     assert result.exit_code == 1
     assert result.output.strip() == "Error: pos and neg personas are identical; the difference would be zero"

@@ -14,9 +14,9 @@ from steer_heal.evaluate import (
     Vignettes,
     compare,
     foundation_key,
+    load_vignettes,
     stage_table,
     stratified_subset,
-    load_vignettes,
 )
 from steer_heal.model import hidden_size, n_layers
 
@@ -27,8 +27,15 @@ def result(name="stage", coherence=0.97, shift=None, **meta) -> EvalResult:
     """A Vignettes-shaped result: uniform profile (log 1/7) plus `shift` nats per foundation."""
     shift = shift or {}
     metrics = {f"{foundation_key(f)}_nats": math.log(1 / 7) + shift.get(f, 0.0) for f in FOUNDATIONS}
-    metrics |= {"coherence": coherence, "frac_unscorable": 0.0, "prefill_nll": 1.0, "top1_acc": 0.3,
-                "n_items": 119.0, "think_tokens": 32.0, "label_bias": 0.05}
+    metrics |= {
+        "coherence": coherence,
+        "frac_unscorable": 0.0,
+        "prefill_nll": 1.0,
+        "top1_acc": 0.3,
+        "n_items": 119.0,
+        "think_tokens": 32.0,
+        "label_bias": 0.05,
+    }
     return EvalResult(name, metrics, meta=META | meta)
 
 

@@ -14,9 +14,9 @@ from steer_heal.heal import LoraSettings, TrainSettings, heal
 from steer_heal.history import History
 from steer_heal.model import chat_prompt, execution_device, input_device
 from steer_heal.regularizers import KLRev
+from steer_heal.sampling import Sampling
 from steer_heal.slot import SteeringSlot
 from steer_heal.tiny import tiny_model
-from steer_heal.sampling import Sampling
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -25,8 +25,16 @@ accelerate = pytest.importorskip("accelerate")
 def plain_and_dispatched(tmp_path):
     model, tok = tiny_model("llama")
     plain = copy.deepcopy(model)
-    device_map = {"model.embed_tokens": "disk", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
-                  "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    device_map = {
+        "model.embed_tokens": "disk",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",
+        "model.layers.2": "disk",
+        "model.layers.3": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     dispatched = accelerate.dispatch_model(model, device_map=device_map, offload_dir=str(tmp_path), main_device="cpu")
     assert dispatched.model.layers[1].mlp.down_proj.weight.device.type == "meta"  # really offloaded
     return plain, dispatched, tok
@@ -73,5 +81,12 @@ def test_bake_and_heal_refuse_offloaded_layers(plain_and_dispatched):
     assert model.model.layers[1].mlp.down_proj.bias is None  # nothing left half-done
     outs = generate(plain, tok, ["hello", "hi there"] * 2, sampling=Sampling(max_new_tokens=4))
     with pytest.raises(ValueError, match=r"offloaded layers \(model.embed_tokens, model.layers.1, model.layers.2\)"):
-        heal(History(model), tok, outs, [KLRev()], lora=LoraSettings(r=2, alpha=4),
-             train=TrainSettings(epochs=1, batch_size=2), round=0)  # fmt: skip
+        heal(
+            History(model),
+            tok,
+            outs,
+            [KLRev()],
+            lora=LoraSettings(r=2, alpha=4),
+            train=TrainSettings(epochs=1, batch_size=2),
+            round=0,
+        )

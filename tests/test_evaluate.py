@@ -73,7 +73,9 @@ def test_unknown_foundation_is_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown foundation 'Purity'; use one of"):
         canonical_foundation("Purity")
     path = tmp_path / "v.jsonl"
-    path.write_text('{"id": "a", "foundation": "Care", "text": "x"}\n{"id": "b", "foundation": "Honour", "text": "y"}\n')
+    path.write_text(
+        '{"id": "a", "foundation": "Care", "text": "x"}\n{"id": "b", "foundation": "Honour", "text": "y"}\n'
+    )
     with pytest.raises(ValueError, match=r"v\.jsonl:2: unknown foundation 'Honour'"):
         load_vignettes(path)
 
@@ -125,8 +127,15 @@ def test_mfv_loader_joins_framings():
     other, self_ = load_mfv(MFV), load_mfv(MFV, framing="self")
     assert len(other) == 132 and [i.id for i in other] == [i.id for i in self_]
     counts = Counter(i.foundation for i in other)
-    assert counts == {"Care": 32, "Fairness": 17, "Authority": 17, "Sanctity": 17, "Liberty": 17, "Loyalty": 16,
-                      "Social Norms": 16}
+    assert counts == {
+        "Care": 32,
+        "Fairness": 17,
+        "Authority": 17,
+        "Sanctity": 17,
+        "Liberty": 17,
+        "Loyalty": 16,
+        "Social Norms": 16,
+    }
     assert other[0].text.startswith("You see") and not self_[0].text.startswith("You see")
     assert set(other[0].human) == set(FOUNDATIONS)
     subset = stratified_subset(other, 35, seed=0)
@@ -167,7 +176,9 @@ def test_options_single_tokens_and_probe_runs_on_every_family(family_model):
 def test_bad_option_labels_are_refused(llama):
     _, tok = llama
     words = ("one", "two", "three", "four", "five", "six", "seven")
-    with pytest.raises(ValueError, match="option label 'one' is .* tokens after 'Answer: \\(' for this tokenizer, not 1"):
+    with pytest.raises(
+        ValueError, match="option label 'one' is .* tokens after 'Answer: \\(' for this tokenizer, not 1"
+    ):
         option_token_ids(tok, "Answer: (", words)
     with pytest.raises(ValueError, match="do not map to distinct tokens"):
         option_token_ids(tok, "Answer: (", ("1",) * 7)
@@ -199,7 +210,7 @@ def reference_row(model, tok, prompt_ids, think, prefill_ids, option_ids):
         logp = model(input_ids=torch.tensor([full]), use_cache=False).logits[0].float().log_softmax(-1)
     n = len(prefill_ids)
     nll = -torch.stack([logp[len(full) - n - 1 + k, t] for k, t in enumerate(prefill_ids)]).mean()
-    return seq[len(prompt_ids):], logp[-1, option_ids], float(nll)
+    return seq[len(prompt_ids) :], logp[-1, option_ids], float(nll)
 
 
 def wide_window_gemma3():
@@ -283,7 +294,9 @@ def test_system_persona_and_caller_steering_change_results(llama):
     base = Vignettes(few(3), orders="reversed")(model, tok)
     prompted = Vignettes(few(3), orders="reversed", system="You are someone who defers to authority.")(model, tok)
     assert prompted.meta["system"] and prompted.metrics != base.metrics
-    assert "defers to authority" in Vignettes(few(7), system="You are someone who defers to authority.").prompts(tok)[0][2]
+    assert (
+        "defers to authority" in Vignettes(few(7), system="You are someone who defers to authority.").prompts(tok)[0][2]
+    )
     with random_vector(model).apply(model, 4.0):
         steered = Vignettes(few(3), orders="reversed")(model, tok)
     assert steered.metrics != base.metrics

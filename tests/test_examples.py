@@ -21,8 +21,21 @@ CASES = {
     "steer_side_by_side.py": (TINY + ["--max-new-tokens", "8"], ["unsteered:", "steered (coeff 2)"]),
     "bake_save_load.py": (TINY, ["max |apply - bake|", "restored bit for bit", "saved and reloaded"]),
     "one_round_by_hand.py": (
-        TINY + ["--max-new-tokens", "8", "--n-keep", "4", "--epochs", "1", "--n-items", "7", "--ppl-tau", "1e9",
-                "--target", "0.01"],
+        TINY
+        + [
+            "--max-new-tokens",
+            "8",
+            "--n-keep",
+            "4",
+            "--epochs",
+            "1",
+            "--n-items",
+            "7",
+            "--ppl-tau",
+            "1e9",
+            "--target",
+            "0.01",
+        ],
         ["dose:", "heal epoch 1", "| healed |", "| steered |"],
     ),
     "custom_filter_and_regularizer.py": (

@@ -27,7 +27,9 @@ def reference_vector(model, tok, layers):
             seen = {}
             handles = [
                 blocks[layer].register_forward_hook(
-                    lambda m, a, out, layer=layer: seen.__setitem__(layer, (out[0] if isinstance(out, tuple) else out)[0, -1])
+                    lambda m, a, out, layer=layer: seen.__setitem__(
+                        layer, (out[0] if isinstance(out, tuple) else out)[0, -1]
+                    )
                 )
                 for layer in layers
             ]
@@ -43,7 +45,9 @@ def reference_vector(model, tok, layers):
 
 def test_batched_extraction_matches_one_at_a_time(family_model):
     family, model, tok = family_model
-    vec = SteeringVector.from_persona_pair(model, tok, pos=POS, neg=NEG, contexts=CONTEXTS, layers=(0.25, 0.75), batch_size=3)
+    vec = SteeringVector.from_persona_pair(
+        model, tok, pos=POS, neg=NEG, contexts=CONTEXTS, layers=(0.25, 0.75), batch_size=3
+    )
     assert vec.layers == (1, 2)
     expected = reference_vector(model, tok, vec.layers)
     for layer in vec.layers:

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from steer_heal.filter_report import FilterReport
 from steer_heal.filters import (
     PPL,
     AllOf,
     Filter,
+    FilterReport,
     Narration,
     Perplexity,
     Refusal,
@@ -38,7 +38,9 @@ LABELS = Path(__file__).parent / "data" / "filter_labels.jsonl"
 
 
 def completion(text: str, prompt: str = "What should I do?", coeff: float = 1.0, prompt_text: str = "") -> Completion:
-    return Completion(prompt=prompt, text=text, token_ids=(), coeff=coeff, finish_reason="length", prompt_text=prompt_text)
+    return Completion(
+        prompt=prompt, text=text, token_ids=(), coeff=coeff, finish_reason="length", prompt_text=prompt_text
+    )
 
 
 def load_labels() -> list[dict]:
@@ -92,7 +94,9 @@ def test_text_filters_on_holdout():
     """16 items written after the babble rules, before scoring them: precision 0.78 (7/9),
     recall 0.88 (7/8). Kept: fluent drift and a word salad with plausible grammar; dropped:
     one coherent 59-word sentence (the run-on rule's price). Pinned so a change shows."""
-    rows = [json.loads(line) for line in (LABELS.parent / "filter_labels_holdout.jsonl").read_text().splitlines() if line]
+    rows = [
+        json.loads(line) for line in (LABELS.parent / "filter_labels_holdout.jsonl").read_text().splitlines() if line
+    ]
     verdicts = default_text_filter()([completion(r["text"], r["prompt"]) for r in rows])
     assert precision_recall(rows, verdicts) == pytest.approx((7 / 9, 7 / 8))
 
@@ -210,10 +214,13 @@ class Spy:
     def __call__(self, completions):
         self.seen += len(completions)
         return [
-            Verdict(self.word not in c.text, {self.key: float(self.word in c.text)},
-                    [] if self.word not in c.text else [f"{self.key}: has {self.word}"])
+            Verdict(
+                self.word not in c.text,
+                {self.key: float(self.word in c.text)},
+                [] if self.word not in c.text else [f"{self.key}: has {self.word}"],
+            )
             for c in completions
-        ]  # fmt: skip
+        ]
 
 
 def test_allof_merges_and_scores_everything():
@@ -260,7 +267,9 @@ def test_perplexity_batched_equals_single_and_reference(family_model):
     assert batched == pytest.approx(single, rel=1e-4), family
     assert batched == pytest.approx(reference, rel=1e-4), family
     full = tail_perplexity(model, tok, formatted, TEXTS, tail=1.0)
-    assert full == pytest.approx([reference_tail_ppl(model, tok, p, t, 1.0) for p, t in zip(formatted, TEXTS)], rel=1e-4)
+    assert full == pytest.approx(
+        [reference_tail_ppl(model, tok, p, t, 1.0) for p, t in zip(formatted, TEXTS)], rel=1e-4
+    )
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])

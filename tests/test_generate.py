@@ -3,8 +3,8 @@ import torch
 
 from steer_heal import Completion, SteeringVector, generate
 from steer_heal.model import chat_prompt, encode, hidden_size, n_layers
-from steer_heal.tiny import tiny_model
 from steer_heal.sampling import Sampling
+from steer_heal.tiny import tiny_model
 
 PROMPTS = ["hi", "tell me a story about the fox", "What matters more, rules or people?", "ok", "Please write a note."]
 
@@ -31,11 +31,15 @@ def test_greedy_batched_equals_unbatched(family):
 def test_coeff_zero_equals_vanilla_generate(llama):
     model, tok = llama
     vec = big_vector(model)
-    steered = generate(model, tok, PROMPTS[:2], steering=vec, coeff=0.0, sampling=Sampling(max_new_tokens=10, batch_size=1))
+    steered = generate(
+        model, tok, PROMPTS[:2], steering=vec, coeff=0.0, sampling=Sampling(max_new_tokens=10, batch_size=1)
+    )
     for completion, prompt in zip(steered, PROMPTS[:2]):
         ids = torch.tensor([encode(tok, chat_prompt(tok, prompt))])
-        out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        vanilla = out[0, ids.shape[1]:].tolist()
+        out = model.generate(
+            ids, max_new_tokens=10, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id
+        )
+        vanilla = out[0, ids.shape[1] :].tolist()
         if tok.eos_token_id in vanilla:
             vanilla = vanilla[: vanilla.index(tok.eos_token_id)]
         assert list(completion.token_ids) == vanilla
@@ -103,6 +107,8 @@ def test_generate_bad_input(llama, kwargs, message):
     model, tok = llama
     sampling_keys = {"batch_size", "do_sample", "temperature", "max_new_tokens"}
     settings = {"max_new_tokens": 2} | {k: v for k, v in kwargs.items() if k in sampling_keys}
-    args = dict(prompts=["hi"], steering=big_vector(model)) | {k: v for k, v in kwargs.items() if k not in sampling_keys}
+    args = dict(prompts=["hi"], steering=big_vector(model)) | {
+        k: v for k, v in kwargs.items() if k not in sampling_keys
+    }
     with pytest.raises(ValueError, match=message):
         generate(model, tok, sampling=Sampling(**settings), **args)

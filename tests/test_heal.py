@@ -8,14 +8,17 @@ from dataclasses import replace
 import pytest
 import torch
 
-from steer_heal.generate import Completion
 from steer_heal.encoding import completion_nll, encode_completions
-from steer_heal.logprobs import make_batch
-from steer_heal.logprobs import target_logprobs as completion_logprobs
+from steer_heal.generate import Completion
 from steer_heal.heal import (
-    HealDiverged, LoraSettings, TrainSettings, heal,
+    HealDiverged,
+    LoraSettings,
+    TrainSettings,
+    heal,
 )
 from steer_heal.history import History
+from steer_heal.logprobs import make_batch
+from steer_heal.logprobs import target_logprobs as completion_logprobs
 from steer_heal.model import chat_prompt, encode, end_of_turn_id, pad_id
 from steer_heal.regularizers import NLL, KLRev, Penalty, SpectralNorm, WeightDecay
 from steer_heal.tiny import tiny_model
@@ -185,7 +188,9 @@ def test_deterministic_and_leaves_no_trace():
 def test_trains_inside_no_grad_and_without_split():
     model, tok = tiny_model("llama")
     with torch.no_grad():
-        res = heal(model, tok, completions(tok), [KLRev(tau=0.0)], "base", LORA, replace(FAST, max_steps=2, split_grads=False))
+        res = heal(
+            model, tok, completions(tok), [KLRev(tau=0.0)], "base", LORA, replace(FAST, max_steps=2, split_grads=False)
+        )
     assert res.steps[-1].sft_grad_norm is None and res.steps[-1].barrier_grad_norm is None
     assert any(float(v.abs().max()) > 0 for k, v in res.adapter.state.items() if "lora_B" in k)
 
@@ -225,7 +230,14 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_good_adapter():
 
 def test_every_family_heals(family_model):
     _, model, tok = family_model
-    res = heal(model, tok, completions(tok, 2), [KLRev(tau=0.0)], lora=LoraSettings(r=2, alpha=4), train=replace(FAST, max_steps=1))
+    res = heal(
+        model,
+        tok,
+        completions(tok, 2),
+        [KLRev(tau=0.0)],
+        lora=LoraSettings(r=2, alpha=4),
+        train=replace(FAST, max_steps=1),
+    )
     assert math.isfinite(res.steps[0].nll) and res.adapter.state
 
 
@@ -237,9 +249,16 @@ def test_every_family_heals(family_model):
         (lambda m, t: heal(m, t, completions(t), [KLRev(lam=-1.0)]), "lam must be a finite number >= 0"),
         (lambda m, t: heal(m, t, completions(t), [KLRev(tau=-1.0)]), "tau must be a finite number >= 0"),
         (lambda m, t: heal(m, t, completions(t), round=-1), "round must be an int >= 0"),
-        (lambda m, t: heal(m, t, [replace(c, text="", token_ids=(), finish_reason="length") for c in completions(t)]),
-         "nothing to train on"),
-        (lambda m, t: heal(m, t, completions(t), lora=LoraSettings(targets=("no_such_proj",))), "no linear layer named"),
+        (
+            lambda m, t: heal(
+                m, t, [replace(c, text="", token_ids=(), finish_reason="length") for c in completions(t)]
+            ),
+            "nothing to train on",
+        ),
+        (
+            lambda m, t: heal(m, t, completions(t), lora=LoraSettings(targets=("no_such_proj",))),
+            "no linear layer named",
+        ),
         (lambda m, t: LoraSettings(r=0), "rank r must be an int >= 1"),
         (lambda m, t: LoraSettings(alpha=-1), "alpha must be a finite number > 0"),
         (lambda m, t: TrainSettings(batch_size=0), "batch_size must be an int >= 1"),

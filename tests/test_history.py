@@ -23,7 +23,9 @@ def random_round(hist: History, seed: int, r: int = 4, layers=(0.0, 1.0), target
     """An adapter with nonzero B (a trained round stand-in), made through the History itself."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        with hist.train_adapter(LoraSettings(r=r, alpha=2 * r, layers=layers, targets=targets).config(hist.model)) as slot:
+        with hist.train_adapter(
+            LoraSettings(r=r, alpha=2 * r, layers=layers, targets=targets).config(hist.model)
+        ) as slot:
             with torch.no_grad():
                 for p in slot.params:
                     p.normal_(0, 0.2)

@@ -1,6 +1,5 @@
 """The loop on the tiny preset: stages logged, files written, and SIGKILL + resume == uninterrupted."""
 
-import json
 import os
 import signal
 import subprocess
@@ -59,14 +58,22 @@ def test_coherence_floor_is_relative_to_the_base(tmp_path):
     healed = next(e["coherence"] for e in run.events() if e["event"] == "round")
     rounds = [e["round"] for e in run.events() if e["event"] == "round"]
     if healed < base:
-        assert rounds == [0] and result["stopped"] == f"coherence {healed:.3f} < 1.0 x base coherence = {base:.3f} after round 0"
+        assert (
+            rounds == [0]
+            and result["stopped"] == f"coherence {healed:.3f} < 1.0 x base coherence = {base:.3f} after round 0"
+        )
     else:
         assert rounds == [0, 1] and (result["stopped"] is None or "after round 1" in result["stopped"])
 
 
 def _run_cli(args, env, log=None):
-    return subprocess.Popen([sys.executable, "-m", "runners.cli", "run", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=open(log, "w") if log else subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "runners.cli", "run", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w") if log else subprocess.DEVNULL,
+    )
 
 
 @pytest.mark.slow
@@ -146,7 +153,11 @@ def test_disk_failure_mid_round_leaves_the_run_resumable(tmp_path, monkeypatch):
     assert loop.run(resumed.config, resumed, progress=False)["stopped"] is None
     events = resumed.events()
     assert [(e["stage"], e["round"]) for e in events if e["event"] == "eval"] == [
-        ("base", -1), ("prompted", -1), ("steered", 0), ("healed", 0)]
+        ("base", -1),
+        ("prompted", -1),
+        ("steered", 0),
+        ("healed", 0),
+    ]
     assert [e["round"] for e in events if e["event"] == "checkpoint"] == [-1, 0]
 
 

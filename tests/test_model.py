@@ -66,7 +66,10 @@ def test_resolve_layers_errors(spec, message):
 def test_chat_prompt_with_system_role():
     tok = tiny_tokenizer("chatml")
     text = chat_prompt(tok, "hello", system="You are kind.")
-    assert text == "<|im_start|>system\nYou are kind.<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    assert (
+        text
+        == "<|im_start|>system\nYou are kind.<|im_end|>\n<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_chat_prompt_folds_system_into_user_when_template_has_no_system_role():

@@ -9,7 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from steer_heal.regularizers import (
-    KLFwd, KLRev, NLL, Penalty, RegContext, Regularizer, SpectralNorm, WeightDecay, aggregate, barrier, kl_fwd, kl_rev,
+    NLL,
+    KLFwd,
+    KLRev,
+    Penalty,
+    RegContext,
+    Regularizer,
+    SpectralNorm,
+    WeightDecay,
+    aggregate,
+    barrier,
+    kl_fwd,
+    kl_rev,
     top_singular,
 )
 
@@ -196,7 +207,10 @@ def test_spectral_norm_on_peft_modules():
     for _ in range(30):  # warm-started power iteration converges across calls
         pen = reg(ctx)
     exact = torch.stack(
-        [torch.linalg.matrix_norm(m.scaling["cur"] * m.lora_B["cur"].weight @ m.lora_A["cur"].weight, ord=2) for m in modules.values()]
+        [
+            torch.linalg.matrix_norm(m.scaling["cur"] * m.lora_B["cur"].weight @ m.lora_A["cur"].weight, ord=2)
+            for m in modules.values()
+        ]
     ).mean()
     assert float(pen.loss.detach()) == pytest.approx(0.5 * float(exact), rel=1e-3)
     pen.loss.backward()

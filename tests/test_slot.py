@@ -3,8 +3,8 @@ import torch
 
 from steer_heal import SteeringVector, generate
 from steer_heal.model import decoder_blocks
-from steer_heal.slot import SteeringSlot
 from steer_heal.sampling import Sampling
+from steer_heal.slot import SteeringSlot
 
 PROMPTS = ["hi", "tell me a story about the fox", "What matters more, rules or people?"]
 
@@ -20,14 +20,20 @@ def test_slot_equals_apply_and_idle_slot_is_vanilla(llama):
     plain = generate(model, tok, PROMPTS, sampling=Sampling(max_new_tokens=8))
     applied = generate(model, tok, PROMPTS, steering=vec, coeff=1.5, sampling=Sampling(max_new_tokens=8))
     with SteeringSlot(model, vec.layers) as slot:
-        assert [c.token_ids for c in generate(model, tok, PROMPTS, sampling=Sampling(max_new_tokens=8))] == [c.token_ids for c in plain]
+        assert [c.token_ids for c in generate(model, tok, PROMPTS, sampling=Sampling(max_new_tokens=8))] == [
+            c.token_ids for c in plain
+        ]
         slot.set(vec, 1.5)
-        assert [c.token_ids for c in generate(model, tok, PROMPTS, sampling=Sampling(max_new_tokens=8))] == [c.token_ids for c in applied]
+        assert [c.token_ids for c in generate(model, tok, PROMPTS, sampling=Sampling(max_new_tokens=8))] == [
+            c.token_ids for c in applied
+        ]
         delta_ptr = slot.deltas[1].data_ptr()
         slot.set(vec, 0.5)
         assert slot.deltas[1].data_ptr() == delta_ptr  # rewritten in place: compiled graphs stay valid
         slot.set(None)
-        assert [c.token_ids for c in generate(model, tok, PROMPTS, sampling=Sampling(max_new_tokens=8))] == [c.token_ids for c in plain]
+        assert [c.token_ids for c in generate(model, tok, PROMPTS, sampling=Sampling(max_new_tokens=8))] == [
+            c.token_ids for c in plain
+        ]
     assert all(not block._forward_hooks for block in decoder_blocks(model))
 
 

@@ -9,8 +9,8 @@ from runners.cli import main
 from steer_heal import SteeringVector
 from steer_heal.evaluate import EvalResult, Vignettes, load_vignettes, stratified_subset
 from steer_heal.filters import default_text_filter
-from steer_heal.sweep import SweepPoint, dose_sweep, operating_dose, sweep_report
 from steer_heal.sampling import Sampling
+from steer_heal.sweep import SweepPoint, dose_sweep, operating_dose, sweep_report
 
 
 def probe():
@@ -19,8 +19,21 @@ def probe():
 
 def test_zero_dose_is_the_plain_model_and_steering_changes_it(llama):
     model, tok = llama
-    vec = SteeringVector.from_persona_pair(model, tok, "You love rules.", "You hate rules.", ["hi", "what now?"], layers=(1, 2))
-    points = dose_sweep(model, tok, vec, [0, 40.0], {"v": probe()}, prompts=["a", "b", "c"], filt=default_text_filter(), n=3, sample_prompts=["hello"], sampling=Sampling(do_sample=True, max_new_tokens=4))  # fmt: skip
+    vec = SteeringVector.from_persona_pair(
+        model, tok, "You love rules.", "You hate rules.", ["hi", "what now?"], layers=(1, 2)
+    )
+    points = dose_sweep(
+        model,
+        tok,
+        vec,
+        [0, 40.0],
+        {"v": probe()},
+        prompts=["a", "b", "c"],
+        filt=default_text_filter(),
+        n=3,
+        sample_prompts=["hello"],
+        sampling=Sampling(do_sample=True, max_new_tokens=4),
+    )
     plain = probe()(model, tok)
     assert points[0].results["v"].metrics == plain.metrics  # coeff 0 == vanilla, exactly
     assert points[1].results["v"].metrics["care_nats"] != plain.metrics["care_nats"]
@@ -37,7 +50,9 @@ def point(coeff: float, coherence: float) -> SweepPoint:
 
 def test_operating_dose_is_the_largest_coherent_one():
     points = [point(0, 0.90), point(1, 0.89), point(2, 0.86), point(3, 0.80), point(4, 0.86)]
-    assert operating_dose(points, coherence_floor=0.95) == 4  # 0.86 >= 0.855: the rule is per dose, not "until first failure"
+    assert (
+        operating_dose(points, coherence_floor=0.95) == 4
+    )  # 0.86 >= 0.855: the rule is per dose, not "until first failure"
     assert operating_dose(points, coherence_floor=0.98) == 1
     with pytest.raises(ValueError, match="no c = 0"):
         operating_dose(points[1:])
@@ -55,9 +70,27 @@ def test_sweep_needs_zero(llama):
 def test_cli_sweep_writes_report(tmp_path):
     runner = CliRunner()
     vec = tmp_path / "v.safetensors"
-    assert runner.invoke(main, ["extract", "--model", "tiny-llama", "--n-contexts", "4", "--out", str(vec)]).exit_code == 0
-    result = runner.invoke(main, ["sweep", "--vector", str(vec), "--coeffs", "0,2", "--n-items", "7", "--n", "2",
-                                  "--max-new-tokens", "4", "--out", str(tmp_path / "s")])  # fmt: skip
+    assert (
+        runner.invoke(main, ["extract", "--model", "tiny-llama", "--n-contexts", "4", "--out", str(vec)]).exit_code == 0
+    )
+    result = runner.invoke(
+        main,
+        [
+            "sweep",
+            "--vector",
+            str(vec),
+            "--coeffs",
+            "0,2",
+            "--n-items",
+            "7",
+            "--n",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "Operating dose" in (tmp_path / "s" / "sweep.md").read_text()
     assert len(json.loads((tmp_path / "s" / "sweep.json").read_text())["points"]) == 2

@@ -141,15 +141,25 @@ def test_algebra(llama):
 def test_save_load_round_trip(tmp_path, llama):
     model, _ = llama
     vec = SteeringVector(
-        directions=random_vector(model).directions, hidden_size=64, n_layers=4, model_id="tiny-llama",
-        pos="You are kind.", neg="You are cruel.", extra={"n_contexts": "3"},
+        directions=random_vector(model).directions,
+        hidden_size=64,
+        n_layers=4,
+        model_id="tiny-llama",
+        pos="You are kind.",
+        neg="You are cruel.",
+        extra={"n_contexts": "3"},
     )
     path = vec.save(tmp_path / "sub" / "v.safetensors")
     loaded = SteeringVector.load(path)
     assert loaded.layers == vec.layers
     for layer in vec.layers:
         assert torch.equal(loaded.directions[layer], vec.directions[layer])
-    assert (loaded.model_id, loaded.pos, loaded.neg, loaded.extra) == ("tiny-llama", "You are kind.", "You are cruel.", {"n_contexts": "3"})
+    assert (loaded.model_id, loaded.pos, loaded.neg, loaded.extra) == (
+        "tiny-llama",
+        "You are kind.",
+        "You are cruel.",
+        {"n_contexts": "3"},
+    )
     assert sorted(p.name for p in path.parent.iterdir()) == ["v.safetensors"]  # no temp files left
 
 

@@ -37,7 +37,7 @@ def loop(name: str) -> str:
     rounds = [e for e in events if e["event"] == "round"]
     probes = list(stages)
     head = ["round", "dose", "kept", *(f"{p}: steered d / healed d / healed coh / base" for p in probes),
-            "cos(v_r, v_0)", "cos(v_student, v_r)", "max layer norm"]  # fmt: skip
+            "cos(v_r, v_0)", "cos(v_student, v_r)", "max layer norm"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for e in rounds:
         r = e["round"]

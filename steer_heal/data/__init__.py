@@ -58,7 +58,9 @@ def load_axis(name_or_path: str | Path) -> Axis:
     if not path.suffix:
         path = data_path("axes") / f"{name_or_path}.toml"
         if not path.exists():
-            raise ValueError(f"unknown axis {name_or_path!r}; bundled: {', '.join(available_axes())}, or pass a .toml path")
+            raise ValueError(
+                f"unknown axis {name_or_path!r}; bundled: {', '.join(available_axes())}, or pass a .toml path"
+            )
     with open(path, "rb") as f:
         raw = tomllib.load(f)
     missing = [key for key in _REQUIRED if key not in raw]

@@ -91,7 +91,9 @@ def paired_ci(
 def _check_paired(a: EvalResult, b: EvalResult) -> None:
     for result in (a, b):
         if result.meta.get("evaluator") != "vignettes":
-            raise ValueError(f"compare() takes Vignettes results; {result.name!r} came from {result.meta.get('evaluator')!r}")
+            raise ValueError(
+                f"compare() takes Vignettes results; {result.name!r} came from {result.meta.get('evaluator')!r}"
+            )
     for key in _PAIRED:
         if a.meta.get(key) != b.meta.get(key):
             raise ValueError(
@@ -136,7 +138,10 @@ def compare(
     elif abs(d_target) < min_effect:
         verdict, reason = "flat", f"|d {target}| = {abs(d_target):.3f} < {min_effect} nats"
     elif ci is not None and ci[0] <= 0.0 <= ci[1]:
-        verdict, reason = "noise", f"d {target} {d_target:+.3f} nats, paired 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}] holds 0"
+        verdict, reason = (
+            "noise",
+            f"d {target} {d_target:+.3f} nats, paired 95% CI [{ci[0]:+.3f}, {ci[1]:+.3f}] holds 0",
+        )
     elif math.copysign(1, d_target) != direction:
         verdict, reason = "reversed", f"{target} moved {d_target:+.3f} nats, against direction {direction:+d}"
     elif not surgical:
@@ -183,14 +188,45 @@ def stage_table(
         m = result.metrics
         bias = _fmt(m.get("label_bias"), ".3f")  # absent from records made before it existed
         if name == base:
-            cells = [f"{m[key]:.3f}", "", "", "", f"{m['coherence']:.3f}", "", "", f"{m['frac_unscorable']:.3f}",
-                     f"{m['prefill_nll']:.3f}", f"{m['top1_acc']:.3f}", bias, "", "base"]
+            cells = [
+                f"{m[key]:.3f}",
+                "",
+                "",
+                "",
+                f"{m['coherence']:.3f}",
+                "",
+                "",
+                f"{m['frac_unscorable']:.3f}",
+                f"{m['prefill_nll']:.3f}",
+                f"{m['top1_acc']:.3f}",
+                bias,
+                "",
+                "base",
+            ]
         else:
-            c = compare(ref, result, target, direction, steered=steer_result if name != steered else None,
-                        broken_below=broken_below)
+            c = compare(
+                ref,
+                result,
+                target,
+                direction,
+                steered=steer_result if name != steered else None,
+                broken_below=broken_below,
+            )
             interval = "" if c.ci is None else f"[{c.ci[0]:+.3f}, {c.ci[1]:+.3f}]"
-            cells = [f"{m[key]:.3f}", _fmt(c.d_target), interval, _fmt(c.retain, ".2f"), f"{c.coherence:.3f}",
-                     _fmt(c.d_coherence), _fmt(c.coh_cost, ".3f"), f"{m['frac_unscorable']:.3f}",
-                     f"{m['prefill_nll']:.3f}", f"{m['top1_acc']:.3f}", bias, "yes" if c.surgical else "no", c.verdict]
+            cells = [
+                f"{m[key]:.3f}",
+                _fmt(c.d_target),
+                interval,
+                _fmt(c.retain, ".2f"),
+                f"{c.coherence:.3f}",
+                _fmt(c.d_coherence),
+                _fmt(c.coh_cost, ".3f"),
+                f"{m['frac_unscorable']:.3f}",
+                f"{m['prefill_nll']:.3f}",
+                f"{m['top1_acc']:.3f}",
+                bias,
+                "yes" if c.surgical else "no",
+                c.verdict,
+            ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

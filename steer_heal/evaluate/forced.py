@@ -64,7 +64,9 @@ def _forward(
     keep: int,
 ):
     kwargs = {_cache_kwarg(model): cache}
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep, **kwargs)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep, **kwargs
+    )
     return out.logits.float().to(ids.device), out["cache"] if "cache" in out else out["past_key_values"]
 
 

@@ -101,7 +101,9 @@ def _parse(path: Path, number: int, row: dict, label_key: str) -> Vignette:
         key = "human_" + f.replace(" ", "")
         if isinstance(row.get(key), (int, float)):
             human[f] = float(row[key])
-    return Vignette(id=_field(path, number, row, "id"), foundation=foundation, text=_field(path, number, row, "text"), human=human)
+    return Vignette(
+        id=_field(path, number, row, "id"), foundation=foundation, text=_field(path, number, row, "text"), human=human
+    )
 
 
 def _check_unique(items: Sequence[Vignette], where: str) -> None:
@@ -146,10 +148,14 @@ def load_mfv(folder: str | Path, framing: str = "other", name: str = "classic") 
     other, self_ = tables["other"], tables["self"]
     if set(other) != set(self_):
         missing = sorted(set(other) ^ set(self_))[:3]
-        raise ValueError(f"MFV framing files in {folder} hold different ids (e.g. {missing}); they must join one to one")
+        raise ValueError(
+            f"MFV framing files in {folder} hold different ids (e.g. {missing}); they must join one to one"
+        )
     for key, item in other.items():
         if self_[key].foundation != item.foundation:
-            raise ValueError(f"MFV item {key!r} is {item.foundation} in one framing and {self_[key].foundation} in the other")
+            raise ValueError(
+                f"MFV item {key!r} is {item.foundation} in one framing and {self_[key].foundation} in the other"
+            )
     chosen = other if framing == "other" else self_
     items = [chosen[key] for key in other]  # file order of the "other" framing
     if not items:

@@ -46,9 +46,7 @@ def minilm_folder(package: str = _PACKAGE) -> Path:
     return folder
 
 
-def mean_pool(
-    hidden: Float[Tensor, "batch seq dim"], mask: Int[Tensor, "batch seq"]
-) -> Float[Tensor, "batch dim"]:
+def mean_pool(hidden: Float[Tensor, "batch seq dim"], mask: Int[Tensor, "batch seq"]) -> Float[Tensor, "batch dim"]:
     """Mean over real tokens (mask 1), then L2-normalised."""
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1e-9)
@@ -73,8 +71,11 @@ class Embedder:
         out = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tok(
-                list(texts[start : start + self.batch_size]), padding=True, truncation=True,
-                max_length=self.max_length, return_tensors="pt",
+                list(texts[start : start + self.batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
             )
             hidden = self.model(**batch).last_hidden_state
             out.append(mean_pool(hidden, batch["attention_mask"]))
@@ -143,7 +144,9 @@ class TraitJudge:
         if pos is None:
             axes = load_judge_axes(path)
             if axis not in axes:
-                raise ValueError(f"unknown judge axis {axis!r}; bundled: {', '.join(sorted(axes))}, or pass pos= and neg=")
+                raise ValueError(
+                    f"unknown judge axis {axis!r}; bundled: {', '.join(sorted(axes))}, or pass pos= and neg="
+                )
             spec = axes[axis]
             pos, neg, prompts = spec.pos, spec.neg, spec.prompts if prompts is None else prompts
         if not pos or not neg:
@@ -178,11 +181,23 @@ class TraitJudge:
         if not self.prompts:
             raise ValueError(f"judge axis {self.axis!r} has no prompts; pass prompts=[...]")
         with eval_mode(model):
-            completions = generate(model, tok, self.prompts, system=self.system, progress=False, sampling=Sampling(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size))
+            completions = generate(
+                model,
+                tok,
+                self.prompts,
+                system=self.system,
+                progress=False,
+                sampling=Sampling(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size),
+            )
         texts = [c.text for c in completions]
         values = self.scores(texts)
         summary = self._summary(values)
         rows = [{"prompt": c.prompt, "text": c.text, "score": s} for c, s in zip(completions, values)]
         metrics = {f"{self.axis}_{key}": value for key, value in summary.items()}
-        meta = {"evaluator": "judge", "axis": self.axis, "max_new_tokens": str(self.max_new_tokens), "system": self.system or ""}
+        meta = {
+            "evaluator": "judge",
+            "axis": self.axis,
+            "max_new_tokens": str(self.max_new_tokens),
+            "system": self.system or "",
+        }
         return EvalResult(name=self.name, metrics=metrics, rows=rows, meta=meta)

@@ -63,17 +63,29 @@ class HeldOutPerplexity:
         sums, counts = [t for t, _ in scored], [c for _, c in scored]
         mean = sum(sums) / sum(counts)
         rows_out = [{"text": t[:80], "nll": s / c, "tokens": c} for t, s, c in zip(self.texts, sums, counts)]
-        metrics = {"perplexity": math.exp(mean), "nll": mean, "n_tokens": float(sum(counts)), "n_texts": float(len(encoded))}
+        metrics = {
+            "perplexity": math.exp(mean),
+            "nll": mean,
+            "n_tokens": float(sum(counts)),
+            "n_texts": float(len(encoded)),
+        }
         return EvalResult(name=self.name, metrics=metrics, rows=rows_out, meta={"evaluator": "perplexity"})
 
 
 class Samples:
     """Greedy completions of fixed prompts, for reading next to the numbers."""
 
-    def __init__(self, prompts: Sequence[str], max_new_tokens: int = 64, system: str | None = None, batch_size: int = 8):
+    def __init__(
+        self, prompts: Sequence[str], max_new_tokens: int = 64, system: str | None = None, batch_size: int = 8
+    ):
         if not prompts:
             raise ValueError("Samples needs at least one prompt")
-        self.prompts, self.max_new_tokens, self.system, self.batch_size = list(prompts), max_new_tokens, system, batch_size
+        self.prompts, self.max_new_tokens, self.system, self.batch_size = (
+            list(prompts),
+            max_new_tokens,
+            system,
+            batch_size,
+        )
         self.name = "samples"
 
     def __call__(self, model: nn.Module, tok: Any) -> EvalResult:

@@ -201,7 +201,9 @@ class Vignettes:
             raise ValueError("empty item set; pass vignettes (e.g. load_vignettes()) or leave items=None")
         if isinstance(self.wording, str):
             if self.wording not in WORDINGS:
-                raise ValueError(f"unknown wording {self.wording!r}; choose from {', '.join(WORDINGS)} or pass a Wording")
+                raise ValueError(
+                    f"unknown wording {self.wording!r}; choose from {', '.join(WORDINGS)} or pass a Wording"
+                )
             self.wording = WORDINGS[self.wording]
         if isinstance(self.think_tokens, bool) or not isinstance(self.think_tokens, int) or self.think_tokens < 0:
             raise ValueError(f"think_tokens must be an int >= 0, got {self.think_tokens!r}")
@@ -213,7 +215,7 @@ class Vignettes:
         """A hash of everything in the prompt except the items and the persona."""
         w = self.wording
         spec = [w.question, sorted(w.glosses.items()), w.prefill, w.think_separator, list(self.labels)]
-        if self.orders != "reversed":  # keeps the hash of the default protocol unchanged
+        if self.orders != "reversed":  # "reversed" came first: its runs keep their old protocol hash
             spec.append(self.orders)
         return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
@@ -249,7 +251,14 @@ class Vignettes:
         for batch in tqdm(batches, desc="vignettes", disable=not self.progress, leave=False):
             with eval_mode(model):
                 thought, label_logp, prefill_nll = think_and_answer(
-                    model, [prompt_ids[i] for i in batch], self.think_tokens, prefill_ids, option_ids, stops, pad, device
+                    model,
+                    [prompt_ids[i] for i in batch],
+                    self.think_tokens,
+                    prefill_ids,
+                    option_ids,
+                    stops,
+                    pad,
+                    device,
                 )
             for row, i in enumerate(batch):
                 columns = [index_of[f] for f in rows[i][1]]  # label k names foundation order[k]

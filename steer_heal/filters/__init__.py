@@ -3,7 +3,8 @@
 - `base`: the `Filter` protocol, `Verdict`, `Reason`, `AllOf`;
 - `text`: `Repetition`, `Narration`, `Refusal` (no model needed);
 - `babble`: `Babble`, word salad judged by the text's grammar (no model needed);
-- `perplexity`: `Perplexity`, tail perplexity under the original model.
+- `perplexity`: `Perplexity`, tail perplexity under the original model;
+- `report`: `FilterReport`, what a filter kept and dropped per steering coefficient.
 
 `default_text_filter` and `default_filter` below are the combinations the loop uses.
 """
@@ -16,6 +17,7 @@ from ..vocab import Number
 from .babble import Babble, babble_scores
 from .base import AllOf, Filter, FilterLike, Reason, Verdict, reason_name
 from .perplexity import PPL, BaseModel, Perplexity, tail_perplexity
+from .report import CoeffStats, FilterReport
 from .text import (
     NARRATION_PATTERNS,
     REFUSAL_PHRASES,
@@ -33,8 +35,10 @@ __all__ = [
     "AllOf",
     "Babble",
     "BaseModel",
+    "CoeffStats",
     "Filter",
     "FilterLike",
+    "FilterReport",
     "Narration",
     "Perplexity",
     "Reason",
@@ -70,5 +74,6 @@ def default_filter(
 ) -> AllOf:
     """Perplexity under the ORIGINAL model (a model, or e.g. `history.base`) plus the text-only filters."""
     return AllOf(
-        Perplexity(model, tok, tau=tau, tail=tail, batch_size=batch_size), *default_text_filter(narration_patterns).filters
+        Perplexity(model, tok, tau=tau, tail=tail, batch_size=batch_size),
+        *default_text_filter(narration_patterns).filters,
     )

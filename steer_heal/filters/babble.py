@@ -39,12 +39,17 @@ PREPOSITIONS = frozenset(
     "of in on at for from with by about into onto over under after before between through during without within upon".split()
 )
 AUXILIARIES = frozenset("is are was were am been shall will would can could may might must should".split())
-FUNCTION_WORDS = DETERMINERS | PREPOSITIONS | AUXILIARIES | frozenset(
-    """a an the this that these those his her its some any no all both
+FUNCTION_WORDS = (
+    DETERMINERS
+    | PREPOSITIONS
+    | AUXILIARIES
+    | frozenset(
+        """a an the this that these those his her its some any no all both
     to as than and or but nor so yet if because while although though when where whether
     i you he she it we they me him us them myself yourself
     be being do does did have has had not there here what which who whom whose how why
     more most very too just also only then now""".split()
+    )
 )
 _WORD = re.compile(r"[^\W\d_]+(?:['’-][^\W\d_]+)*")
 _SENTENCE_END = re.compile(r"[.!?]+[\"')\]’”]*(?=\s|$)|\S\s*\n")
@@ -87,14 +92,25 @@ class Babble:
         max_sentence_words: float | None = 28.0,
         min_words: int = 8,
     ) -> None:
-        for name, value in [("min_function_share", min_function_share), ("max_punct_share", max_punct_share),
-                            ("max_non_ascii", max_non_ascii)]:  # fmt: skip
+        for name, value in [
+            ("min_function_share", min_function_share),
+            ("max_punct_share", max_punct_share),
+            ("max_non_ascii", max_non_ascii),
+        ]:
             if value is not None and not 0 <= value <= 1:
                 raise ValueError(f"{name} is a share in [0, 1] (or None to turn it off), got {value}")
-        for name, value in [("max_slips", max_slips), ("max_sentence_words", max_sentence_words), ("min_words", min_words)]:
+        for name, value in [
+            ("max_slips", max_slips),
+            ("max_sentence_words", max_sentence_words),
+            ("min_words", min_words),
+        ]:
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 (or None to turn it off), got {value}")
-        self.min_function_share, self.max_punct_share, self.max_non_ascii = min_function_share, max_punct_share, max_non_ascii
+        self.min_function_share, self.max_punct_share, self.max_non_ascii = (
+            min_function_share,
+            max_punct_share,
+            max_non_ascii,
+        )
         self.max_slips, self.max_sentence_words, self.min_words = max_slips, max_sentence_words, min_words
 
     def reasons(self, s: dict[str, float]) -> list[Reason]:
@@ -108,7 +124,9 @@ class Babble:
         if s["babble_words"] < self.min_words:
             return out  # too short for the share and sentence rules to mean anything
         if self.min_function_share is not None and s["function_share"] < self.min_function_share:
-            out.append(Reason(self.name, f"function-word share {s['function_share']:.2f} < {self.min_function_share:g}"))
+            out.append(
+                Reason(self.name, f"function-word share {s['function_share']:.2f} < {self.min_function_share:g}")
+            )
         if self.max_sentence_words is not None and s["sentence_words"] > self.max_sentence_words:
             out.append(Reason(self.name, f"{s['sentence_words']:.0f} words per sentence > {self.max_sentence_words:g}"))
         return out
@@ -123,5 +141,7 @@ class Babble:
         return verdicts
 
     def __repr__(self) -> str:
-        return (f"Babble(function>={self.min_function_share}, punct<={self.max_punct_share}, non_ascii<={self.max_non_ascii}, "
-                f"slips<{self.max_slips}, sentence<={self.max_sentence_words})")  # fmt: skip
+        return (
+            f"Babble(function>={self.min_function_share}, punct<={self.max_punct_share}, non_ascii<={self.max_non_ascii}, "
+            f"slips<{self.max_slips}, sentence<={self.max_sentence_words})"
+        )

@@ -86,7 +86,9 @@ class Repetition:
         self.compress_tau = check_positive("compress_tau", compress_tau)
         self.window = None if window is None else check_fraction("window", window)
         if not ns or any(n < 1 for n in ns) or min_ngrams < 1 or min_chars < 1:
-            raise ValueError(f"ns must be non-empty ints >= 1 and min_ngrams, min_chars >= 1; got {ns}, {min_ngrams}, {min_chars}")
+            raise ValueError(
+                f"ns must be non-empty ints >= 1 and min_ngrams, min_chars >= 1; got {ns}, {min_ngrams}, {min_chars}"
+            )
         self.ns, self.min_chars, self.min_ngrams = tuple(ns), min_chars, min_ngrams
 
     def score(self, text: str) -> dict[str, float]:
@@ -136,18 +138,46 @@ NARRATION_PATTERNS: tuple[str, ...] = (
 )
 
 REFUSAL_PHRASES: tuple[str, ...] = (
-    "as an ai", "as a language model", "as an artificial intelligence", "i'm an ai", "i am an ai",
-    "i'm just an ai", "i am just an ai", "i'm only an ai", "i am only an ai",
-    "i'm sorry, but i can't", "i'm sorry, but i cannot", "i am sorry, but i can't", "i am sorry, but i cannot",
-    "i'm sorry, but i am unable", "i'm sorry, but i'm unable",
-    "i apologize, but", "i apologise, but",
-    "i cannot assist", "i can't assist", "i'm unable to assist", "i am unable to assist",
-    "i cannot help with", "i can't help with", "i'm unable to help", "i am unable to help",
-    "i'm not able to help", "i am not able to help", "i cannot provide", "i can't provide",
-    "i cannot fulfill", "i can't fulfill", "i cannot comply", "i can't comply",
-    "i don't have personal opinions", "i do not have personal opinions",
-    "i don't have feelings", "i do not have feelings", "i don't have emotions", "i do not have emotions",
-)  # fmt: skip
+    "as an ai",
+    "as a language model",
+    "as an artificial intelligence",
+    "i'm an ai",
+    "i am an ai",
+    "i'm just an ai",
+    "i am just an ai",
+    "i'm only an ai",
+    "i am only an ai",
+    "i'm sorry, but i can't",
+    "i'm sorry, but i cannot",
+    "i am sorry, but i can't",
+    "i am sorry, but i cannot",
+    "i'm sorry, but i am unable",
+    "i'm sorry, but i'm unable",
+    "i apologize, but",
+    "i apologise, but",
+    "i cannot assist",
+    "i can't assist",
+    "i'm unable to assist",
+    "i am unable to assist",
+    "i cannot help with",
+    "i can't help with",
+    "i'm unable to help",
+    "i am unable to help",
+    "i'm not able to help",
+    "i am not able to help",
+    "i cannot provide",
+    "i can't provide",
+    "i cannot fulfill",
+    "i can't fulfill",
+    "i cannot comply",
+    "i can't comply",
+    "i don't have personal opinions",
+    "i do not have personal opinions",
+    "i don't have feelings",
+    "i do not have feelings",
+    "i don't have emotions",
+    "i do not have emotions",
+)
 
 
 class Narration:

@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from .filters import PPL, Verdict
-from .generate import Completion
-from .vocab import Number
+from ..generate import Completion
+from ..vocab import Number
+from .base import Verdict
+from .perplexity import PPL
 
 
 def _num(x: float | None) -> float | None:
@@ -144,11 +145,17 @@ class FilterReport:
         head = ["coeff", "n", "kept", "kept %", "mean ppl", "median ppl", "inf ppl", "drops (overlapping)"]
         lines = [
             [
-                f"{r.coeff:g}", str(r.n), str(r.kept), f"{100 * r.kept_fraction:.0f}", _fmt(r.mean_ppl),
-                _fmt(r.median_ppl), str(r.n_inf), ", ".join(f"{k} {v}" for k, v in r.drops.items()) or "-",
+                f"{r.coeff:g}",
+                str(r.n),
+                str(r.kept),
+                f"{100 * r.kept_fraction:.0f}",
+                _fmt(r.mean_ppl),
+                _fmt(r.median_ppl),
+                str(r.n_inf),
+                ", ".join(f"{k} {v}" for k, v in r.drops.items()) or "-",
             ]
             for r in self.rows
-        ]  # fmt: skip
+        ]
         if fmt == "markdown":
             out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
             out += ["| " + " | ".join(cells) + " |" for cells in lines]
