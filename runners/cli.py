@@ -8,19 +8,40 @@ from pathlib import Path
 
 import click
 
+from steer_heal.errors import SteerHealError
+
 from .options import parse_layers, side_by_side
 
 MODEL_HELP = "HF model id, local path, 'smollm2-135m' (embedded) or 'tiny-<family>' (random, for tests)"
 
 
+def one_line(exc: BaseException) -> str:
+    """An error as the one line the user reads (file-system errors say which file and what to do)."""
+    import errno
+
+    if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, ModuleNotFoundError)) and exc.errno:
+        where = f"{exc.filename}: " if exc.filename else ""
+        fix = {
+            errno.ENOSPC: "free some space or write elsewhere (--out)",
+            errno.EROFS: "the folder is read-only; write elsewhere (--out)",
+            errno.EACCES: "no permission; write elsewhere (--out) or fix the folder's permissions",
+            errno.EPERM: "no permission; write elsewhere (--out) or fix the folder's permissions",
+        }.get(exc.errno, "check the path")
+        return f"{where}{exc.strerror or exc}; {fix}"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if isinstance(exc, (ValueError, SteerHealError)) else f"{type(exc).__name__}: {text}"
+
+
 class _Group(click.Group):
-    """Library errors (bad input) become one-line messages, not tracebacks."""
+    """Library errors (bad input, blow-ups, full disks) become one-line messages and exit 1."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
-            raise click.ClickException(str(exc)) from exc
+        except click.exceptions.ClickException:
+            raise
+        except (SteerHealError, ValueError, OSError) as exc:
+            raise click.ClickException(one_line(exc)) from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,18 +101,25 @@ def extract(model_name, axis, pos, neg, contexts_file, n_contexts, layers, batch
 @click.option("--how", type=click.Choice(["hooks", "bias"]), default="hooks", show_default=True)
 @click.option("--sample/--greedy", default=False, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def steer(vector_file, model_name, prompts, coeff, system, max_new_tokens, how, sample, seed) -> None:
+@click.option("--allow-other-model", is_flag=True, help="steer a model other than the one the vector was made on")
+def steer(
+    vector_file, model_name, prompts, coeff, system, max_new_tokens, how, sample, seed, allow_other_model
+) -> None:
     """Print unsteered and steered completions side by side."""
     from steer_heal.generate import generate
     from steer_heal.model import load_model
     from steer_heal.sampling import Sampling
+    from steer_heal.steering import check_coeff
     from steer_heal.vector import SteeringVector
 
-    vec = SteeringVector.load(vector_file)
-    model, tok = load_model(model_name or vec.model_id)
+    check_coeff(coeff)
+    vec, name = SteeringVector.load_for(vector_file, model_name, allow_other_model)  # before the weights load
+    model, tok = load_model(name)
     settings = dict(sampling=Sampling(max_new_tokens=max_new_tokens, do_sample=sample), seed=seed, system=system)
     plain = generate(model, tok, list(prompts), **settings)
-    steered = generate(model, tok, list(prompts), steering=vec, coeff=coeff, how=how, **settings)
+    steered = generate(
+        model, tok, list(prompts), steering=vec, coeff=coeff, how=how, allow_other_model=allow_other_model, **settings
+    )
     width = shutil.get_terminal_size((100, 20)).columns
     for a, b in zip(plain, steered):
         click.echo(f"\n> {a.prompt}\n")
@@ -189,10 +217,12 @@ def run(
         # a preset or config file must match the saved config; single options change only
         # what may change on resume (more rounds, another coherence floor)
         given = cfg.resolve(preset, config_file, overrides) if (preset or config_file) else None
-        run_dir = RunDir.resume(resume_dir, given, None if given else overrides)
+        run_dir = RunDir.resume(resume_dir, given, None if given else overrides, write=not dry_run)
         config = run_dir.config
     else:
         config = cfg.resolve(preset or "quick", config_file, overrides)
+        target = Path(out or Path("out") / run_name(config))
+        RunDir.check_target(target, overwrite)  # refuse before any slow work; writes nothing
     if dry_run:
         click.echo(cfg.to_toml(config))
         click.echo(
@@ -201,11 +231,13 @@ def run(
             f"{config.heal.epochs} epochs, reference {config.heal.reference}) -> evaluate"
         )
         return
+    setup = loop.setup(config)  # loads the model and data: a failure here leaves nothing on disk
     if not resume_dir:
-        run_dir = RunDir.create(Path(out or Path("out") / run_name(config)), config, overwrite=overwrite)
+        run_dir = RunDir.create(target, config, overwrite=overwrite)
     click.echo(f"run directory: {run_dir.path}")
-    result = loop.run(config, run_dir)
-    files = plot.render(run_dir.path)
+    with run_dir:
+        result = loop.run(config, run_dir, setup)
+        files = plot.render(run_dir.path)
     click.echo("\n" + files["stages"].read_text())
     if result["stopped"]:
         click.echo(f"stopped early: {result['stopped']}")
@@ -239,12 +271,32 @@ def plot(run_dir) -> None:
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--ppl-tau", type=float, default=50.0, show_default=True)
 @click.option(
-    "--floor", type=float, default=0.95, show_default=True, help="operating dose: coherence >= floor x unsteered"
+    "--coherence-floor",
+    "--floor",
+    "coherence_floor",
+    type=float,
+    default=0.95,
+    show_default=True,
+    help="operating dose: coherence >= this x unsteered",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="directory for sweep.json and sweep.md")
+@click.option("--allow-other-model", is_flag=True, help="steer a model other than the one the vector was made on")
 def sweep(
-    vector_file, model_name, axis, coeffs, items, mfv_dir, n_items, n, max_new_tokens, ppl_tau, floor, seed, out
+    vector_file,
+    model_name,
+    axis,
+    coeffs,
+    items,
+    mfv_dir,
+    n_items,
+    n,
+    max_new_tokens,
+    ppl_tau,
+    coherence_floor,
+    seed,
+    out,
+    allow_other_model,
 ) -> None:
     """Sweep a vector's dose: vignette profile, coherence, filter report and samples per coefficient."""
     import json
@@ -257,6 +309,7 @@ def sweep(
     from steer_heal.loop import probes
     from steer_heal.model import load_model
     from steer_heal.sampling import Sampling
+    from steer_heal.steering import check_coeff
     from steer_heal.sweep import dose_sweep, sweep_report
     from steer_heal.vector import SteeringVector
 
@@ -267,8 +320,10 @@ def sweep(
     if items in ("mfv", "both") and not mfv_dir:
         raise click.UsageError(f"--items {items} needs --mfv-dir (the folder with the MFV JSONL files)")
     persona = load_axis(axis)
-    vec = SteeringVector.load(vector_file)
-    model, tok = load_model(model_name or vec.model_id)
+    for dose in doses:
+        check_coeff(dose)
+    vec, name = SteeringVector.load_for(vector_file, model_name, allow_other_model)  # before the weights load
+    model, tok = load_model(name)
     chosen = {
         k: replace(p, progress=True)
         for k, p in probes(
@@ -288,6 +343,7 @@ def sweep(
         sample_prompts=persona.sample_prompts[:3],
         seed=seed,
         sampling=Sampling(do_sample=True, max_new_tokens=max_new_tokens, batch_size=16),
+        allow_other_model=allow_other_model,
     )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -295,7 +351,7 @@ def sweep(
         out_dir / "sweep.json",
         json.dumps({"vector": vector_file, "axis": axis, "points": [p.to_dict() for p in points]}),
     )
-    report = sweep_report(points, persona.target, persona.direction, floor)
+    report = sweep_report(points, persona.target, persona.direction, coherence_floor)
     atomic_write_text(out_dir / "sweep.md", report)
     click.echo(report)
     click.echo(f"{len(doses)} doses in {time.perf_counter() - start:.0f} s -> {out_dir}/sweep.md, sweep.json")
@@ -313,28 +369,36 @@ def sweep(
 @click.option("--mfv-dir", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option("--think-tokens", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--n-items", type=click.IntRange(min=0), default=0, help="stratified subset size (0: all)")
-def evaluate(model_name, adapter, vector_file, coeff, system, items, mfv_dir, think_tokens, n_items) -> None:
+@click.option("--allow-other-model", is_flag=True, help="steer a model other than the one the vector was made on")
+def evaluate(
+    model_name, adapter, vector_file, coeff, system, items, mfv_dir, think_tokens, n_items, allow_other_model
+) -> None:
     """Evaluate one configuration (model, optional adapter, optional steering) on the vignettes."""
     from contextlib import ExitStack
 
     from steer_heal.evaluate import Vignettes, load_mfv, load_vignettes, stratified_subset
     from steer_heal.history import Adapter, History
     from steer_heal.model import load_model
+    from steer_heal.steering import check_coeff
     from steer_heal.vector import SteeringVector
 
     if items == "mfv" and not mfv_dir:
         raise click.UsageError("--items mfv needs --mfv-dir (the folder with the MFV JSONL files)")
-    model, tok = load_model(model_name)
+    # every input is read and checked before the model loads
+    check_coeff(coeff)
+    vec = SteeringVector.load_for(vector_file, model_name, allow_other_model)[0] if vector_file else None
+    round_adapter = Adapter.load(adapter) if adapter else None
     chosen = load_mfv(mfv_dir) if items == "mfv" else load_vignettes()
     if 0 < n_items < len(chosen):
         chosen = stratified_subset(chosen, n_items)
+    model, tok = load_model(model_name)
     with ExitStack() as stack:
-        if adapter:
+        if round_adapter is not None:
             history = History(model)
             stack.callback(history.close)
-            history.fold(Adapter.load(adapter))
-        if vector_file:
-            stack.enter_context(SteeringVector.load(vector_file).apply(model, coeff))
+            history.fold(round_adapter)
+        if vec is not None:
+            stack.enter_context(vec.apply(model, coeff, allow_other_model))
         result = Vignettes(items=chosen, think_tokens=think_tokens, system=system, progress=True)(model, tok)
     for key, value in result.metrics.items():
         click.echo(f"{key:>20s}  {value:.4f}")

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .sampling import Sampling
 from .vocab import Aggregation, ItemSet, Reference, RegName, choices
 
@@ -105,9 +106,32 @@ class RunConfig:
         return asdict(self)
 
     def validate(self) -> RunConfig:
-        h, d, r = self.heal, self.dose, self.run
+        """Every key's range and every cross-key rule, as one-line `ConfigError`s."""
+        r, x, d, c, f, h, e = self.run, self.extract, self.dose, self.collect, self.filter, self.heal, self.eval
         checks = [
+            (bool(r.model.strip()), "run.model is empty; name an HF model id, a local path or 'smollm2-135m'"),
+            (bool(r.axis.strip()), "run.axis is empty; name a bundled axis (authority, love) or an axis .toml file"),
             (r.rounds >= 1, f"run.rounds must be >= 1, got {r.rounds}"),
+            (r.seed >= 0, f"run.seed must be >= 0, got {r.seed}"),
+            (r.dtype in DTYPES, f"run.dtype must be one of {', '.join(DTYPES)}, got {r.dtype!r}"),
+            (bool(r.device.strip()), "run.device is empty; use cpu, cuda, cuda:N or mps"),
+            (_layer_spec_error(x.layers) is None, f"extract.layers: {_layer_spec_error(x.layers)}"),
+            (x.n_contexts >= 1, f"extract.n_contexts must be >= 1, got {x.n_contexts}"),
+            (x.batch_size >= 1, f"extract.batch_size must be >= 1, got {x.batch_size}"),
+            (0 < d.target <= 1, f"dose.target must be in (0, 1], got {d.target}"),
+            (0 < d.c_min < d.c_max, f"dose needs 0 < c_min < c_max, got {d.c_min} and {d.c_max}"),
+            (d.steps >= 0, f"dose.steps must be >= 0, got {d.steps}"),
+            (d.probe_size >= 1, f"dose.probe_size must be >= 1, got {d.probe_size}"),
+            (
+                len(d.multiples) > 0 and all(_is_number(m) and m > 0 for m in d.multiples),
+                f"dose.multiples must be a non-empty list of numbers > 0, got {d.multiples!r}",
+            ),
+            (c.n_keep >= 1, f"collect.n_keep must be >= 1, got {c.n_keep}"),
+            (c.max_batches >= 1, f"collect.max_batches must be >= 1, got {c.max_batches}"),
+            (c.min_keep >= 1, f"collect.min_keep must be >= 1, got {c.min_keep}"),
+            (c.min_keep <= c.n_keep, "collect.min_keep must be <= collect.n_keep"),
+            (f.ppl_tau > 0, f"filter.ppl_tau must be > 0, got {f.ppl_tau}"),
+            (0 < f.tail <= 1, f"filter.tail must be in (0, 1], got {f.tail}"),
             (h.reg in choices(RegName), f"heal.reg must be {'|'.join(choices(RegName))}, got {h.reg!r}"),
             (h.agg in choices(Aggregation), f"heal.agg must be {'|'.join(choices(Aggregation))}, got {h.agg!r}"),
             (
@@ -118,24 +142,50 @@ class RunConfig:
                 h.reference != "last_good" or h.last_good_threshold is not None,
                 "heal.reference = 'last_good' needs heal.last_good_threshold (the coherence a round must clear)",
             ),
+            (
+                h.last_good_threshold is None or 0 <= h.last_good_threshold <= 1,
+                f"heal.last_good_threshold is a coherence in [0, 1], got {h.last_good_threshold}",
+            ),
             (h.lam >= 0 and h.tau >= 0, f"heal.lam and heal.tau must be >= 0, got {h.lam} and {h.tau}"),
-            (0 < d.target <= 1, f"dose.target must be in (0, 1], got {d.target}"),
-            (0 < d.c_min < d.c_max, f"dose needs 0 < c_min < c_max, got {d.c_min} and {d.c_max}"),
+            (h.weight_decay >= 0, f"heal.weight_decay must be >= 0, got {h.weight_decay}"),
+            (h.rank >= 1, f"heal.rank must be >= 1, got {h.rank}"),
+            (h.alpha > 0, f"heal.alpha must be > 0, got {h.alpha}"),
+            (_layer_spec_error(h.lora_layers) is None, f"heal.lora_layers: {_layer_spec_error(h.lora_layers)}"),
+            (h.epochs >= 1, f"heal.epochs must be >= 1, got {h.epochs}"),
+            (h.batch_size >= 1, f"heal.batch_size must be >= 1, got {h.batch_size}"),
+            (h.lr > 0, f"heal.lr must be > 0, got {h.lr}"),
+            (e.items in choices(ItemSet), f"eval.items must be {'|'.join(choices(ItemSet))}, got {e.items!r}"),
+            (e.n_items >= 0, f"eval.n_items must be >= 0 (0: all items), got {e.n_items}"),
+            (e.think_tokens >= 0, f"eval.think_tokens must be >= 0, got {e.think_tokens}"),
             (
-                self.eval.items in choices(ItemSet),
-                f"eval.items must be {'|'.join(choices(ItemSet))}, got {self.eval.items!r}",
+                0 <= e.coherence_floor <= 1,
+                f"eval.coherence_floor is a fraction of the base coherence in [0, 1], got {e.coherence_floor}",
             ),
-            (
-                0 <= self.eval.coherence_floor <= 1,
-                f"eval.coherence_floor is a fraction of the base coherence in [0, 1], got {self.eval.coherence_floor}",
-            ),
-            (0 < self.filter.tail <= 1, f"filter.tail must be in (0, 1], got {self.filter.tail}"),
-            (self.collect.min_keep <= self.collect.n_keep, "collect.min_keep must be <= collect.n_keep"),
+            (e.sample_tokens >= 1, f"eval.sample_tokens must be >= 1, got {e.sample_tokens}"),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
         return self
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _layer_spec_error(spec: Any) -> str | None:
+    """Why a layer spec from a config cannot be resolved (None if it can, for any depth)."""
+    if not isinstance(spec, list) or not spec:
+        return f"must be a non-empty list: [lo, hi] depth fractions or block indices, got {spec!r}"
+    if len(spec) == 2 and all(isinstance(v, float) for v in spec):
+        lo, hi = spec
+        return None if 0 <= lo <= hi <= 1 else f"depth fractions must satisfy 0 <= lo <= hi <= 1, got {spec!r}"
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
+        return None
+    return f"must be [lo, hi] depth fractions (two floats) or block indices (ints), got {spec!r}"
 
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -173,34 +223,50 @@ def _merge(config: RunConfig, updates: dict[str, Any], where: str) -> RunConfig:
     out = config
     for name, values in updates.items():
         if name not in sections:
-            raise ValueError(f"{where}: unknown section [{name}]; valid sections: {', '.join(sections)}")
+            raise ConfigError(f"{where}: unknown section [{name}]; valid sections: {', '.join(sections)}")
         if not isinstance(values, dict):
-            raise ValueError(f"{where}: [{name}] must be a table of keys")
+            raise ConfigError(f"{where}: [{name}] must be a table of keys")
         section = getattr(out, name)
         valid = {f.name: f for f in fields(section)}
         for key in values:
             if key not in valid:
-                raise ValueError(f"{where}: unknown key {name}.{key}; valid keys: {', '.join(valid)}")
+                raise ConfigError(f"{where}: unknown key {name}.{key}; valid keys: {', '.join(valid)}")
         try:
             updated = replace(section, **_coerce(section, values, where, name))
+        except ConfigError:
+            raise
         except ValueError as exc:  # a section that validates itself (e.g. Sampling)
-            raise ValueError(f"{where}: [{name}] {exc}") from None
+            raise ConfigError(f"{where}: [{name}] {exc}") from None
         out = replace(out, **{name: updated})
     return out
 
 
+_KINDS = {"int": int, "float": float, "str": str, "bool": bool, "list": list}
+
+
 def _coerce(section: Any, values: dict[str, Any], where: str, name: str) -> dict[str, Any]:
-    """Ints are accepted where floats are expected (TOML writes 1 for 1.0)."""
+    """Check each value against its field's declared type; ints are accepted where floats
+    are expected (TOML writes 1 for 1.0), and a bool is never a number."""
+    declared = {f.name: str(f.type) for f in fields(section)}
     out = {}
     for key, value in values.items():
-        current = getattr(section, key)
-        if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if current is not None and value is not None and not isinstance(value, type(current)):
-            if not (isinstance(current, float) and isinstance(value, float)):
-                raise ValueError(f"{where}: {name}.{key} must be {type(current).__name__}, got {value!r}")
+        kinds = [k.strip() for k in declared[key].split("|")]
+        nullable = "None" in kinds
+        kinds = [k for k in kinds if k != "None"]
+        if value is None and not nullable:
+            raise ConfigError(f"{where}: {name}.{key} must be set ({' or '.join(kinds)})")
+        if value is not None:
+            if "float" in kinds and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            ok = any(
+                isinstance(value, _KINDS[k]) and (k == "bool" or not isinstance(value, bool))
+                for k in kinds
+                if k in _KINDS
+            )
+            if not ok:
+                raise ConfigError(f"{where}: {name}.{key} must be {' or '.join(kinds)}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{where}: {name}.{key} must be finite, got {value}")
+            raise ConfigError(f"{where}: {name}.{key} must be finite, got {value}")
         out[key] = value
     return out
 
@@ -211,19 +277,28 @@ def resolve(
     config = RunConfig()
     if preset is not None:
         if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+            raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
         config = _merge(config, PRESETS[preset], f"preset {preset}")
     if file is not None:
-        with open(file, "rb") as f:
-            config = _merge(config, tomllib.load(f), str(file))
+        config = _merge(config, read_toml(file), str(file))
     if overrides:
         config = _merge(config, overrides, "command line")
     return config.validate()
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML file as a dict; a syntax error or unreadable file is one line naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
 def load(path: str | Path) -> RunConfig:
-    with open(path, "rb") as f:
-        return _merge(RunConfig(), tomllib.load(f), str(path)).validate()
+    return _merge(RunConfig(), read_toml(path), str(path)).validate()
 
 
 # keys a resumed run may change: they decide how far the loop goes, not what a finished round computed

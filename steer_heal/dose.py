@@ -24,15 +24,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from .errors import DoseError
 from .filters import FilterLike, FilterReport, Verdict
 from .generate import Completion, generate
 from .sampling import SAMPLED, Sampling
 from .vector import SteeringVector
 from .vocab import Number, SteerHow
 
-
-class DoseError(RuntimeError):
-    """No usable dose, or too few completions survived the filter."""
+__all__ = ["Collection", "DoseError", "DoseResult", "Probe", "collect", "walk_dose"]
 
 
 @dataclass(frozen=True)

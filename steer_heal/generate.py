@@ -62,6 +62,7 @@ def generate(
     how: SteerHow = "hooks",
     progress: bool | None = None,
     compiled: bool = False,
+    allow_other_model: bool = False,
 ) -> list[Completion]:
     """Generate one completion per prompt, steered by `coeff * steering` if given.
 
@@ -98,7 +99,7 @@ def generate(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     show = progress if progress is not None else len(batches) > 1
     guards = torch._dynamo.config.patch(skip_nnmodule_hook_guards=False) if compiled else nullcontext()
-    with torch.inference_mode(), guards, steer(model, steering, coeff, how):
+    with torch.inference_mode(), guards, steer(model, steering, coeff, how, allow_other_model):
         applied = steering_coeff(model)
         for index, rows in enumerate(tqdm(batches, desc=f"generate c={applied:g}", disable=not show, leave=False)):
             ids, mask, _ = left_pad([token_lists[i] for i in rows], pad_id(tok), device)

@@ -36,11 +36,12 @@ from tqdm.auto import tqdm
 
 from ._version import __version__
 from .encoding import context_length, encode_completions
+from .errors import SteerHealError
 from .generate import Completion
 from .history import Adapter, History, TrainSlot
 from .logprobs import Example, make_batch, nll_per_example, target_logprobs
 from .lora import LoraSettings
-from .model import hidden_size, input_device, model_id, n_layers, pad_id
+from .model import hidden_size, input_device, model_id, n_layers, pad_id, unwrap
 from .regularizers import KLRev, Penalty, RegContext, Regularizer
 from .runtime import eval_mode, seeded
 from .vocab import Number, Reference, Schedule, check_choice, choices
@@ -63,6 +64,9 @@ class TrainSettings:
     max_len: int | None = None  # tokens per sequence; None: the model's context length
     max_steps: int | None = None  # stop after this many optimiser steps
     split_grads: bool = True  # log barrier vs NLL gradient norms (one more backward while a barrier is active)
+    # blow-up check after each epoch: the held-out NLL (the training NLL without a held-out
+    # set) may not exceed this multiple of its value before training (None: no check)
+    max_nll_rise: Number | None = 2.0
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum"):
@@ -82,6 +86,8 @@ class TrainSettings:
             raise ValueError(f"TrainSettings.val_frac must be in [0, 1), got {self.val_frac!r}")
         if self.max_len is not None and self.max_len < 2:
             raise ValueError(f"TrainSettings.max_len must be >= 2 tokens or None, got {self.max_len!r}")
+        if self.max_nll_rise is not None and not (math.isfinite(self.max_nll_rise) and self.max_nll_rise > 1):
+            raise ValueError(f"TrainSettings.max_nll_rise must be a number > 1 or None, got {self.max_nll_rise!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"TrainSettings.max_steps must be >= 1 or None, got {self.max_steps!r}")
 
@@ -132,8 +138,11 @@ class HealResult:
     seconds: float
 
 
-class HealDiverged(RuntimeError):
-    """Non-finite loss or gradient; `result` holds the last good adapter and the logs."""
+class HealDiverged(SteerHealError, RuntimeError):
+    """Training blew up (non-finite loss, gradient or weights, or a validation NLL at the
+    uniform distribution's or rising past `TrainSettings.max_nll_rise` x its start);
+    `result` holds the last good adapter (or the final one, for a check after training) and
+    the logs. Nothing was folded."""
 
     def __init__(self, message: str, step: int, result: HealResult) -> None:
         super().__init__(message)
@@ -304,6 +313,11 @@ def _train(
                 bar.update(1)
                 bar.set_postfix(nll=f"{log.nll:.3f}")
             epochs.append(EpochLog(epoch, run_sum / run_count, _val_nll(model, val, pad, train.batch_size)))
+            blown = _blown_up(epochs[-1], val_start, steps, train, _uniform_nll(model))
+            if blown:
+                raise HealDiverged(
+                    f"heal diverged after epoch {epoch}: {blown}; nothing was folded; lower lr or lam", step, result()
+                )
     except _NonFinite as bad:
         raise HealDiverged(
             f"{bad.what} is not finite at step {bad.step}; stopped before applying it. The last good adapter "
@@ -313,7 +327,40 @@ def _train(
         ) from None
     finally:
         bar.close()
-    return result()
+    final = result()
+    bad = [k for k, v in final.adapter.state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise HealDiverged(
+            f"heal diverged: {len(bad)} adapter tensors are not finite (e.g. {bad[0]}); nothing was folded; "
+            "lower lr or lam",
+            len(steps),
+            final,
+        )
+    return final
+
+
+def _uniform_nll(model: nn.Module) -> float:
+    """ln(vocab): the NLL of a uniform next-token distribution, what a wrecked model scores."""
+    return math.log(unwrap(model).get_output_embeddings().weight.shape[0])
+
+
+def _blown_up(
+    last: EpochLog, val_start: float | None, steps: list[StepLog], train: TrainSettings, uniform: float
+) -> str:
+    """Why the epoch just ended counts as a blow-up ("" if it does not)."""
+    if last.val_nll is not None and val_start is not None:
+        now, start, what = last.val_nll, val_start, "validation NLL"
+    else:
+        now, start, what = last.train_nll, (steps[0].nll if steps else None), "training NLL"
+    if not math.isfinite(now):
+        return f"{what} is {now}"
+    # at the uniform distribution's NLL: wrecked, if the model started better than uniform
+    # (a random test model starts there and is judged by the rise alone)
+    if start is not None and start < uniform - 0.1 and now >= uniform:
+        return f"{what} {now:.3f} >= ln(vocab) = {uniform:.3f} (uniform output; it started at {start:.3f})"
+    if train.max_nll_rise is not None and start is not None and now > train.max_nll_rise * start:
+        return f"{what} rose from {start:.3f} to {now:.3f}, past max_nll_rise = {train.max_nll_rise:g} x its start"
+    return ""
 
 
 def _val_nll(model: nn.Module, val: Sequence[Example], pad: int, batch_size: int) -> float | None:

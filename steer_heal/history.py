@@ -31,70 +31,24 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import Tensor, nn
+from torch import nn
 
 from ._version import __version__
-from .io import atomic_write, atomic_write_text
+from .adapter import Adapter
+from .errors import InputError
+from .io import atomic_write_text
 from .model import family_of, hidden_size, model_id, n_layers, unwrap
 from .vocab import Reference, choices
 
 FORMAT = "steer_heal.history/1"
 REFERENCES = choices(Reference)
-_CONFIG_FILE = "adapter_config.json"
-_WEIGHTS_FILE = "adapter_model.safetensors"
-
-
-@dataclass(frozen=True)
-class Adapter:
-    """One round's LoRA: its peft config and state dict (peft keys, CPU) plus provenance."""
-
-    config: object  # peft.LoraConfig
-    state: dict[str, Tensor]
-    meta: dict[str, str] = field(default_factory=dict)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write a standard peft adapter directory (files replaced atomically)."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        config = copy.deepcopy(self.config)
-        config.inference_mode = True
-        staging = Path(tempfile.mkdtemp(prefix=".config-", dir=path))
-        try:
-            config.save_pretrained(str(staging))  # peft's own writer: the standard file
-            atomic_write(path / _CONFIG_FILE, lambda tmp: shutil.copyfile(staging / _CONFIG_FILE, tmp))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.state.items()}
-        meta = {"format": "pt", **{f"steer_heal.{k}": str(v) for k, v in self.meta.items()}}
-        atomic_write(path / _WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata=meta))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> Adapter:
-        from peft import LoraConfig
-
-        path = Path(path)
-        if not (path / _CONFIG_FILE).exists() or not (path / _WEIGHTS_FILE).exists():
-            raise FileNotFoundError(
-                f"{path} is not a peft adapter directory (needs {_CONFIG_FILE} and {_WEIGHTS_FILE})"
-            )
-        config = LoraConfig.from_pretrained(str(path))
-        with safe_open(str(path / _WEIGHTS_FILE), framework="pt", device="cpu") as f:
-            header = f.metadata() or {}
-            state = {key: f.get_tensor(key) for key in f.keys()}
-        meta = {k.removeprefix("steer_heal."): v for k, v in header.items() if k.startswith("steer_heal.")}
-        return cls(config=config, state=state, meta=meta)
 
 
 @dataclass
@@ -312,6 +266,9 @@ class History:
             raise ValueError(f"fold() takes a HealResult or an Adapter, got {type(adapter).__name__}")
         if self._trainable is not None:
             raise ValueError("cannot fold while an adapter is being trained")
+        bad = [k for k, v in adapter.state.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise InputError(f"adapter has non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); it cannot be folded")
         self._check_meta(adapter.meta)
         index = len(self._rounds)
         name = f"round_{index:03d}"

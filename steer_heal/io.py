@@ -15,7 +15,10 @@ checkpoint event) survives. Files get mode 0644 less the umask, whatever wrote t
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -69,15 +72,42 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def remove_stale_temps(folder: str | os.PathLike, names: tuple[str, ...]) -> list[Path]:
-    """Delete temporary files a killed writer left for any of `names` in `folder`."""
-    folder = Path(folder)
+_TEMP = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}$")  # what `atomic_write` names a temp file
+
+
+def remove_stale_temps(root: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed writer left anywhere under `root`: dot-files named
+    `.<existing or expected name>.<8 random characters>` as `atomic_write` makes them, and the
+    `.config-*` staging folders of `Adapter.save`. Returns what was removed."""
     removed = []
-    if not folder.is_dir():
-        return removed
-    for name in names:
-        for stale in folder.glob(f"{TEMP_PREFIX}{name}.*"):
-            if stale.is_file():
-                stale.unlink()
-                removed.append(stale)
+    for path in sorted(Path(root).rglob(".*")):
+        if path.is_file() and _TEMP.match(path.name):
+            path.unlink()
+            removed.append(path)
+        elif path.is_dir() and path.name.startswith(".config-") and path.parent != Path(root):
+            shutil.rmtree(path)
+            removed.append(path)
     return removed
+
+
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted (tensor entries and
+    `__metadata__`). safetensors writes the header from a hash map, so two saves of equal
+    tensors can differ in byte order; this makes equal content equal bytes. The header keeps
+    its length (padded with spaces, as the format allows) so the data offsets stay valid."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    if "__metadata__" in header:
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > size:  # cannot happen for a reordering of the same keys; keep the original then
+        return data
+    return data[:8] + text + b" " * (size - len(text)) + data[8 + size :]
+
+
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write tensors as safetensors, atomically and byte-for-byte reproducibly."""
+    from safetensors.torch import save
+
+    data = canonical_safetensors(save(tensors, metadata=metadata))
+    return atomic_write_bytes(path, data)

@@ -89,10 +89,12 @@ def probes(config: RunConfig, seed: int) -> dict[str, Vignettes]:
 
 
 def setup(config: RunConfig) -> Setup:
-    model, tok = load_model(config.run.model, dtype=config.run.dtype, device=config.run.device)
+    """Data first (cheap to check), then the model (slow to load)."""
     axis = load_axis(config.run.axis)
     contexts = load_contexts()[: config.extract.n_contexts]
-    return Setup(History(model), tok, axis, contexts, probes(config, config.run.seed))
+    chosen = probes(config, config.run.seed)
+    model, tok = load_model(config.run.model, dtype=config.run.dtype, device=config.run.device)
+    return Setup(History(model), tok, axis, contexts, chosen)
 
 
 def evaluate(s: Setup, system: str | None = None) -> dict[str, EvalResult]:

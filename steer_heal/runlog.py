@@ -25,9 +25,11 @@ from typing import Any
 
 from . import config as config_mod
 from .config import RunConfig
-from .io import atomic_write_text
+from .errors import ConfigError, RunDirError
+from .io import atomic_write_text, remove_stale_temps
+from .lock import FolderLock
 
-__all__ = ["RunDir", "atomic_write_text", "read_events", "run_name"]
+__all__ = ["RunDir", "atomic_write_text", "is_run_dir", "read_events", "run_name"]
 
 
 def _jsonable(value: Any) -> Any:
@@ -66,26 +68,96 @@ def run_name(config: RunConfig, when: float | None = None) -> str:
     return f"{stamp}_{model}_{config.heal.reg}_s{config.run.seed}"
 
 
-class RunDir:
-    """An open run directory. Create with `RunDir.create` or `RunDir.resume`."""
+RUN_FILES = ("config.toml", "events.jsonl")  # both present: a folder this project made
 
-    def __init__(self, path: Path, config: RunConfig):
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """A folder written by `RunDir.create`: our config.toml (it parses) and events.jsonl."""
+    path = Path(path)
+    if not all((path / name).is_file() for name in RUN_FILES):
+        return False
+    try:
+        config_mod.load(path / "config.toml")
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _refuse_to_delete(path: Path) -> None:
+    """Raise unless `path` is a run directory that may go (not ours, the cwd or a parent: refused)."""
+    resolved, here = path.resolve(), Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise RunDirError(f"refusing to delete {path}: it holds the current folder; choose another --out")
+    if not is_run_dir(path):
+        raise RunDirError(
+            f"refusing to delete {path}: it is not a steer-heal run directory (no config.toml and events.jsonl "
+            "of ours); choose another --out"
+        )
+
+
+class RunDir:
+    """An open run directory. Create with `RunDir.create` or `RunDir.resume`.
+
+    A writable RunDir holds an exclusive lock on its folder (`steer_heal.lock`) until
+    `close()` (or the end of a `with` block, or the process): a second writer is refused
+    with the holder's pid.
+    """
+
+    def __init__(self, path: Path, config: RunConfig, lock: FolderLock | None = None):
         self.path = path
         self.config = config
         self.events_path = path / "events.jsonl"
+        self._lock = lock
+
+    @property
+    def writable(self) -> bool:
+        return self._lock is not None and self._lock.held
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @classmethod
     def create(cls, path: str | os.PathLike, config: RunConfig, overwrite: bool = False) -> RunDir:
+        """A new run directory at `path` (created), or, with `overwrite`, an old run
+        directory replaced. A folder that is not a run directory is never deleted."""
         path = Path(path)
-        if path.exists() and any(path.iterdir()):
-            if not overwrite:
-                raise ValueError(
-                    f"output directory {path} exists; pass --resume {path} to continue it or --overwrite to replace it"
-                )
+        if cls.check_target(path, overwrite):
+            FolderLock.forget(path)  # an old RunDir of this process on it stops holding it
             shutil.rmtree(path)
         path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path / "config.toml", config_mod.to_toml(config))
-        return cls(path, config)
+        lock = FolderLock(path).acquire()
+        try:
+            atomic_write_text(path / "config.toml", config_mod.to_toml(config))
+            atomic_write_text(path / "events.jsonl", "")
+        except BaseException:
+            lock.release()
+            raise
+        return cls(path, config, lock)
+
+    @staticmethod
+    def check_target(path: str | os.PathLike, overwrite: bool = False) -> bool:
+        """Whether `create` would have to delete `path` first; raises if it may not (a folder
+        of something else, the current folder, a live run, or no `overwrite`). Writes nothing."""
+        path = Path(path)
+        if path.exists() and not path.is_dir():
+            raise RunDirError(f"{path} exists and is not a folder; choose another --out")
+        if not (path.exists() and any(path.iterdir())):
+            return False
+        if not overwrite:
+            raise RunDirError(
+                f"output directory {path} exists; pass --resume {path} to continue it or --overwrite to replace it"
+            )
+        _refuse_to_delete(path)
+        with FolderLock(path):  # a live run holds it: refused with its pid
+            pass
+        return True
 
     @classmethod
     def resume(
@@ -93,38 +165,52 @@ class RunDir:
         path: str | os.PathLike,
         config: RunConfig | None = None,
         overrides: dict[str, dict[str, Any]] | None = None,
+        write: bool = True,
     ) -> RunDir:
         """Reopen a run. `config`, if given, must equal the saved one. `overrides` change keys
         of the saved config that do not alter finished rounds (`config.RESUMABLE`: more
-        rounds, another coherence floor); the new config replaces config.toml."""
+        rounds, another coherence floor); the new config replaces config.toml.
+
+        With `write=False` (a dry run) nothing on disk changes and no lock is taken: the
+        returned RunDir carries the config the resumed run would use and cannot log.
+        """
         path = Path(path)
         if not (path / "config.toml").exists():
-            raise ValueError(f"{path} is not a run directory (no config.toml)")
+            raise RunDirError(f"{path} is not a run directory (no config.toml)")
         saved = config_mod.load(path / "config.toml")
         if config is not None and config != saved:
             changes = "; ".join(config_mod.diff(saved, config))
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume {path} with a different config ({changes}); drop the options or start a new run"
             )
+        wanted = saved
         if overrides:
             wanted = config_mod.override(saved, overrides, "resume options")
-            changes = config_mod.diff(saved, wanted)
-            fixed = [c for c in changes if c.split(":", 1)[0] not in config_mod.RESUMABLE]
+            fixed = [c for c in config_mod.diff(saved, wanted) if c.split(":", 1)[0] not in config_mod.RESUMABLE]
             if fixed:
-                raise ValueError(
+                raise ConfigError(
                     f"cannot resume {path} with {'; '.join(fixed)}: finished rounds depend on it; only "
                     f"{', '.join(config_mod.RESUMABLE)} may change (start a new run for the rest)"
                 )
-            if changes:
+        if not write:
+            return cls(path, wanted)
+        lock = FolderLock(path).acquire()
+        try:
+            if wanted != saved:
                 atomic_write_text(path / "config.toml", config_mod.to_toml(wanted))
-                saved = wanted
-        run = cls(path, saved)
-        run._drop_unfinished()
+            run = cls(path, wanted, lock)
+            remove_stale_temps(path)
+            run._drop_unfinished()
+        except BaseException:
+            lock.release()
+            raise
         return run
 
     # ------------------------------------------------------------ events
 
     def log(self, event: str, round: int, **payload: Any) -> dict[str, Any]:
+        if not self.writable:
+            raise RunDirError(f"{self.path} was opened read-only (a dry run) or closed; nothing is logged")
         record = {"event": event, "round": round, "time": time.time(), **_jsonable(payload)}
         with open(self.events_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

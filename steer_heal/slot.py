@@ -22,6 +22,7 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor, nn
 
+from .errors import StateError
 from .model import decoder_blocks, hidden_size, n_layers
 from .steering import AddDelta, check_coeff
 from .vector import SteeringVector, placement
@@ -42,7 +43,7 @@ class SteeringSlot:
 
     def __enter__(self) -> SteeringSlot:
         if self._stack is not None:
-            raise RuntimeError("this SteeringSlot is already installed")
+            raise StateError("this SteeringSlot is already installed; use it in one `with` block at a time")
         blocks = decoder_blocks(self.model)
         size = hidden_size(self.model)
         stack = ExitStack()
@@ -66,13 +67,13 @@ class SteeringSlot:
             stack.close()
 
     @torch.no_grad()
-    def set(self, vector: SteeringVector | None, coeff: Number = 1.0) -> None:
+    def set(self, vector: SteeringVector | None, coeff: Number = 1.0, allow_other_model: bool = False) -> None:
         """Steer with `coeff * vector` from now on (None or coeff 0: no steering)."""
         if self._stack is None:
-            raise RuntimeError("use the slot inside `with SteeringSlot(model, layers) as slot:`")
+            raise StateError("use the slot inside `with SteeringSlot(model, layers) as slot:`")
         coeff = check_coeff(coeff)
         if vector is not None:
-            vector.check_compatible(self.model)
+            vector.check_compatible(self.model, allow_other_model)
             missing = sorted(set(vector.layers) - set(self.layers))
             if missing:
                 raise ValueError(

@@ -99,18 +99,24 @@ def check_coeff(coeff: Number) -> float:
 class Steering(Protocol):
     """Something that steers a model at a coefficient, by hooks or by a baked bias."""
 
-    def apply(self, model: nn.Module, coeff: Number = 1.0) -> AbstractContextManager[nn.Module]: ...
+    def apply(
+        self, model: nn.Module, coeff: Number = 1.0, allow_other_model: bool = False
+    ) -> AbstractContextManager[nn.Module]: ...
 
-    def bake(self, model: nn.Module, coeff: Number = 1.0) -> AbstractContextManager[nn.Module]: ...
+    def bake(
+        self, model: nn.Module, coeff: Number = 1.0, allow_other_model: bool = False
+    ) -> AbstractContextManager[nn.Module]: ...
 
 
 @contextmanager
-def steer(model: nn.Module, vector: Steering | None, coeff: Number, how: str = "hooks") -> Iterator[nn.Module]:
+def steer(
+    model: nn.Module, vector: Steering | None, coeff: Number, how: str = "hooks", allow_other_model: bool = False
+) -> Iterator[nn.Module]:
     """Steer with `vector` if given (hooks or bias), else run the model as it is."""
     check_choice("steering mode", how, SteerHow)
     if vector is None:
         yield model
         return
     manager = vector.apply if how == "hooks" else vector.bake
-    with manager(model, coeff):
+    with manager(model, coeff, allow_other_model):
         yield model

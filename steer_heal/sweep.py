@@ -65,6 +65,7 @@ def dose_sweep(
     sampling: Sampling = SAMPLED,
     sample_prompts: Sequence[str] = (),
     seed: int = 0,
+    allow_other_model: bool = False,
 ) -> list[SweepPoint]:
     """One `SweepPoint` per coefficient, in the order given (include 0 for the reference).
 
@@ -81,7 +82,7 @@ def dose_sweep(
     points = []
     for c in coeffs:
         c = float(c)
-        with vec.apply(model, c):
+        with vec.apply(model, c, allow_other_model):
             results = {name: probe(model, tok) for name, probe in probes.items()}
             rows = (
                 Samples(sample_prompts, max_new_tokens=sampling.max_new_tokens)(model, tok).rows
@@ -90,7 +91,16 @@ def dose_sweep(
             )
         row = None
         if filt is not None:  # generate steers inside the call; the filter then scores unsteered
-            outs = generate(model, tok, gen_prompts, steering=vec, coeff=c, sampling=sampling, seed=seed)
+            outs = generate(
+                model,
+                tok,
+                gen_prompts,
+                steering=vec,
+                coeff=c,
+                sampling=sampling,
+                seed=seed,
+                allow_other_model=allow_other_model,
+            )
             row = FilterReport.from_verdicts(outs, filt(outs)).rows[0].to_dict()
         points.append(SweepPoint(c, results, row, [{"prompt": r["prompt"], "text": r["text"]} for r in rows]))
     return points

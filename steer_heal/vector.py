@@ -25,18 +25,21 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from ._version import __version__
+from .errors import FileFormatError, InputError, ModelMismatch
 from .extract import mean_difference
-from .io import atomic_write
+from .io import save_safetensors
 from .model import (
     Depth,
     LayerSpec,
+    config_shape,
     decoder_blocks,
     execution_device,
+    expected_model_id,
     hidden_size,
+    model_config,
     model_id,
     n_layers,
     residual_writer,
@@ -162,24 +165,39 @@ class SteeringVector:
 
     # ------------------------------------------------------------ running it
 
-    def check_compatible(self, model: nn.Module) -> None:
-        size, depth = hidden_size(model), n_layers(model)
+    def check_compatible(self, model: nn.Module, allow_other_model: bool = False) -> None:
+        """Refuse a model of another shape, or (unless `allow_other_model`) another model id."""
+        self.check_shape(hidden_size(model), n_layers(model), model_id(model), allow_other_model)
+
+    def check_shape(self, size: int, depth: int, other: str = "unknown", allow_other_model: bool = False) -> None:
+        """`check_compatible` from a model's numbers alone (e.g. its config, before loading weights).
+
+        Two models of one shape (a base and its fine-tune, two sizes of a family sharing a
+        width) take each other's vectors without an error in the numbers, so the id is the
+        only guard; a vector or model without an id ("unknown") is not compared.
+        """
+        known = {"", "unknown"}
+        if not allow_other_model and self.model_id not in known and other not in known and other != self.model_id:
+            raise ModelMismatch(
+                f"vector was made on model {self.model_id!r} but this model is {other!r}; extract a vector on this "
+                "model, or pass allow_other_model=True (--allow-other-model) if they share a residual stream"
+            )
         if size != self.hidden_size:
-            raise ValueError(
+            raise ModelMismatch(
                 f"vector was made for hidden size {self.hidden_size} (model {self.model_id!r}) but this model "
                 f"has hidden size {size}; extract a vector on this model"
             )
         if max(self.layers) >= depth:
-            raise ValueError(
+            raise ModelMismatch(
                 f"vector uses layer {max(self.layers)} (made on a {self.n_layers}-layer model {self.model_id!r}) "
                 f"but this model has {depth} layers; extract a vector on this model"
             )
 
     @contextmanager
-    def apply(self, model: nn.Module, coeff: Number = 1.0) -> Iterator[nn.Module]:
+    def apply(self, model: nn.Module, coeff: Number = 1.0, allow_other_model: bool = False) -> Iterator[nn.Module]:
         """Forward hooks adding `coeff * v_l` to block l's output at every position."""
         coeff = check_coeff(coeff)
-        self.check_compatible(model)
+        self.check_compatible(model, allow_other_model)
         blocks = decoder_blocks(model)
         with ExitStack() as stack:
             for layer, v in self.directions.items():
@@ -190,10 +208,10 @@ class SteeringVector:
             yield model
 
     @contextmanager
-    def bake(self, model: nn.Module, coeff: Number = 1.0) -> Iterator[nn.Module]:
+    def bake(self, model: nn.Module, coeff: Number = 1.0, allow_other_model: bool = False) -> Iterator[nn.Module]:
         """Fold `coeff * v_l` into the residual writer's bias; restored exactly on exit."""
         coeff = check_coeff(coeff)
-        self.check_compatible(model)
+        self.check_compatible(model, allow_other_model)
         writers = [(residual_writer(model, layer), v) for layer, v in self.directions.items()]
         with ExitStack() as stack:
             for (linear, v), layer in zip(writers, self.directions):
@@ -225,7 +243,22 @@ class SteeringVector:
     def save(self, path: str | os.PathLike) -> Path:
         """Write safetensors atomically (`steer_heal.io`) with the provenance in metadata."""
         tensors = {f"layer.{layer}": v.contiguous() for layer, v in self.directions.items()}
-        return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
+        return save_safetensors(path, tensors, self.metadata())
+
+    @classmethod
+    def load_for(
+        cls, path: str | os.PathLike, model_name: str | None = None, allow_other_model: bool = False
+    ) -> tuple[SteeringVector, str]:
+        """Load a vector and check it against the model it will steer (default: the one it
+        was made on) from that model's config alone, before any weights are loaded.
+        Returns the vector and the model name to load."""
+        vec = cls.load(path)
+        name = model_name or vec.model_id
+        if name in ("", "unknown"):
+            raise InputError(f"{path} does not say which model it was made on; pass --model")
+        size, depth = config_shape(model_config(name))
+        vec.check_shape(size, depth, expected_model_id(name), allow_other_model)
+        return vec, name
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SteeringVector:
@@ -237,11 +270,11 @@ class SteeringVector:
                 meta = f.metadata() or {}
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as exc:  # safetensors raises its own error types for truncated headers
-            raise ValueError(
+            raise FileFormatError(
                 f"{path} is not a readable vector file (corrupt or truncated: {exc}); re-save it"
             ) from None
         if meta.get("format") != FORMAT:
-            raise ValueError(
+            raise FileFormatError(
                 f"{path} is not a steer_heal vector (metadata format {meta.get('format')!r}, expected {FORMAT!r})"
             )
         try:
@@ -258,7 +291,9 @@ class SteeringVector:
                 extra=json.loads(meta.get("extra", "{}")),
             )
         except (KeyError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path} has incomplete vector metadata (missing {exc}); re-save it") from None
+            raise FileFormatError(f"{path} has incomplete vector metadata (missing {exc}); re-save it") from None
+        except ValueError as exc:  # the directions themselves (NaN, wrong size, layer out of range)
+            raise FileFormatError(f"{path}: {exc}") from None
 
 
 def _add_bias(linear: nn.Module, delta: Tensor, coeff: float):

@@ -76,12 +76,25 @@ def _run_cli(args, env, log=None):
     )
 
 
+def round_files(run_dir: Path) -> dict[str, bytes]:
+    """The bytes of every file a round saved (vector and adapter)."""
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes() for p in sorted((run_dir / "round_0").rglob("*")) if p.is_file()
+    }
+
+
 @pytest.mark.slow
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "1"}
     reference = tmp_path / "reference"
     assert _run_cli(["--preset", "tiny", "--out", str(reference)], env).wait(timeout=600) == 0
     expected = final_numbers(reference)
+    files = round_files(reference)
+    assert {"round_0/vector.safetensors", "round_0/adapter/adapter_model.safetensors"} <= set(files)
+    # determinism: another process (another hash seed: set orders differ) writes the same bytes
+    again = tmp_path / "again"
+    assert _run_cli(["--preset", "tiny", "--out", str(again)], {**env, "PYTHONHASHSEED": "2"}).wait(timeout=600) == 0
+    assert round_files(again) == files, "two identical runs wrote different vector or adapter bytes"
     # kill after the base stage, mid-collection (after the dose search) and after heal
     for kill_after in ("checkpoint", "dose", "heal"):
         run_dir = tmp_path / f"killed_{kill_after}"
@@ -94,10 +107,14 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
         assert proc.poll() is None, f"run finished before reaching {kill_after!r}; cannot test the kill"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        assert _run_cli(["--resume", str(run_dir), "--dry-run"], env).wait(timeout=600) == 0
+        assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before, "a dry run wrote"
         log = tmp_path / f"resume_{kill_after}.log"
         code = _run_cli(["--resume", str(run_dir)], env, log).wait(timeout=600)
         assert code == 0, f"resume after a kill at {kill_after!r} failed:\n{log.read_text()[-2000:]}"
         assert final_numbers(run_dir) == expected, f"resume after a kill at {kill_after!r} changed the numbers"
+        assert round_files(run_dir) == files, f"resume after a kill at {kill_after!r} changed the saved files"
 
 
 def test_resume_refuses_changed_config(tmp_path):
@@ -149,6 +166,7 @@ def test_disk_failure_mid_round_leaves_the_run_resumable(tmp_path, monkeypatch):
         loop.run(config, run, progress=False)
     assert run.last_checkpoint() == -1
     monkeypatch.undo()
+    run.close()  # the failed run's process would be gone: its lock with it
     resumed = RunDir.resume(tmp_path / "run")
     assert loop.run(resumed.config, resumed, progress=False)["stopped"] is None
     events = resumed.events()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from steer_heal import SteeringVector
-from steer_heal.model import chat_prompt, decoder_blocks, encode, hidden_size, n_layers
+from steer_heal.model import chat_prompt, decoder_blocks, encode, hidden_size, model_id, n_layers
 from steer_heal.tiny import tiny_model
 
 GEMMA = {"gemma2", "gemma3"}
@@ -17,7 +17,7 @@ def random_vector(model, layers=(1, 2), scale=1.0, seed=0) -> SteeringVector:
         directions={layer: scale * torch.randn(size, generator=g) for layer in layers},
         hidden_size=size,
         n_layers=n_layers(model),
-        model_id="tiny",
+        model_id=model_id(model),  # the model it steers: a vector of another model id is refused
     )
 
 

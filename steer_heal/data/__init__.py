@@ -70,6 +70,42 @@ def load_axis(name_or_path: str | Path) -> Axis:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"axis file {path}: unknown keys {unknown}; valid keys: {sorted(known)}")
+    _check_axis(path, raw)
     if raw["pos"].strip() == raw["neg"].strip():
         raise ValueError(f"axis file {path}: pos and neg personas are identical")
     return Axis(**raw)
+
+
+_TEXTS = ("name", "pos", "neg", "description", "neutral", "target")
+_LISTS = ("prompts", "sample_prompts", "narration_patterns")
+
+
+def _check_axis(path: Path, raw: dict) -> None:
+    """Types and lengths of an axis file's keys, each refused in one line naming the file."""
+    import re
+
+    for key in _TEXTS:
+        if key in raw and not (isinstance(raw[key], str) and raw[key].strip()):
+            raise ValueError(f"axis file {path}: {key} must be a non-empty string, got {raw[key]!r}")
+    for key in _LISTS:
+        if key not in raw:
+            continue
+        value = raw[key]
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise ValueError(f"axis file {path}: {key} must be a list of non-empty strings, got {value!r}")
+    if len(raw["prompts"]) < 2:
+        raise ValueError(f"axis file {path}: prompts needs at least 2 user messages, got {len(raw['prompts'])}")
+    if "direction" in raw and (isinstance(raw["direction"], bool) or raw["direction"] not in (1, -1)):
+        raise ValueError(
+            f"axis file {path}: direction must be 1 or -1 (the sign of the target shift), got {raw['direction']!r}"
+        )
+    if "narration_patterns" in raw:
+        if not raw["narration_patterns"]:
+            raise ValueError(f"axis file {path}: narration_patterns is empty; omit the key for the defaults")
+        for pattern in raw["narration_patterns"]:
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(
+                    f"axis file {path}: narration pattern {pattern!r} is not a regular expression ({exc})"
+                ) from None

@@ -1,0 +1,54 @@
+"""The library's error types: one root, so a caller (or the command line) can catch them all.
+
+    SteerHealError
+    ├── InputError (also a ValueError)      bad arguments, settings or files given by the user
+    │   ├── ConfigError                     a run config (TOML, preset, flags) that cannot run
+    │   ├── FileFormatError                 a vector, adapter, axis or event file that cannot be read
+    │   ├── ModelMismatch                   a vector or adapter made for another model
+    │   └── RunDirError                     a run directory that is locked, foreign or damaged
+    ├── ModelLoadError                      a model that cannot be found or loaded
+    ├── StateError (also a RuntimeError)    an object used out of order (a slot outside its `with`)
+    ├── DoseError (also a RuntimeError)     no usable steering dose, too little kept text
+    └── HealDiverged (also a RuntimeError)  training blew up; nothing was folded
+
+Every message is one line that says what to do next. `InputError` subclasses `ValueError`
+so code that caught the library's `ValueError`s keeps working.
+"""
+
+from __future__ import annotations
+
+
+class SteerHealError(Exception):
+    """Root of every error this library raises on purpose."""
+
+
+class InputError(SteerHealError, ValueError):
+    """Bad input: arguments, settings or files given by the user."""
+
+
+class ConfigError(InputError):
+    """A run config that cannot run; raised before anything is loaded or written."""
+
+
+class FileFormatError(InputError):
+    """A file that is not what it claims to be (corrupt, truncated, tampered, wrong kind)."""
+
+
+class ModelMismatch(InputError):
+    """A vector or adapter used with a model other than the one it was made for."""
+
+
+class ModelLoadError(SteerHealError):
+    """A model or tokenizer that cannot be found or loaded."""
+
+
+class RunDirError(InputError):
+    """A run directory that is in use, not ours, or damaged."""
+
+
+class StateError(SteerHealError, RuntimeError):
+    """An object used out of order, e.g. a `SteeringSlot` outside its `with` block."""
+
+
+class DoseError(SteerHealError, RuntimeError):
+    """No usable dose, or too few completions survived the filter."""
