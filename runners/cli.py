@@ -269,7 +269,15 @@ def plot(run_dir) -> None:
     "--n", type=click.IntRange(min=0), default=16, show_default=True, help="completions per dose to filter (0: skip)"
 )
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--ppl-tau", type=float, default=50.0, show_default=True)
+@click.option(
+    "--calibrate/--no-calibrate",
+    default=True,
+    show_default=True,
+    help="filter thresholds from the unsteered model's own completions (else the absolute --ppl-tau)",
+)
+@click.option(
+    "--ppl-tau", type=float, default=50.0, show_default=True, help="absolute tail-ppl threshold (--no-calibrate)"
+)
 @click.option(
     "--coherence-floor",
     "--floor",
@@ -292,6 +300,7 @@ def sweep(
     n_items,
     n,
     max_new_tokens,
+    calibrate,
     ppl_tau,
     coherence_floor,
     seed,
@@ -304,7 +313,7 @@ def sweep(
 
     from steer_heal.config import EvalSection, RunConfig
     from steer_heal.data import load_axis
-    from steer_heal.filters import default_filter
+    from steer_heal.filters import calibrate_on_pool, default_filter
     from steer_heal.io import atomic_write_text
     from steer_heal.loop import probes
     from steer_heal.model import load_model
@@ -325,12 +334,21 @@ def sweep(
     vec, name = SteeringVector.load_for(vector_file, model_name, allow_other_model)  # before the weights load
     model, tok = load_model(name)
     chosen = {
-        k: replace(p, progress=True)
+        k: replace(p, progress=True) if hasattr(p, "progress") else p
         for k, p in probes(
-            RunConfig(eval=EvalSection(items=items, n_items=n_items, mfv_dir=mfv_dir or "")), seed
+            RunConfig(eval=EvalSection(items=items, n_items=n_items, mfv_dir=mfv_dir or "")), seed, persona
         ).items()
     }
     start = time.perf_counter()
+    sampling = Sampling(do_sample=True, max_new_tokens=max_new_tokens, batch_size=16)
+    filt = None
+    if n and calibrate:
+        filt, calibration = calibrate_on_pool(
+            model, tok, persona.prompts, sampling=sampling, seed=seed, narration_patterns=persona.narration_patterns
+        )
+        click.echo(calibration.describe())
+    elif n:
+        filt = default_filter(model, tok, tau=ppl_tau, narration_patterns=persona.narration_patterns)
     points = dose_sweep(
         model,
         tok,
@@ -338,11 +356,11 @@ def sweep(
         doses,
         chosen,
         prompts=persona.prompts,
-        filt=default_filter(model, tok, tau=ppl_tau, narration_patterns=persona.narration_patterns) if n else None,
+        filt=filt,
         n=max(n, 1),
         sample_prompts=persona.sample_prompts[:3],
         seed=seed,
-        sampling=Sampling(do_sample=True, max_new_tokens=max_new_tokens, batch_size=16),
+        sampling=sampling,
         allow_other_model=allow_other_model,
     )
     out_dir = Path(out)

@@ -43,6 +43,7 @@ class DoseSection:
     steps: int = 4
     probe_size: int = 8
     multiples: list = field(default_factory=lambda: [1.0])  # collect at these multiples of the dose
+    coherence_floor: float = 0.9  # a probe's calibrated coherence must be >= this x the unsteered one
 
 
 def _loop_sampling() -> Sampling:
@@ -59,7 +60,11 @@ class CollectSection:
 
 @dataclass(frozen=True)
 class FilterSection:
-    ppl_tau: float = 50.0
+    calibrate: bool = True  # thresholds from the unsteered model's own completions (filters.calibrate)
+    calibration_n: int = 16  # unsteered completions to calibrate on (>= 8)
+    ppl_k: float = 3.0  # calibrated tail-ppl threshold = this x the unsteered median
+    surprise_percentile: float = 5.0  # token log-probs below this percentile of the unsteered ones are surprising
+    ppl_tau: float = 50.0  # absolute tail-ppl threshold, used when calibrate = false
     tail: float = 0.25
 
 
@@ -132,6 +137,16 @@ class RunConfig:
             (c.min_keep <= c.n_keep, "collect.min_keep must be <= collect.n_keep"),
             (f.ppl_tau > 0, f"filter.ppl_tau must be > 0, got {f.ppl_tau}"),
             (0 < f.tail <= 1, f"filter.tail must be in (0, 1], got {f.tail}"),
+            (f.calibration_n >= 8, f"filter.calibration_n must be >= 8, got {f.calibration_n}"),
+            (f.ppl_k > 0, f"filter.ppl_k must be > 0, got {f.ppl_k}"),
+            (
+                0 < f.surprise_percentile < 50,
+                f"filter.surprise_percentile must be in (0, 50), got {f.surprise_percentile}",
+            ),
+            (
+                0 <= d.coherence_floor <= 1,
+                f"dose.coherence_floor is a fraction of the unsteered coherence in [0, 1], got {d.coherence_floor}",
+            ),
             (h.reg in choices(RegName), f"heal.reg must be {'|'.join(choices(RegName))}, got {h.reg!r}"),
             (h.agg in choices(Aggregation), f"heal.agg must be {'|'.join(choices(Aggregation))}, got {h.agg!r}"),
             (

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import DoseError
-from .filters import FilterLike, FilterReport, Verdict
+from .filters import Calibration, FilterLike, FilterReport, Verdict
 from .generate import Completion, generate
 from .sampling import SAMPLED, Sampling
 from .vector import SteeringVector
@@ -41,6 +41,8 @@ class Probe:
     n: int
     passed: bool
     report: FilterReport
+    coherence: float | None = None  # share within the calibrated thresholds (None: no calibration)
+    why: str = ""  # why the probe was accepted or refused
 
     @property
     def kept_fraction(self) -> float:
@@ -54,10 +56,12 @@ class DoseResult:
     probes: tuple[Probe, ...]  # in the order they ran
 
     def table(self) -> str:
-        lines = ["| probe | coeff | kept | kept % | pass |", "|---|---|---|---|---|"]
+        lines = ["| probe | coeff | kept | kept % | coherence | pass | why |", "|---|---|---|---|---|---|---|"]
         for i, p in enumerate(self.probes):
+            coherence = "-" if p.coherence is None else f"{p.coherence:.2f}"
             lines.append(
-                f"| {i} | {p.coeff:.4g} | {p.kept}/{p.n} | {100 * p.kept_fraction:.0f} | {'yes' if p.passed else 'no'} |"
+                f"| {i} | {p.coeff:.4g} | {p.kept}/{p.n} | {100 * p.kept_fraction:.0f} | {coherence} "
+                f"| {'yes' if p.passed else 'no'} | {p.why} |"
             )
         lines.append(f"dose: {self.coeff:.4g} (target kept fraction {self.target:g})")
         return "\n".join(lines)
@@ -67,7 +71,15 @@ class DoseResult:
             "coeff": self.coeff,
             "target": self.target,
             "probes": [
-                {"coeff": p.coeff, "kept": p.kept, "n": p.n, "passed": p.passed, "report": p.report.to_dict()}
+                {
+                    "coeff": p.coeff,
+                    "kept": p.kept,
+                    "n": p.n,
+                    "passed": p.passed,
+                    "coherence": p.coherence,
+                    "why": p.why,
+                    "report": p.report.to_dict(),
+                }
                 for p in self.probes
             ],
         }
@@ -114,11 +126,17 @@ def walk_dose(
     system: str | None = None,
     how: SteerHow = "hooks",
     seed: int = 0,
+    calibration: Calibration | None = None,
+    coherence_floor: Number = 0.9,
 ) -> DoseResult:
     """Bisect (log space) for the largest coefficient whose probe kept fraction >= target.
 
     `filter` should score perplexity under the ORIGINAL model: generation steers `model`
     only inside each `generate` call, so filtering the same model afterwards is unsteered.
+    With a `calibration` (the filter's thresholds, `filters.calibrate`), a probe passes only
+    if also its coherence, the share of the batch within the calibrated thresholds, is at
+    least `coherence_floor` x the unsteered completions' own: the kept fraction alone lets
+    a walk climb into word salad that the text rules pass.
     """
     _check_prompts(prompts)
     target = float(target)
@@ -129,6 +147,9 @@ def walk_dose(
         raise ValueError(
             f"need 0 < c_min < c_max (finite; the search is in log space), got c_min={c_min}, c_max={c_max}"
         )
+    coherence_floor = float(coherence_floor)
+    if not 0 <= coherence_floor <= 1:
+        raise ValueError(f"coherence_floor is a fraction of the unsteered coherence in [0, 1], got {coherence_floor}")
     if steps < 0 or probe_size < 1:
         raise ValueError(f"steps must be >= 0 and probe_size >= 1, got {steps} and {probe_size}")
     settings = dict(sampling=sampling, system=system, how=how)
@@ -142,9 +163,24 @@ def walk_dose(
         completions = _sample(model, tok, vector, batch, coeff, seed + len(probes) * seeds_per_probe, settings)
         verdicts = _filter(filter, completions)
         kept = sum(v.keep for v in verdicts)
-        result = Probe(
-            coeff, kept, probe_size, kept / probe_size >= target, FilterReport.from_verdicts(completions, verdicts)
-        )
+        passed = kept / probe_size >= target
+        why = [
+            f"kept {kept}/{probe_size} >= target {target:g}"
+            if passed
+            else f"only {kept}/{probe_size} completions were kept (target {target:g})"
+        ]
+        coherence = None
+        if calibration is not None:
+            coherence = calibration.coherence(verdicts)
+            needed = coherence_floor * calibration.unsteered_coherence
+            ok = coherence >= needed
+            why.append(
+                f"coherence {coherence:.2f} {'>=' if ok else '<'} {coherence_floor:g} x unsteered "
+                f"{calibration.unsteered_coherence:.2f} = {needed:.2f}"
+            )
+            passed = passed and ok
+        report = FilterReport.from_verdicts(completions, verdicts, calibration=calibration)
+        result = Probe(coeff, kept, probe_size, passed, report, coherence, "; ".join(why))
         probes.append(result)
         return result
 
@@ -152,8 +188,8 @@ def walk_dose(
     if not first.passed:
         drops = ", ".join(f"{k} {v}" for k, v in first.report.rows[0].drops.items()) or "none"
         raise DoseError(
-            f"no dose passes: at c_min={c_min:g} only {first.kept}/{first.n} completions were kept "
-            f"(target {target:g}; drops: {drops}); lower c_min, lower the target or loosen the filter"
+            f"no dose passes: at c_min={c_min:g} {first.why} (drops: {drops}); lower c_min, lower the target "
+            "or loosen the filter"
         )
     if probe(c_max).passed:
         return DoseResult(c_max, target, tuple(probes))
@@ -182,6 +218,7 @@ def collect(
     system: str | None = None,
     how: SteerHow = "hooks",
     seed: int = 0,
+    calibration: Calibration | None = None,
 ) -> Collection:
     """Generate at `coeff * m` for each multiple, `batch_size` prompts per batch (rotating
     through the pool), filter each batch, stop at `n_keep` survivors or `max_batches`."""
@@ -220,4 +257,5 @@ def collect(
             f"{', '.join(f'{c:g}' for c in coeffs)} after {batches} batches (min_keep={min_keep}); "
             "lower the dose, raise max_batches or loosen the filter"
         )
-    return Collection(kept[:n_keep], completions, verdicts, FilterReport.from_verdicts(completions, verdicts))
+    report = FilterReport.from_verdicts(completions, verdicts, calibration=calibration)
+    return Collection(kept[:n_keep], completions, verdicts, report)

@@ -83,10 +83,8 @@ def target_nll(logp: Float[Tensor, "n vocab"], batch: Batch) -> Float[Tensor, " 
 
 
 @torch.no_grad()
-def nll_per_example(
-    model: nn.Module, examples: Sequence[Example], pad: int, batch_size: int = 8
-) -> list[tuple[float, int]]:
-    """(summed NLL, number of targets) per example, in input order.
+def token_nlls(model: nn.Module, examples: Sequence[Example], pad: int, batch_size: int = 8) -> list[Tensor]:
+    """Per example, the NLL of each target token (fp64, CPU), in input order.
 
     Examples are batched in length order (less padding); the caller's train/eval mode is
     the caller's business.
@@ -94,16 +92,20 @@ def nll_per_example(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    out: list[Tensor] = [torch.empty(0)] * len(examples)
     device = input_device(model)
     for start in range(0, len(order), batch_size):
         chosen = order[start : start + batch_size]
         batch = make_batch([examples[i] for i in chosen], pad, device)
-        nll = target_nll(target_logprobs(model, batch), batch).double()
-        sums = torch.zeros(len(chosen), dtype=torch.float64, device=nll.device).index_add_(
-            0, batch.rows.to(nll.device), nll
-        )
-        counts = torch.bincount(batch.rows, minlength=len(chosen))
+        nll = target_nll(target_logprobs(model, batch), batch).double().cpu()
+        rows = batch.rows.cpu()
         for row, i in enumerate(chosen):
-            out[i] = (float(sums[row]), int(counts[row]))
+            out[i] = nll[rows == row]  # row-major: in token order
     return out
+
+
+def nll_per_example(
+    model: nn.Module, examples: Sequence[Example], pad: int, batch_size: int = 8
+) -> list[tuple[float, int]]:
+    """(summed NLL, number of targets) per example, in input order."""
+    return [(float(t.sum()), int(t.numel())) for t in token_nlls(model, examples, pad, batch_size)]

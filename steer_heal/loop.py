@@ -28,9 +28,9 @@ from torch import nn
 from .config import RunConfig
 from .data import Axis, load_axis, load_contexts
 from .dose import collect, walk_dose
-from .evaluate import EvalResult, Samples, Vignettes, load_mfv, load_vignettes, stratified_subset
+from .evaluate import AnswerLogOdds, EvalResult, Samples, Vignettes, load_mfv, load_vignettes, stratified_subset
 from .extract import last_token_states
-from .filters import default_filter
+from .filters import Calibration, calibrate_on_pool, default_filter
 from .heal import TrainSettings, heal
 from .history import Adapter, History
 from .lora import LoraSettings
@@ -49,7 +49,7 @@ class Setup:
     tok: Any
     axis: Axis
     contexts: list[str]
-    probes: dict[str, Vignettes]
+    probes: dict[str, Any]  # name -> Evaluator (AnswerLogOdds, Vignettes)
 
     @property
     def model(self) -> nn.Module:
@@ -69,8 +69,13 @@ def regularizers(config: RunConfig) -> list[Regularizer]:
     return [main] + ([WeightDecay(wd=h.weight_decay)] if h.weight_decay > 0 else [])
 
 
-def probes(config: RunConfig, seed: int) -> dict[str, Vignettes]:
+def probes(config: RunConfig, seed: int, axis: Axis | None = None) -> dict[str, Any]:
+    """The stage probes: the axis's answer log-odds first (when it defines answers), then the
+    7-way vignettes (bundled and/or MFV). The vignettes give the coherence the loop stops on."""
     e = config.eval
+    out: dict[str, Any] = {}
+    if axis is not None and axis.answers:
+        out["logodds"] = AnswerLogOdds.from_axis(axis)
     sets: dict[str, list] = {}
     if e.items in ("bundled", "both"):
         sets["vignettes"] = load_vignettes()
@@ -78,21 +83,20 @@ def probes(config: RunConfig, seed: int) -> dict[str, Vignettes]:
         if not e.mfv_dir:
             raise ValueError("eval.items includes 'mfv' but eval.mfv_dir is empty; point it at the MFV JSONL folder")
         sets["mfv"] = load_mfv(e.mfv_dir)
-    return {
-        name: Vignettes(
+    for name, items in sets.items():
+        out[name] = Vignettes(
             items=stratified_subset(items, e.n_items, seed=seed) if 0 < e.n_items < len(items) else items,
             think_tokens=e.think_tokens,
             name=name,
         )
-        for name, items in sets.items()
-    }
+    return out
 
 
 def setup(config: RunConfig) -> Setup:
     """Data first (cheap to check), then the model (slow to load)."""
     axis = load_axis(config.run.axis)
     contexts = load_contexts()[: config.extract.n_contexts]
-    chosen = probes(config, config.run.seed)
+    chosen = probes(config, config.run.seed, axis)
     model, tok = load_model(config.run.model, dtype=config.run.dtype, device=config.run.device)
     return Setup(History(model), tok, axis, contexts, chosen)
 
@@ -116,7 +120,7 @@ def base_coherence(run: RunDir) -> float:
     """The lowest coherence of the base stage over the probes (the floor is relative to it)."""
     for e in run.events():
         if e["event"] == "eval" and e["stage"] == "base":
-            return min(x["metrics"]["coherence"] for x in e["results"].values())
+            return min(x["metrics"]["coherence"] for x in e["results"].values() if "coherence" in x["metrics"])
     raise ValueError(f"{run.path}/events.jsonl has no base evaluation; resume it from the start")
 
 
@@ -148,6 +152,30 @@ def base_stage(config: RunConfig, s: Setup, run: RunDir) -> None:
     run.checkpoint(-1)
 
 
+def round_filter(config: RunConfig, s: Setup, seed: int) -> tuple[Any, Calibration | None]:
+    """The round's filter, scoring under the base model (adapters off, no steering), never
+    the steered student. Calibrated (the default): thresholds from the base model's own
+    sampled completions of the prompt pool; else the absolute `filter.ppl_tau`."""
+    f = config.filter
+    if not f.calibrate:
+        flt = default_filter(
+            s.history.base, s.tok, tau=f.ppl_tau, tail=f.tail, narration_patterns=s.axis.narration_patterns
+        )
+        return flt, None
+    return calibrate_on_pool(
+        s.history.base,
+        s.tok,
+        s.axis.prompts,
+        n=f.calibration_n,
+        sampling=config.generate,
+        seed=seed + 30,
+        k=f.ppl_k,
+        percentile=f.surprise_percentile,
+        tail=f.tail,
+        narration_patterns=s.axis.narration_patterns,
+    )
+
+
 def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVector | None) -> dict[str, Any]:
     """Extract, dose, collect, steer-evaluate, heal, fold, evaluate: one round."""
     seed = config.run.seed * 1000 + r * 100  # every stochastic step of round r derives from this
@@ -165,14 +193,9 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
     timings = {"extract": time.perf_counter() - t0}
 
     t0 = time.perf_counter()
-    # perplexity under the base model (adapters off, no steering), never the steered student
-    filt = default_filter(
-        s.history.base,
-        s.tok,
-        tau=config.filter.ppl_tau,
-        tail=config.filter.tail,
-        narration_patterns=s.axis.narration_patterns,
-    )
+    filt, calibration = round_filter(config, s, seed)
+    if calibration is not None:
+        run.log("calibration", r, **calibration.to_dict())
     dose = walk_dose(
         s.model,
         s.tok,
@@ -186,6 +209,8 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
         probe_size=d.probe_size,
         seed=seed,
         sampling=config.generate,
+        calibration=calibration,
+        coherence_floor=d.coherence_floor,
     )
     run.log("dose", r, coeff=dose.coeff, probes=dose.to_dict()["probes"])
     kept = collect(
@@ -201,6 +226,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
         min_keep=c.min_keep,
         seed=seed + 50,
         sampling=config.generate,
+        calibration=calibration,
     )
     run.log(
         "gen",
@@ -249,7 +275,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
     healed = evaluate(s)
     log_stage(run, "healed", r, healed)
     run.log("samples", r, stage="healed", rows=samples(config, s))
-    coherence = min(x["coherence"] for x in healed.values())
+    coherence = min(x["coherence"] for x in healed.values() if "coherence" in x.metrics)
     if h.reference == "last_good":
         s.history.judge(coherence, h.last_good_threshold)
     shift = neutral_shift(s, vec.layers)

@@ -1,10 +1,12 @@
 """Figures and reports from `events.jsonl` alone (`steer-heal plot RUN_DIR`).
 
-- `trajectory.png`: the target foundation (nats) per stage, base/prompted/steered/healed
-  coloured; 1 - coherence on a log axis; an off-target foundation against the target.
-- `stages.md`: the paired stage table per probe (base, prompted, then steered and healed
-  per round), from `evaluate.stage_table`.
-- `report.md`: the stage tables, per-round dose / filter / cosines, and samples.
+- `trajectory.png`: the answer log-odds shifts (stance, wording, off-axis; mean and 95% CI
+  against the base) per stage; 1 - coherence on a log axis; the 7-way probe's target
+  foundation (nats) per stage. Stages are coloured base/prompted/steered/healed.
+- `stages.md`: a few plain sentences (what steering moved, at what coherence cost, what the
+  heal kept, and whether that beats the persona prompt), then the log-odds shift table,
+  then the paired 7-way stage table per vignette probe (`evaluate.stage_table`).
+- `report.md`: the same, per-round dose / filter / cosines, time per stage, and samples.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import load_axis
-from .evaluate import FOUNDATIONS, EvalResult, foundation_key, stage_table
+from .evaluate import EvalResult, foundation_key, retain, shift, shift_table, stage_table
 from .io import atomic_write_bytes, atomic_write_text
 from .runlog import read_events
 
@@ -44,18 +46,88 @@ def _axis_target(run_dir: Path) -> tuple[str, int]:
         return "Care", 1
 
 
+LOGODDS = "logodds"
+
+
 def stage_tables(events: list[dict[str, Any]], target: str, direction: int) -> str:
+    """The log-odds shift table first (the trait), then each vignette probe's 7-way table."""
     parts = []
-    for probe, stages in _stages(events).items():
+    for probe, stages in sorted(_stages(events).items(), key=lambda kv: kv[0] != LOGODDS):
         first_steered = next((k for k in stages if k.startswith("steered")), None)
-        parts.append(
-            f"### {probe}\n\n"
-            + stage_table(stages, base="base", steered=first_steered, target=target, direction=direction)
-        )
+        if probe == LOGODDS:
+            head = f"### answer log-odds ({direction:+d} = the pos persona's stance): shifts against the base"
+            parts.append(f"{head}\n\n" + shift_table(stages, base="base", steered=first_steered))
+        else:
+            parts.append(
+                f"### {probe} (7-way forced choice)\n\n"
+                + stage_table(stages, base="base", steered=first_steered, target=target, direction=direction)
+            )
     return "\n\n".join(parts)
 
 
+def _coherence(stage: str, stages: dict[str, dict[str, EvalResult]]) -> float | None:
+    values = [
+        results[stage].metrics["coherence"]
+        for results in stages.values()
+        if stage in results and "coherence" in results[stage].metrics
+    ]
+    return min(values) if values else None
+
+
+def _said(s) -> str:
+    return f"{s.mean:+.3f} nats [{s.ci[0]:+.3f}, {s.ci[1]:+.3f}]" + (" (noise)" if s.noise else "")
+
+
+def summary(events: list[dict[str, Any]]) -> str:
+    """Two or three plain sentences from the measured numbers: what steering moved (stance,
+    wording, off-axis), at what coherence cost, what the last heal kept, and whether that
+    beats the persona prompt at equal or better coherence."""
+    stages = _stages(events)
+    logodds = stages.get(LOGODDS)
+    if not logodds or "base" not in logodds:
+        return "No answer log-odds probe in this run (the axis defines no [[answers]]); read the 7-way table."
+    steered = [k for k in logodds if k.startswith("steered")]
+    healed = [k for k in logodds if k.startswith("healed")]
+    base = logodds["base"]
+    base_coh = _coherence("base", stages)
+
+    def coh(k):
+        return "" if _coherence(k, stages) is None or not base_coh else f"{_coherence(k, stages) / base_coh:.3f}"
+
+    out = []
+    if steered:
+        k = steered[0]
+        st, wd, off = (shift(base, logodds[k], c) for c in ("stance", "wording", "off_axis"))
+        out.append(
+            f"Steering ({k}) moved the stance by {_said(st)} and the wording by {_said(wd)}, with an off-axis "
+            f"shift of {_said(off)}, at {coh(k)} x the base coherence."
+        )
+    if healed and steered:
+        k = healed[-1]
+        st = shift(base, logodds[k], "stance")
+        wd = shift(base, logodds[k], "wording")
+        r_st, (lo, hi) = retain(base, logodds[steered[0]], logodds[k], "stance")
+        r_wd, _ = retain(base, logodds[steered[0]], logodds[k], "wording")
+        out.append(
+            f"After healing ({k}) the stance shift is {_said(st)} (retain {r_st:.2f} [{lo:.2f}, {hi:.2f}] of the "
+            f"steered one) and the wording shift {_said(wd)} (retain {r_wd:.2f}), at {coh(k)} x the base coherence."
+        )
+        if "prompted" in logodds:
+            p = shift(base, logodds["prompted"], "stance")
+            healed_coh, prompt_coh = _coherence(k, stages), _coherence("prompted", stages)
+            better = st.mean > p.mean and not st.noise
+            equal = healed_coh is not None and prompt_coh is not None and healed_coh >= prompt_coh
+            verdict = "beats" if better and equal else "does not beat"
+            out.append(
+                f"The persona prompt moved the stance by {_said(p)}; the healed model {verdict} it "
+                f"{'at equal or better' if equal else 'at lower'} coherence."
+            )
+    return " ".join(out)
+
+
 def trajectory(events: list[dict[str, Any]], target: str, path: Path) -> None:
+    """Three panels: log-odds shifts per stage (stance, wording, off-axis; 95% CI), 1 -
+    coherence per vignette probe (log), and the 7-way target foundation per stage."""
     import io
 
     import matplotlib
@@ -64,36 +136,45 @@ def trajectory(events: list[dict[str, Any]], target: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     stages = _stages(events)
-    probe = next(iter(stages))
-    labels = list(stages[probe])
+    vignettes = {k: v for k, v in stages.items() if k != LOGODDS}
+    logodds = stages.get(LOGODDS)
+    labels = list((logodds or next(iter(vignettes.values()))).keys())
+    xs = range(len(labels))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    if logodds and "base" in logodds:
+        for offset, (component, colour) in enumerate(
+            (("stance", "#c0392b"), ("wording", "#16a085"), ("off_axis", "#7f8c8d"))
+        ):
+            shifts = [shift(logodds["base"], logodds[k], component) for k in labels]
+            means = [sh.mean for sh in shifts]
+            errors = [[sh.mean - sh.ci[0] for sh in shifts], [sh.ci[1] - sh.mean for sh in shifts]]
+            positions = [x + (offset - 1) * 0.12 for x in xs]
+            axes[0].errorbar(positions, means, yerr=errors, fmt="o", color=colour, label=component, capsize=2)
+        axes[0].axhline(0, color="#999999", lw=0.8)
+        axes[0].legend(fontsize=8)
+        axes[0].set_title("answer log-odds shift vs base (nats, 95% CI)")
+    else:
+        axes[0].set_title("no answer log-odds probe in this run")
     key = f"{foundation_key(target)}_nats"
-    off = next(f for f in FOUNDATIONS if f != target and f != "Social Norms")
-    off_key = f"{foundation_key(off)}_nats"
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for probe_name, results in stages.items():
-        xs = range(len(results))
-        values = [r.metrics[key] for r in results.values()]
-        colours = [COLOURS[label.split()[0]] for label in results]
-        axes[0].plot(xs, values, color="#bbbbbb", zorder=1)
-        axes[0].scatter(xs, values, c=colours, zorder=2, label=probe_name)
+    for probe_name, results in vignettes.items():
+        ordered = [results.get(k) for k in labels]
+        points = [(x, r) for x, r in zip(xs, ordered) if r is not None]
         axes[1].semilogy(
-            xs, [max(1 - r.metrics["coherence"], 1e-6) for r in results.values()], marker="o", label=probe_name
+            [x for x, _ in points],
+            [max(1 - r.metrics["coherence"], 1e-6) for _, r in points],
+            marker="o",
+            label=probe_name,
         )
-        axes[2].scatter(
-            [r.metrics[key] for r in results.values()], [r.metrics[off_key] for r in results.values()], c=colours
-        )
-        for label, r in results.items():
-            axes[2].annotate(label, (r.metrics[key], r.metrics[off_key]), fontsize=7)
-    axes[0].set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
-    axes[1].set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
-    axes[0].set_title(f"{target} (nats; log mean prob)")
-    axes[1].set_title("1 - coherence (log; lower is better)")
-    axes[2].set_title(f"{off} vs {target} (nats)")
-    axes[2].set_xlabel(target)
-    axes[2].set_ylabel(off)
+        colours = [COLOURS[labels[x].split()[0]] for x, _ in points]
+        axes[2].plot([x for x, _ in points], [r.metrics[key] for _, r in points], color="#bbbbbb", zorder=1)
+        axes[2].scatter([x for x, _ in points], [r.metrics[key] for _, r in points], c=colours, zorder=2)
+    for ax in axes:
+        ax.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=8)
+    axes[1].set_title("1 - coherence (7-way probe; log, lower is better)")
+    axes[1].legend(title="probe", fontsize=8)
+    axes[2].set_title(f"{target} (7-way probe, nats)")
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in COLOURS.items()]
-    axes[0].legend(handles=handles, fontsize=8)
-    axes[1].legend(title="probe", fontsize=8)  # one line per probe (e.g. bundled vignettes, MFV)
+    axes[2].legend(handles=handles, fontsize=8)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -149,13 +230,15 @@ def render(run_dir: str | Path) -> dict[str, Path]:
         raise ValueError(f"{run_dir}/events.jsonl has no evaluation events yet; nothing to plot")
     target, direction = _axis_target(run_dir)
     tables = stage_tables(events, target, direction)
+    said = summary(events)
     out = {
         "stages": atomic_write_text(
-            run_dir / "stages.md", f"# Stages ({target}, direction {direction:+d})\n\n{tables}\n"
+            run_dir / "stages.md", f"# Stages ({target}, direction {direction:+d})\n\n{said}\n\n{tables}\n"
         ),
         "report": atomic_write_text(
             run_dir / "report.md",
-            f"# Run report: {run_dir.name}\n\n## Stage table\n\n{tables}\n\n## Rounds\n\n{rounds_table(events)}\n\n"
+            f"# Run report: {run_dir.name}\n\n{said}\n\n## Stage tables\n\n{tables}\n\n"
+            f"## Rounds\n\n{rounds_table(events)}\n\n"
             f"Time per stage: {time_breakdown(events) or 'not recorded'}\n\n"
             f"## Samples (greedy)\n\n{_samples(events)}\n",
         ),

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from .evaluate import EvalResult, Samples, Vignettes, foundation_key, stage_table
+from .evaluate import EvalResult, Samples, foundation_key, shift_table, stage_table
 from .evaluate.items import FOUNDATIONS
 from .filters import FilterLike, FilterReport
 from .generate import generate
@@ -58,7 +58,7 @@ def dose_sweep(
     tok: Any,
     vec: SteeringVector,
     coeffs: Sequence[Number],
-    probes: Mapping[str, Vignettes],
+    probes: Mapping[str, Any],  # name -> Evaluator: AnswerLogOdds and/or Vignettes
     prompts: Sequence[str] = (),
     filt: FilterLike | None = None,
     n: int = 16,
@@ -107,7 +107,11 @@ def dose_sweep(
 
 
 def _coherence(point: SweepPoint) -> float:
-    return min(r.metrics["coherence"] for r in point.results.values())
+    """The lowest 7-way coherence over the probes that report one (the log-odds probe does not)."""
+    values = [r.metrics["coherence"] for r in point.results.values() if "coherence" in r.metrics]
+    if not values:
+        raise ValueError("the sweep has no probe that reports coherence; add a vignette probe")
+    return min(values)
 
 
 def operating_dose(points: Sequence[SweepPoint], coherence_floor: float = 0.95) -> float:
@@ -152,9 +156,12 @@ def sweep_report(points: Sequence[SweepPoint], target: str, direction: int, cohe
     stages = {p.coeff: p for p in sorted(points, key=lambda p: p.coeff)}
     floor = coherence_floor
     parts = [f"Operating dose (coherence >= {floor:g} x unsteered): c = {operating_dose(points, floor):g}"]
-    for probe in points[0].results:
-        parts.append(f"### {probe}: profile (nats) and filter\n\n{profile_table(points, probe)}")
+    for probe in sorted(points[0].results, key=lambda name: name != "logodds"):
         named = {("base" if c == 0.0 else f"c={c:g}"): p.results[probe] for c, p in stages.items()}
+        if "stance" in points[0].results[probe].metrics:  # the answer log-odds probe
+            parts.append(f"### {probe}: stance, wording and off-axis shifts vs c = 0 (paired)\n\n{shift_table(named)}")
+            continue
+        parts.append(f"### {probe}: profile (nats) and filter\n\n{profile_table(points, probe)}")
         parts.append(
             f"### {probe}: {target} vs c = 0 (paired)\n\n"
             f"{stage_table(named, base='base', steered=None, target=target, direction=direction)}"

@@ -46,6 +46,9 @@ class Axis:
     direction: int = 1
     sample_prompts: list[str] = field(default_factory=list)
     narration_patterns: list[str] | None = None  # None: `Narration` uses its defaults
+    eval_prompts: list[str] = field(default_factory=list)  # held-out scenarios (log-odds probe)
+    answers: list[dict[str, str]] = field(default_factory=list)  # crossed answer pairs
+    off_axis: list[dict[str, str]] = field(default_factory=list)  # off-axis answer pairs (a, b)
 
 
 def available_axes() -> list[str]:
@@ -77,7 +80,9 @@ def load_axis(name_or_path: str | Path) -> Axis:
 
 
 _TEXTS = ("name", "pos", "neg", "description", "neutral", "target")
-_LISTS = ("prompts", "sample_prompts", "narration_patterns")
+_LISTS = ("prompts", "sample_prompts", "narration_patterns", "eval_prompts")
+CROSSED_KEYS = ("pos", "neg", "pos_in_neg_words", "neg_in_pos_words")  # one stance pair, both vocabularies
+MIN_PAIRS = 4
 
 
 def _check_axis(path: Path, raw: dict) -> None:
@@ -99,6 +104,7 @@ def _check_axis(path: Path, raw: dict) -> None:
         raise ValueError(
             f"axis file {path}: direction must be 1 or -1 (the sign of the target shift), got {raw['direction']!r}"
         )
+    _check_answers(path, raw)
     if "narration_patterns" in raw:
         if not raw["narration_patterns"]:
             raise ValueError(f"axis file {path}: narration_patterns is empty; omit the key for the defaults")
@@ -109,3 +115,39 @@ def _check_axis(path: Path, raw: dict) -> None:
                 raise ValueError(
                     f"axis file {path}: narration pattern {pattern!r} is not a regular expression ({exc})"
                 ) from None
+
+
+def _check_answers(path: Path, raw: dict) -> None:
+    """The log-odds probe's keys: held-out scenarios disjoint from the pool, >= 4 answer pairs
+    each written in both vocabularies, off-axis pairs (a, b)."""
+    answers, off = raw.get("answers", []), raw.get("off_axis", [])
+    if ("answers" in raw or "off_axis" in raw) and not raw.get("eval_prompts"):
+        raise ValueError(f"axis file {path}: [[answers]] need eval_prompts, held-out scenarios to score them on")
+    if raw.get("eval_prompts") and "answers" not in raw:
+        raise ValueError(f"axis file {path}: eval_prompts need [[answers]], at least {MIN_PAIRS} crossed pairs")
+    overlap = sorted(set(raw.get("eval_prompts", [])) & set(raw["prompts"]))
+    if overlap:
+        raise ValueError(
+            f"axis file {path}: eval_prompts must be held out, but {len(overlap)} are also in prompts "
+            f"(e.g. {overlap[0][:60]!r})"
+        )
+    if "answers" in raw:
+        if not isinstance(answers, list) or len(answers) < MIN_PAIRS:
+            count = len(answers) if isinstance(answers, list) else 0
+            raise ValueError(f"axis file {path}: needs at least {MIN_PAIRS} [[answers]] pairs, got {count}")
+        for i, pair in enumerate(answers):
+            if not isinstance(pair, dict) or set(pair) != set(CROSSED_KEYS):
+                keys = sorted(pair) if isinstance(pair, dict) else pair
+                raise ValueError(
+                    f"axis file {path}: [[answers]] pair {i + 1} must be crossed, with exactly the keys "
+                    f"{', '.join(CROSSED_KEYS)} (each stance in both vocabularies); got {keys}"
+                )
+            if not all(isinstance(v, str) and v.strip() for v in pair.values()) or len(set(pair.values())) < 4:
+                raise ValueError(f"axis file {path}: [[answers]] pair {i + 1} needs four different non-empty answers")
+    for i, pair in enumerate(off if isinstance(off, list) else [off]):
+        if (
+            not isinstance(pair, dict)
+            or set(pair) != {"a", "b"}
+            or not all(isinstance(v, str) and v.strip() for v in pair.values())
+        ):
+            raise ValueError(f"axis file {path}: [[off_axis]] pair {i + 1} needs two non-empty answers a and b")

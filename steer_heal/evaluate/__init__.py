@@ -1,5 +1,7 @@
 """Evaluation of every stage on the same items (docs/method.md, step 6).
 
+- `AnswerLogOdds`: the trait as answer log-odds on held-out scenarios, stance and wording
+  apart, with an off-axis control (the probe a small model can answer);
 - `Vignettes`: forced-choice moral-foundations probe (nats per foundation + coherence);
 - `TraitJudge`: the trait in free text, scored with a small sentence-embedding model;
 - `HeldOutPerplexity`, `Samples`: fluency on neutral text and greedy samples for the report;
@@ -21,10 +23,18 @@ from .items import (
     stratified_subset,
 )
 from .judge import INSTALL_HINT, JudgeAxis, TraitJudge, bootstrap_ci, load_judge_axes
+from .logodds import AnswerLogOdds, AnswerPair, OffAxisPair, Shift, retain, shift, shift_table
 from .text import HeldOutPerplexity, Samples, load_paragraphs
 from .vignettes import LABELS, WORDINGS, Vignettes, Wording, option_token_ids
 
 __all__ = [
+    "AnswerLogOdds",
+    "AnswerPair",
+    "OffAxisPair",
+    "Shift",
+    "retain",
+    "shift",
+    "shift_table",
     "BROKEN_BELOW",
     "FOUNDATIONS",
     "INSTALL_HINT",

@@ -3,20 +3,26 @@
 - `base`: the `Filter` protocol, `Verdict`, `Reason`, `AllOf`;
 - `text`: `Repetition`, `Narration`, `Refusal` (no model needed);
 - `babble`: `Babble`, word salad judged by the text's grammar (no model needed);
-- `perplexity`: `Perplexity`, tail perplexity under the original model;
+- `perplexity`: `Perplexity`, tail perplexity under the original model, absolute threshold;
+- `calibrated`: `Calibrated` and `calibrate`, tail perplexity and token surprise under the
+  original model, with thresholds measured on its own unsteered completions;
 - `report`: `FilterReport`, what a filter kept and dropped per steering coefficient.
 
-`default_text_filter` and `default_filter` below are the combinations the loop uses.
+`default_text_filter`, `calibrated_filter` and `default_filter` below are the combinations
+the loop and the sweep use.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..generate import generate
+from ..sampling import SAMPLED, Sampling
 from ..vocab import Number
 from .babble import Babble, babble_scores
 from .base import AllOf, Filter, FilterLike, Reason, Verdict, reason_name
-from .perplexity import PPL, BaseModel, Perplexity, tail_perplexity
+from .calibrated import SURPRISE, Calibrated, Calibration, calibrate
+from .perplexity import PPL, BaseModel, Perplexity, base_context, tail_perplexity
 from .report import CoeffStats, FilterReport
 from .text import (
     NARRATION_PATTERNS,
@@ -29,6 +35,12 @@ from .text import (
 )
 
 __all__ = [
+    "SURPRISE",
+    "Calibrated",
+    "Calibration",
+    "calibrate",
+    "calibrate_on_pool",
+    "calibrated_filter",
     "NARRATION_PATTERNS",
     "PPL",
     "REFUSAL_PHRASES",
@@ -77,3 +89,43 @@ def default_filter(
         Perplexity(model, tok, tau=tau, tail=tail, batch_size=batch_size),
         *default_text_filter(narration_patterns).filters,
     )
+
+
+def calibrated_filter(
+    model: BaseModel,
+    tok,
+    calibration: Calibration,
+    tail: Number = 0.25,
+    batch_size: int = 8,
+    narration_patterns: Sequence[str] | None = None,
+) -> AllOf:
+    """The calibrated model-based filter (thresholds from the unsteered model's own text, see
+    `calibrate`) plus the text-only filters: what the loop uses."""
+    return AllOf(
+        Calibrated(model, tok, calibration, tail=tail, batch_size=batch_size),
+        *default_text_filter(narration_patterns).filters,
+    )
+
+
+def calibrate_on_pool(
+    model: BaseModel,
+    tok,
+    prompts: Sequence[str],
+    n: int = 16,
+    sampling: Sampling = SAMPLED,
+    seed: int = 0,
+    k: Number = 3.0,
+    percentile: Number = 5.0,
+    tail: Number = 0.25,
+    narration_patterns: Sequence[str] | None = None,
+) -> tuple[AllOf, Calibration]:
+    """Sample `n` unsteered completions of the prompt pool from the ORIGINAL model (a model,
+    or e.g. `history.base`), calibrate on them, and return the calibrated filter with its
+    calibration."""
+    if not prompts:
+        raise ValueError("calibration needs a prompt pool; pass the axis's prompts")
+    pool = [prompts[i % len(prompts)] for i in range(n)]
+    with base_context(model) as base:
+        unsteered = generate(base, tok, pool, sampling=sampling, seed=seed, progress=False)
+    calibration = calibrate(model, tok, unsteered, k=k, percentile=percentile, tail=tail)
+    return calibrated_filter(model, tok, calibration, tail=tail, narration_patterns=narration_patterns), calibration

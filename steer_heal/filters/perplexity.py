@@ -33,6 +33,12 @@ PPL = "ppl"  # the perplexity score key, read by FilterReport
 BaseModel = nn.Module | Callable[[], AbstractContextManager[nn.Module]]
 
 
+def base_context(model: BaseModel) -> AbstractContextManager[nn.Module]:
+    """A context yielding the original model: the model itself, or what a factory such as
+    `history.base` yields (an nn.Module is callable too, so it is tested for first)."""
+    return nullcontext(model) if isinstance(model, nn.Module) else model()
+
+
 def tail_perplexity(
     model: nn.Module,
     tok,
@@ -86,14 +92,10 @@ class Perplexity:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tok, self.batch_size = model, tok, batch_size
 
-    def _base(self) -> AbstractContextManager[nn.Module]:
-        # an nn.Module is callable too: test for it first
-        return nullcontext(self.model) if isinstance(self.model, nn.Module) else self.model()
-
     def __call__(self, completions: Sequence[Completion]) -> list[Verdict]:
         check_nonempty(completions)
         prompts = [c.formatted_prompt(self.tok) for c in completions]
-        with self._base() as model:
+        with base_context(self.model) as model:
             active = active_steering(model)
             if active:
                 how = ", ".join(sorted({a.how for a in active}))

@@ -26,7 +26,10 @@ from typing import Literal
 from ..generate import Completion
 from ..vocab import Number
 from .base import Verdict
+from .calibrated import Calibration
 from .perplexity import PPL
+
+MODEL_FILTERS = ("perplexity", "calibrated")  # the filters that score under the original model
 
 
 def _num(x: float | None) -> float | None:
@@ -86,7 +89,7 @@ def _stats(coeff: float, pairs: list[tuple[Completion, Verdict]], samples: int) 
 
     kept_ppl = sorted(((c, v) for c, v in pairs if v.keep and PPL in v.scores), key=lambda cv: -cv[1].scores[PPL])
     over = sorted(
-        ((c, v) for c, v in pairs if any(r.filter == "perplexity" for r in v.reasons)),
+        ((c, v) for c, v in pairs if any(r.filter in MODEL_FILTERS for r in v.reasons)),
         key=lambda cv: cv[1].scores[PPL],
     )
     return CoeffStats(
@@ -113,10 +116,15 @@ class FilterReport:
     """Per-coefficient statistics of one filter run (rows sorted by coefficient)."""
 
     rows: tuple[CoeffStats, ...]
+    calibration: Calibration | None = None  # the thresholds of a calibrated filter, shown with the table
 
     @classmethod
     def from_verdicts(
-        cls, completions: Sequence[Completion], verdicts: Sequence[Verdict], samples: int = 2
+        cls,
+        completions: Sequence[Completion],
+        verdicts: Sequence[Verdict],
+        samples: int = 2,
+        calibration: Calibration | None = None,
     ) -> FilterReport:
         if len(completions) == 0:
             raise ValueError("no completions to report on; filter some first")
@@ -125,7 +133,8 @@ class FilterReport:
         groups: dict[float, list[tuple[Completion, Verdict]]] = {}
         for c, v in zip(completions, verdicts):
             groups.setdefault(float(c.coeff), []).append((c, v))
-        return cls(tuple(_stats(coeff, pairs, samples) for coeff, pairs in sorted(groups.items())))
+        rows = tuple(_stats(coeff, pairs, samples) for coeff, pairs in sorted(groups.items()))
+        return cls(rows, calibration)
 
     def row(self, coeff: Number) -> CoeffStats:
         for r in self.rows:
@@ -168,7 +177,12 @@ class FilterReport:
                     for s in group:
                         text = " ".join(s.text.split())[:160]
                         out.append(f"c={r.coeff:g} {label} (ppl {_fmt(s.ppl)}): {text}")
+        if self.calibration is not None:
+            out.append(self.calibration.describe())
         return "\n".join(out)
 
     def to_dict(self) -> dict:
-        return {"kept_fraction": self.kept_fraction, "rows": [r.to_dict() for r in self.rows]}
+        out = {"kept_fraction": self.kept_fraction, "rows": [r.to_dict() for r in self.rows]}
+        if self.calibration is not None:
+            out["calibration"] = self.calibration.to_dict()
+        return out
