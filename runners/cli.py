@@ -10,7 +10,7 @@ import click
 
 from steer_heal.errors import SteerHealError
 
-from .options import parse_layers, side_by_side
+from .options import device_options, parse_layers, placement, side_by_side
 
 MODEL_HELP = "HF model id, local path, 'smollm2-135m' (embedded) or 'tiny-<family>' (random, for tests)"
 
@@ -66,15 +66,19 @@ def main() -> None:
 @click.option("--layers", default="0.45,0.55", show_default=True, help="'lo,hi' depth fractions or ints '13,14'")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="where to write the .safetensors vector")
-def extract(model_name, axis, pos, neg, contexts_file, n_contexts, layers, batch_size, out) -> None:
+@device_options
+def extract(
+    model_name, axis, pos, neg, contexts_file, n_contexts, layers, batch_size, out, device, dtype, device_map
+) -> None:
     """Extract a mean-difference steering vector from a persona pair."""
     from steer_heal.data import load_axis, load_contexts
     from steer_heal.model import load_model
     from steer_heal.vector import SteeringVector
 
+    device, dtype = placement(device, dtype)
     persona = load_axis(axis)
     contexts = load_contexts(contexts_file)[:n_contexts]
-    model, tok = load_model(model_name)
+    model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
     start = time.perf_counter()
     vec = SteeringVector.from_persona_pair(
         model,
@@ -102,8 +106,21 @@ def extract(model_name, axis, pos, neg, contexts_file, n_contexts, layers, batch
 @click.option("--sample/--greedy", default=False, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--allow-other-model", is_flag=True, help="steer a model other than the one the vector was made on")
+@device_options
 def steer(
-    vector_file, model_name, prompts, coeff, system, max_new_tokens, how, sample, seed, allow_other_model
+    vector_file,
+    model_name,
+    prompts,
+    coeff,
+    system,
+    max_new_tokens,
+    how,
+    sample,
+    seed,
+    allow_other_model,
+    device,
+    dtype,
+    device_map,
 ) -> None:
     """Print unsteered and steered completions side by side."""
     from steer_heal.generate import generate
@@ -113,8 +130,9 @@ def steer(
     from steer_heal.vector import SteeringVector
 
     check_coeff(coeff)
+    device, dtype = placement(device, dtype)
     vec, name = SteeringVector.load_for(vector_file, model_name, allow_other_model)  # before the weights load
-    model, tok = load_model(name)
+    model, tok = load_model(name, dtype=dtype, device=device, device_map=device_map)
     settings = dict(sampling=Sampling(max_new_tokens=max_new_tokens, do_sample=sample), seed=seed, system=system)
     plain = generate(model, tok, list(prompts), **settings)
     steered = generate(
@@ -139,6 +157,9 @@ def _overrides(**options) -> dict[str, dict]:
         "agg": "heal",
         "reference": "heal",
         "coherence_floor": "eval",
+        "device": "run",
+        "dtype": "run",
+        "device_map": "run",
     }
     out: dict[str, dict] = {}
     for key, value in options.items():
@@ -177,6 +198,7 @@ def _overrides(**options) -> dict[str, dict]:
 )
 @click.option("--overwrite", is_flag=True, help="replace an existing --out directory")
 @click.option("--dry-run", is_flag=True, help="print the resolved config and the planned work, run nothing")
+@device_options(default=None)
 def run(
     preset,
     config_file,
@@ -194,6 +216,9 @@ def run(
     resume_dir,
     overwrite,
     dry_run,
+    device,
+    dtype,
+    device_map,
 ) -> None:
     """Run the distill-and-heal loop and write a run directory."""
     from steer_heal import config as cfg
@@ -211,6 +236,9 @@ def run(
         reference=reference,
         seed=seed,
         coherence_floor=coherence_floor,
+        device=device,
+        dtype=dtype,
+        device_map=device_map,
     )
     started = time.perf_counter()
     if resume_dir:
@@ -223,6 +251,7 @@ def run(
         config = cfg.resolve(preset or "quick", config_file, overrides)
         target = Path(out or Path("out") / run_name(config))
         RunDir.check_target(target, overwrite)  # refuse before any slow work; writes nothing
+    placement(config.run.device, config.run.dtype)  # a device that is not there fails here, in one line
     if dry_run:
         click.echo(cfg.to_toml(config))
         click.echo(
@@ -290,6 +319,7 @@ def plot(run_dir) -> None:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="directory for sweep.json and sweep.md")
 @click.option("--allow-other-model", is_flag=True, help="steer a model other than the one the vector was made on")
+@device_options
 def sweep(
     vector_file,
     model_name,
@@ -306,6 +336,9 @@ def sweep(
     seed,
     out,
     allow_other_model,
+    device,
+    dtype,
+    device_map,
 ) -> None:
     """Sweep a vector's dose: vignette profile, coherence, filter report and samples per coefficient."""
     import json
@@ -331,8 +364,9 @@ def sweep(
     persona = load_axis(axis)
     for dose in doses:
         check_coeff(dose)
+    device, dtype = placement(device, dtype)
     vec, name = SteeringVector.load_for(vector_file, model_name, allow_other_model)  # before the weights load
-    model, tok = load_model(name)
+    model, tok = load_model(name, dtype=dtype, device=device, device_map=device_map)
     chosen = {
         k: replace(p, progress=True) if hasattr(p, "progress") else p
         for k, p in probes(
@@ -388,8 +422,21 @@ def sweep(
 @click.option("--think-tokens", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--n-items", type=click.IntRange(min=0), default=0, help="stratified subset size (0: all)")
 @click.option("--allow-other-model", is_flag=True, help="steer a model other than the one the vector was made on")
+@device_options
 def evaluate(
-    model_name, adapter, vector_file, coeff, system, items, mfv_dir, think_tokens, n_items, allow_other_model
+    model_name,
+    adapter,
+    vector_file,
+    coeff,
+    system,
+    items,
+    mfv_dir,
+    think_tokens,
+    n_items,
+    allow_other_model,
+    device,
+    dtype,
+    device_map,
 ) -> None:
     """Evaluate one configuration (model, optional adapter, optional steering) on the vignettes."""
     from contextlib import ExitStack
@@ -404,12 +451,13 @@ def evaluate(
         raise click.UsageError("--items mfv needs --mfv-dir (the folder with the MFV JSONL files)")
     # every input is read and checked before the model loads
     check_coeff(coeff)
+    device, dtype = placement(device, dtype)
     vec = SteeringVector.load_for(vector_file, model_name, allow_other_model)[0] if vector_file else None
     round_adapter = Adapter.load(adapter) if adapter else None
     chosen = load_mfv(mfv_dir) if items == "mfv" else load_vignettes()
     if 0 < n_items < len(chosen):
         chosen = stratified_subset(chosen, n_items)
-    model, tok = load_model(model_name)
+    model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
     with ExitStack() as stack:
         if round_adapter is not None:
             history = History(model)

@@ -30,3 +30,38 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str, width
     a += [""] * (rows - len(a))
     b += [""] * (rows - len(b))
     return "\n".join(f"{x.ljust(col)} | {y}" for x, y in zip(a, b))
+
+
+def device_options(command=None, *, default: str | None = "auto"):
+    """--device, --dtype and --device-map, shared by every command that loads a model.
+    `default=None` (for `run`): not given means the config's value."""
+    from steer_heal.devices import DEVICE_NAMES, DTYPE_NAMES
+
+    if command is None:
+        return lambda f: device_options(f, default=default)
+    shown = default is not None
+
+    command = click.option(
+        "--device-map",
+        type=click.Choice(["auto"]),
+        default=None,
+        help="shard a model larger than one card over the visible devices (accelerate)",
+    )(command)
+    command = click.option(
+        "--dtype", default=default, show_default=shown, help=f"{' | '.join(DTYPE_NAMES)} (auto: bfloat16 on a GPU)"
+    )(command)
+    return click.option(
+        "--device",
+        default=default,
+        show_default=shown,
+        help=f"{' | '.join(DEVICE_NAMES)} (auto: a GPU if one is visible)",
+    )(command)
+
+
+def placement(device: str, dtype: str) -> tuple[str, str]:
+    """Check the names and say on stderr what `auto` chose, before any model loads."""
+    from steer_heal.devices import resolve
+
+    chosen = resolve(device, dtype)
+    click.echo(f"steer-heal: {chosen}", err=True)
+    return str(chosen.device), str(chosen.dtype).removeprefix("torch.")

@@ -15,7 +15,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .sampling import Sampling
-from .vocab import Aggregation, ItemSet, Reference, RegName, choices
+from .vocab import DEVICE_NAMES, DEVICE_PATTERN, Aggregation, DTypeName, ItemSet, Reference, RegName, choices
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,9 @@ class RunSection:
     axis: str = "authority"
     rounds: int = 3
     seed: int = 0
-    device: str = "cpu"
-    dtype: str = "float32"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (steer_heal.devices)
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    device_map: str = ""  # "" (one device) or "auto" (accelerate shards a model larger than one card)
 
 
 @dataclass(frozen=True)
@@ -118,8 +119,12 @@ class RunConfig:
             (bool(r.axis.strip()), "run.axis is empty; name a bundled axis (authority, love) or an axis .toml file"),
             (r.rounds >= 1, f"run.rounds must be >= 1, got {r.rounds}"),
             (r.seed >= 0, f"run.seed must be >= 0, got {r.seed}"),
-            (r.dtype in DTYPES, f"run.dtype must be one of {', '.join(DTYPES)}, got {r.dtype!r}"),
-            (bool(r.device.strip()), "run.device is empty; use cpu, cuda, cuda:N or mps"),
+            (r.dtype in DTYPE_NAMES, f"run.dtype must be one of {', '.join(DTYPE_NAMES)}, got {r.dtype!r}"),
+            (
+                DEVICE_PATTERN.match(r.device) is not None,
+                f"run.device must be one of {', '.join(DEVICE_NAMES)}, got {r.device!r}",
+            ),
+            (r.device_map in ("", "auto"), f'run.device_map must be "" or "auto", got {r.device_map!r}'),
             (_layer_spec_error(x.layers) is None, f"extract.layers: {_layer_spec_error(x.layers)}"),
             (x.n_contexts >= 1, f"extract.n_contexts must be >= 1, got {x.n_contexts}"),
             (x.batch_size >= 1, f"extract.batch_size must be >= 1, got {x.batch_size}"),
@@ -184,7 +189,7 @@ class RunConfig:
         return self
 
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_NAMES = choices(DTypeName)
 
 
 def _is_number(value: Any) -> bool:

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ._version import __version__
 from .encoding import context_length, encode_completions
-from .errors import SteerHealError
+from .errors import InputError, SteerHealError
 from .generate import Completion
 from .history import Adapter, History, TrainSlot
 from .logprobs import Example, make_batch, nll_per_example, target_logprobs
@@ -201,6 +201,11 @@ def heal(
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
         raise ValueError(f"round must be an int >= 0, got {round!r}")
     model = history.model if history is not None else target
+    if any(p.dtype == torch.float16 for p in model.parameters()):
+        raise InputError(
+            "heal refuses a float16 model: without loss scaling the LoRA gradients underflow in float16; load the "
+            "model in bfloat16 (--dtype bfloat16) or float32"
+        )
     max_len = context_length(model, train.max_len)
     examples, truncated = encode_completions(tok, completions, max_len)
     if not examples:

@@ -97,7 +97,9 @@ def setup(config: RunConfig) -> Setup:
     axis = load_axis(config.run.axis)
     contexts = load_contexts()[: config.extract.n_contexts]
     chosen = probes(config, config.run.seed, axis)
-    model, tok = load_model(config.run.model, dtype=config.run.dtype, device=config.run.device)
+    model, tok = load_model(
+        config.run.model, dtype=config.run.dtype, device=config.run.device, device_map=config.run.device_map or None
+    )
     return Setup(History(model), tok, axis, contexts, chosen)
 
 
@@ -142,11 +144,17 @@ def samples(config: RunConfig, s: Setup) -> list[dict]:
 
 
 def base_stage(config: RunConfig, s: Setup, run: RunDir) -> None:
-    """Round -1: the base model and the prompted baseline (persona as system prompt)."""
+    """Round -1: the base model and the prompted baseline (persona as system prompt). With a
+    log-odds probe, the neg persona too: pos minus neg persona is the stance probe's positive
+    control, which the report checks before it trusts a stance number."""
     results, seconds = timed(evaluate, s)
     log_stage(run, "base", -1, results, seconds=seconds)
     results, seconds = timed(evaluate, s, system=s.axis.pos)
     log_stage(run, "prompted", -1, results, seconds=seconds)
+    if "logodds" in s.probes:
+        t0 = time.perf_counter()
+        control = {"logodds": replace(s.probes["logodds"], system=s.axis.neg)(s.model, s.tok)}
+        log_stage(run, "prompted_neg", -1, control, seconds=time.perf_counter() - t0)
     rows, seconds = timed(samples, config, s)
     run.log("samples", -1, stage="base", rows=rows, seconds=seconds)
     run.checkpoint(-1)

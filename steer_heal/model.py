@@ -427,27 +427,31 @@ def config_shape(config) -> tuple[int, int]:
 
 def load_model(
     name_or_path: str = SMOLLM2,
-    dtype: torch.dtype | str = torch.float32,
-    device: str | torch.device | None = "cpu",
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device | None = "auto",
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
 ):
     """Load a causal LM and its tokenizer: any HF id or local path, `"smollm2-135m"` (the
     embedded model), or `"tiny-<family>"` (a random 4-layer model, e.g. "tiny-llama").
 
-    Returns `(model, tokenizer)` with the model in eval mode. `device_map` (e.g. "auto")
-    shards a model over several devices and takes precedence over `device`. The config is
-    read (and the family checked) before any weights are.
+    Returns `(model, tokenizer)` with the model in eval mode. `device` and `dtype` take
+    `steer_heal.devices` names ("auto": a CUDA GPU in bfloat16 when there is one, else the
+    CPU in float32). `device_map` (e.g. "auto") shards a model over several devices and
+    takes precedence over `device`. The config is read (and the family checked) before any
+    weights are.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    from .devices import resolve
+
+    placement = resolve(device if device is not None else "auto", dtype)
+    dtype, device = placement.dtype, placement.device
     if name_or_path.startswith("tiny-"):  # random weights built in-process: tests and dry runs
         from .tiny import tiny_model
 
         model, tok = tiny_model(name_or_path.removeprefix("tiny-"))
-        return model.to(dtype=dtype, device=device or "cpu"), tok
+        return model.to(dtype=dtype, device=device), tok
     model_config(name_or_path, trust_remote_code)  # fails fast: path, network, family
     source = _source(name_or_path)
     local = Path(source).exists()
@@ -460,7 +464,7 @@ def load_model(
     except OSError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load {name_or_path!r}: {first[:200]}") from None
-    if device_map is None and device is not None:
+    if device_map is None:
         model = model.to(device)
     if name_or_path == SMOLLM2:
         # a stable id for vector metadata, not the cache path

@@ -19,7 +19,13 @@ from .evaluate import EvalResult, foundation_key, retain, shift, shift_table, st
 from .io import atomic_write_bytes, atomic_write_text
 from .runlog import read_events
 
-COLOURS = {"base": "#444444", "prompted": "#8e44ad", "steered": "#e67e22", "healed": "#2980b9"}
+COLOURS = {
+    "base": "#444444",
+    "prompted": "#8e44ad",
+    "prompted_neg": "#c39bd3",
+    "steered": "#e67e22",
+    "healed": "#2980b9",
+}
 
 
 def _stages(events: list[dict[str, Any]]) -> dict[str, dict[str, EvalResult]]:
@@ -90,11 +96,25 @@ def summary(events: list[dict[str, Any]]) -> str:
     healed = [k for k in logodds if k.startswith("healed")]
     base = logodds["base"]
     base_coh = _coherence("base", stages)
+    trusted = True
+    out = []
+    if "prompted" in logodds and "prompted_neg" in logodds:
+        control = shift(logodds["prompted_neg"], logodds["prompted"], "stance")
+        trusted = control.mean > 0 and control.z >= 3
+        out.append(
+            f"Stance control: the pos persona prompt moved the stance by {_said(control)} against the neg one "
+            f"(z {control.z:+.1f}); "
+            + (
+                "the probe sees a stance effect, so its stance numbers below are read as stance."
+                if trusted
+                else "it FAILED (needs z >= 3 in the pos direction), so no stance number below is trusted, "
+                "a null least of all; read the wording part."
+            )
+        )
 
     def coh(k):
         return "" if _coherence(k, stages) is None or not base_coh else f"{_coherence(k, stages) / base_coh:.3f}"
 
-    out = []
     if steered:
         k = steered[0]
         st, wd, off = (shift(base, logodds[k], c) for c in ("stance", "wording", "off_axis"))
@@ -112,7 +132,11 @@ def summary(events: list[dict[str, Any]]) -> str:
             f"After healing ({k}) the stance shift is {_said(st)} (retain {r_st:.2f} [{lo:.2f}, {hi:.2f}] of the "
             f"steered one) and the wording shift {_said(wd)} (retain {r_wd:.2f}), at {coh(k)} x the base coherence."
         )
-        if "prompted" in logodds:
+        if "prompted" in logodds and not trusted:
+            out.append(
+                "Whether the healed model beats the persona prompt on stance cannot be judged while the control fails."
+            )
+        elif "prompted" in logodds:
             p = shift(base, logodds["prompted"], "stance")
             healed_coh, prompt_coh = _coherence(k, stages), _coherence("prompted", stages)
             better = st.mean > p.mean and not st.noise

@@ -7,6 +7,7 @@ read their lists from the `Literal` types here (`choices(Reference)` ->
 
 from __future__ import annotations
 
+import re
 from typing import Literal, get_args
 
 Number = float | int  # beartype, unlike PEP 484, does not let an int pass as a float
@@ -17,6 +18,9 @@ Reference = Literal["base", "prev", "last_good"]  # which folded state heal is a
 SteerHow = Literal["hooks", "bias"]  # forward hooks or a baked bias
 ItemSet = Literal["bundled", "mfv", "both"]  # which vignettes the probes use
 Schedule = Literal["cosine", "linear", "constant"]  # heal's learning-rate decay
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]  # steer_heal.devices
+DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N", "mps")  # a device is not a closed list: cuda:N
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
 def choices(names) -> tuple[str, ...]:

@@ -27,7 +27,8 @@ from steer_heal import config as cfg
 from steer_heal.data import load_axis
 from steer_heal.dose import collect, walk_dose
 from steer_heal.errors import DoseError, SteerHealError
-from steer_heal.filters import Perplexity
+from steer_heal.evaluate import AnswerLogOdds, AnswerPair
+from steer_heal.filters import Perplexity, calibrate
 from steer_heal.generate import Completion, generate
 from steer_heal.heal import HealDiverged, TrainSettings, heal
 from steer_heal.history import Adapter, History
@@ -63,7 +64,15 @@ def axis_file(tmp: Path, **changes) -> Path:
     raw = tomllib.loads((ROOT / "steer_heal" / "data" / "axes" / "authority.toml").read_text())
     raw.update(changes)
     raw = {k: v for k, v in raw.items() if v is not None}
-    lines = [f"{k} = {json.dumps(v)}" for k, v in raw.items()]
+
+    def toml(value):  # JSON is TOML for strings, numbers and lists; tables need `key = value`
+        if isinstance(value, dict):
+            return "{" + ", ".join(f"{k} = {toml(v)}" for k, v in value.items()) + "}"
+        if isinstance(value, list):
+            return "[" + ", ".join(toml(v) for v in value) + "]"
+        return json.dumps(value)
+
+    lines = [f"{k} = {toml(v)}" for k, v in raw.items()]
     path = tmp / "axis.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -246,6 +255,32 @@ CASES = [
     ("fold an adapter with NaN weights", fold_nan, SteerHealError, "non-finite weights"),
     ("heal at lr 1e6 (uniform output)", heal_at(1e6, None), HealDiverged, "heal diverged.*nothing was folded"),
     ("heal at lr 1e30, one step (NaN)", heal_at(1e30, 1), HealDiverged, "heal diverged.*(nan|not finite)"),
+    (
+        "heal: a float16 model",
+        lambda t: heal(
+            tiny_model("llama")[0].half(), tiny_model("llama")[1], [Completion("hi", "hello", (5,), 0.0, "length")]
+        ),
+        ValueError,
+        "heal refuses a float16 model",
+    ),
+    (
+        "device: --device cuda without CUDA",
+        lambda t: load_model("tiny-llama", device="cuda"),
+        ValueError,
+        "no CUDA device is visible",
+    ),
+    (
+        "device: an unknown name",
+        lambda t: load_model("tiny-llama", device="gpu"),
+        ValueError,
+        "unknown device 'gpu'; valid: auto, cpu, cuda, cuda:N, mps",
+    ),
+    (
+        "dtype: an unknown name",
+        lambda t: load_model("tiny-llama", dtype="float8"),
+        ValueError,
+        "unknown dtype 'float8'; valid: auto, float32, bfloat16, float16",
+    ),
     ("heal: max_nll_rise 0.5", lambda t: TrainSettings(max_nll_rise=0.5), ValueError, "max_nll_rise must be"),
     ("perplexity filter under a baked vector", perplexity_under_bake, ValueError, "baked vector active \\(bias\\)"),
     (
@@ -281,6 +316,36 @@ CASES = [
         "not a regular expression",
     ),
     ("axis: unknown key", lambda t: load_axis(axis_file(t, colour="blue")), ValueError, "unknown keys \\['colour'\\]"),
+    (
+        "axis: answers not crossed",
+        lambda t: load_axis(axis_file(t, answers=[{"pos": "a", "neg": "b"}] * 5)),
+        ValueError,
+        r"axis.toml: \[\[answers\]\] pair 1 must be crossed",
+    ),
+    (
+        "axis: three answer pairs",
+        lambda t: load_axis(axis_file(t, answers=AXIS.answers[:3])),
+        ValueError,
+        r"axis.toml: needs at least 4 \[\[answers\]\] pairs, got 3",
+    ),
+    (
+        "axis: eval_prompts overlap prompts",
+        lambda t: load_axis(axis_file(t, eval_prompts=AXIS.eval_prompts[:5] + AXIS.prompts[:1])),
+        ValueError,
+        "axis.toml: eval_prompts must be held out, but 1 are also in prompts",
+    ),
+    (
+        "logodds: an answer of 0 tokens",
+        lambda t: AnswerLogOdds(["a", "b"], [AnswerPair("x", "y", "z", "")] * 4).score(*tiny_model("llama")),
+        ValueError,
+        "answer '' tokenises to 0 tokens",
+    ),
+    (
+        "filter calibration on 5 completions",
+        lambda t: calibrate(tiny_model("llama")[0], None, [Completion("hi", "hello", (), 0.0, "length")] * 5),
+        ValueError,
+        "needs at least 8 unsteered completions, got 5",
+    ),
     ("model: missing local path", lambda t: load_model(str(t / "no" / "model")), SteerHealError, "no model folder at"),
     ("model: folder without config.json", no_config_model, SteerHealError, "has no config.json"),
     ("model: hub id, offline", offline_hub_id, SteerHealError, "HF_HUB_OFFLINE is set"),
@@ -346,7 +411,8 @@ def one_line_error(result, pattern: str) -> None:
     import re
 
     assert result.exit_code != 0, result.output
-    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    # besides the error, only the "steer-heal: <device> in <dtype>" notice may be printed
+    lines = [line for line in result.output.strip().splitlines() if line.strip() and not line.startswith("steer-heal: ")]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in result.output

@@ -1,7 +1,8 @@
 """The snippets of README.md and docs/usage.md run as written (on tiny-llama, in seconds).
 
-A random model's text is word salad that every real filter drops, so `default_filter` is
-swapped for a refusal-only filter here; every other call runs as documented.
+A random model's text is word salad that the text filters drop, so `default_filter` is
+swapped for a refusal-only filter and `calibrate_on_pool` keeps only its model-based part
+here; every other call runs as documented.
 """
 
 import re
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import steer_heal.filters
-from steer_heal.filters import AllOf, Refusal
+from steer_heal.filters import AllOf, Calibrated, Refusal
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +26,13 @@ def snippets(path: Path) -> str:
 def test_documented_snippets_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # they write care.safetensors and round_0/
     monkeypatch.setattr(steer_heal.filters, "default_filter", lambda *args, **kwargs: AllOf(Refusal()))
+    real = steer_heal.filters.calibrate_on_pool
+
+    def model_based_only(model, tok, *args, **kwargs):
+        _, calibration = real(model, tok, *args, **kwargs)
+        return AllOf(Calibrated(model, tok, calibration), Refusal()), calibration
+
+    monkeypatch.setattr(steer_heal.filters, "calibrate_on_pool", model_based_only)
     code = snippets(ROOT / page)
     assert "tiny-llama" in code
     exec(compile(code, page, "exec"), {"__name__": "__docs__"})
