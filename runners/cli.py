@@ -8,7 +8,9 @@ from pathlib import Path
 
 import click
 
+from steer_heal.config import PRESETS
 from steer_heal.errors import SteerHealError
+from steer_heal.vocab import Aggregation, ItemSet, Reference, RegName, SteerHow, choices
 
 from .options import device_options, parse_layers, placement, side_by_side
 
@@ -72,12 +74,14 @@ def extract(
 ) -> None:
     """Extract a mean-difference steering vector from a persona pair."""
     from steer_heal.data import load_axis, load_contexts
-    from steer_heal.model import load_model
+    from steer_heal.extract import check_personas
+    from steer_heal.loading import load_model
     from steer_heal.vector import SteeringVector
 
-    device, dtype = placement(device, dtype)
     persona = load_axis(axis)
+    check_personas(pos or persona.pos, neg or persona.neg)  # before the model loads
     contexts = load_contexts(contexts_file)[:n_contexts]
+    device, dtype = placement(device, dtype)
     model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
     start = time.perf_counter()
     vec = SteeringVector.from_persona_pair(
@@ -102,7 +106,7 @@ def extract(
 @click.option("--coeff", type=float, default=1.0, show_default=True)
 @click.option("--system", default=None, help="optional system prompt for both runs")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--how", type=click.Choice(["hooks", "bias"]), default="hooks", show_default=True)
+@click.option("--how", type=click.Choice(choices(SteerHow)), default="hooks", show_default=True)
 @click.option("--sample/--greedy", default=False, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--allow-other-model", is_flag=True, help="steer a model other than the one the vector was made on")
@@ -124,7 +128,7 @@ def steer(
 ) -> None:
     """Print unsteered and steered completions side by side."""
     from steer_heal.generate import generate
-    from steer_heal.model import load_model
+    from steer_heal.loading import load_model
     from steer_heal.sampling import Sampling
     from steer_heal.steering import check_coeff
     from steer_heal.vector import SteeringVector
@@ -169,16 +173,16 @@ def _overrides(**options) -> dict[str, dict]:
 
 
 @main.command()
-@click.option("--preset", type=click.Choice(["tiny", "quick", "full"]), default=None, help="a sized starting config")
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=None, help="a sized starting config")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), default=None, help="TOML config")
 @click.option("--model", default=None, help=MODEL_HELP)
 @click.option("--axis", default=None, help="bundled axis (authority, love) or .toml file")
 @click.option("--rounds", type=click.IntRange(min=1), default=None)
-@click.option("--reg", type=click.Choice(["klrev", "klfwd", "nll", "spectral"]), default=None)
+@click.option("--reg", type=click.Choice(choices(RegName)), default=None)
 @click.option("--lam", type=float, default=None)
 @click.option("--tau", type=float, default=None)
-@click.option("--agg", type=click.Choice(["mean", "rmse", "p95", "max"]), default=None)
-@click.option("--reference", type=click.Choice(["prev", "base", "last_good"]), default=None)
+@click.option("--agg", type=click.Choice(choices(Aggregation)), default=None)
+@click.option("--reference", type=click.Choice(choices(Reference)), default=None)
 @click.option("--seed", type=int, default=None)
 @click.option(
     "--coherence-floor",
@@ -291,7 +295,7 @@ def plot(run_dir) -> None:
 @click.option("--model", "model_name", default=None, help=MODEL_HELP + " (default: the vector's model)")
 @click.option("--axis", default="authority", show_default=True, help="axis whose prompts, target and samples to use")
 @click.option("--coeffs", default="0,0.5,1,2,3,4,6", show_default=True, help="comma-separated doses; must include 0")
-@click.option("--items", type=click.Choice(["bundled", "mfv", "both"]), default="bundled", show_default=True)
+@click.option("--items", type=click.Choice(choices(ItemSet)), default="bundled", show_default=True)
 @click.option("--mfv-dir", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option("--n-items", type=click.IntRange(min=0), default=0, help="stratified subset size per item set (0: all)")
 @click.option(
@@ -348,8 +352,8 @@ def sweep(
     from steer_heal.data import load_axis
     from steer_heal.filters import calibrate_on_pool, default_filter
     from steer_heal.io import atomic_write_text
+    from steer_heal.loading import load_model
     from steer_heal.loop import probes
-    from steer_heal.model import load_model
     from steer_heal.sampling import Sampling
     from steer_heal.steering import check_coeff
     from steer_heal.sweep import dose_sweep, sweep_report
@@ -417,7 +421,9 @@ def sweep(
 @click.option("--vector", "vector_file", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--coeff", type=float, default=1.0, show_default=True)
 @click.option("--system", default=None, help="persona system prompt (the prompted baseline)")
-@click.option("--items", type=click.Choice(["bundled", "mfv"]), default="bundled", show_default=True)
+@click.option(
+    "--items", type=click.Choice([c for c in choices(ItemSet) if c != "both"]), default="bundled", show_default=True
+)
 @click.option("--mfv-dir", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option("--think-tokens", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--n-items", type=click.IntRange(min=0), default=0, help="stratified subset size (0: all)")
@@ -443,7 +449,7 @@ def evaluate(
 
     from steer_heal.evaluate import Vignettes, load_mfv, load_vignettes, stratified_subset
     from steer_heal.history import Adapter, History
-    from steer_heal.model import load_model
+    from steer_heal.loading import load_model
     from steer_heal.steering import check_coeff
     from steer_heal.vector import SteeringVector
 

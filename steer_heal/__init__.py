@@ -10,8 +10,9 @@ from .filters import AllOf, FilterReport, Reason, Verdict, default_filter
 from .generate import Completion, generate
 from .heal import TrainSettings, heal
 from .history import History
+from .loading import load_model
 from .lora import LoraSettings
-from .model import Depth, load_model
+from .model import Depth
 from .regularizers import NLL, KLFwd, KLRev, SpectralNorm, WeightDecay
 from .sampling import Sampling
 from .slot import SteeringSlot

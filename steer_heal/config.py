@@ -95,6 +95,7 @@ class EvalSection:
     mfv_dir: str = ""  # where the public MFV JSONL files are (for items = mfv | both)
     coherence_floor: float = 0.95  # stop when a healed round's coherence < this x the base model's
     sample_tokens: int = 64
+    logodds_scenarios: int = 0  # held-out scenarios for the answer log-odds probe (0: all of the axis's)
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,10 @@ class RunConfig:
                 f"eval.coherence_floor is a fraction of the base coherence in [0, 1], got {e.coherence_floor}",
             ),
             (e.sample_tokens >= 1, f"eval.sample_tokens must be >= 1, got {e.sample_tokens}"),
+            (
+                e.logodds_scenarios == 0 or e.logodds_scenarios >= 2,
+                f"eval.logodds_scenarios must be 0 (all) or >= 2, got {e.logodds_scenarios}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -216,7 +221,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "dose": {"c_min": 0.5, "c_max": 4.0, "steps": 2, "probe_size": 4, "target": 0.0001},
         "generate": {"max_new_tokens": 12, "batch_size": 8},
         "collect": {"n_keep": 8, "max_batches": 2, "min_keep": 1},
-        "filter": {"ppl_tau": 1e9},
+        # the absolute filter switched off: random text is all "word salad"; the calibrated
+        # path is exercised by tests/test_loop.py::test_tiny_run_with_the_calibrated_filter
+        "filter": {"calibrate": False, "ppl_tau": 1e9},
         "heal": {"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4},
         "eval": {"n_items": 14, "think_tokens": 2, "sample_tokens": 8, "coherence_floor": 0.0},
     },
@@ -230,7 +237,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "collect": {"n_keep": 16, "max_batches": 2},
         # lr 5e-4: at the default 1e-4 the quick heal's 8 steps moved the validation NLL by 0.05 nats
         "heal": {"epochs": 2, "rank": 8, "alpha": 16, "lr": 5e-4},
-        "eval": {"n_items": 21, "think_tokens": 0, "sample_tokens": 32},
+        # 16 of the 32 held-out scenarios: the log-odds probe is the demo's slowest stage on 2 CPU cores
+        "eval": {"n_items": 21, "think_tokens": 0, "sample_tokens": 32, "logodds_scenarios": 16},
     },
     "full": {
         "run": {"model": "smollm2-135m", "rounds": 3},

@@ -93,6 +93,11 @@ def last_token_states(
     return out
 
 
+def check_personas(pos: str, neg: str) -> None:
+    if pos.strip() == neg.strip():
+        raise ValueError("pos and neg personas are identical; the difference would be zero")
+
+
 def mean_difference(
     model: nn.Module,
     tok,
@@ -109,8 +114,7 @@ def mean_difference(
     """
     if not contexts:
         raise ValueError("contexts is empty; pass a few hundred diverse user messages")
-    if pos.strip() == neg.strip():
-        raise ValueError("pos and neg personas are identical; the difference would be zero")
+    check_personas(pos, neg)
     chosen = resolve_layers(layers, n_layers(model))
     texts = [chat_prompt(tok, context, system=persona) for persona in (pos, neg) for context in contexts]
     states = last_token_states(model, tok, texts, chosen, batch_size=batch_size, progress=progress)

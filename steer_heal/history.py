@@ -45,6 +45,7 @@ from .adapter import Adapter
 from .errors import InputError
 from .io import atomic_write_text
 from .model import family_of, hidden_size, model_id, n_layers, unwrap
+from .runtime import seeded
 from .vocab import Reference, choices
 
 FORMAT = "steer_heal.history/1"
@@ -272,7 +273,7 @@ class History:
         self._check_meta(adapter.meta)
         index = len(self._rounds)
         name = f"round_{index:03d}"
-        with torch.random.fork_rng(devices=[]):  # peft initialises A randomly before we overwrite it
+        with seeded(None):  # peft initialises A randomly before we overwrite it: the caller's RNG is kept
             self._add(name, adapter.config)
         try:
             result = set_peft_model_state_dict(self._peft, adapter.state, adapter_name=name)

@@ -33,8 +33,9 @@ from .extract import last_token_states
 from .filters import Calibration, calibrate_on_pool, default_filter
 from .heal import TrainSettings, heal
 from .history import Adapter, History
+from .loading import load_model
 from .lora import LoraSettings
-from .model import chat_prompt, load_model, n_layers
+from .model import chat_prompt, n_layers
 from .regularizers import NLL, KLFwd, KLRev, Regularizer, SpectralNorm, WeightDecay
 from .runlog import RunDir
 from .vector import SteeringVector
@@ -75,7 +76,10 @@ def probes(config: RunConfig, seed: int, axis: Axis | None = None) -> dict[str, 
     e = config.eval
     out: dict[str, Any] = {}
     if axis is not None and axis.answers:
-        out["logodds"] = AnswerLogOdds.from_axis(axis)
+        probe = AnswerLogOdds.from_axis(axis)
+        if e.logodds_scenarios:
+            probe = replace(probe, scenarios=probe.scenarios[: e.logodds_scenarios])
+        out["logodds"] = probe
     sets: dict[str, list] = {}
     if e.items in ("bundled", "both"):
         sets["vignettes"] = load_vignettes()

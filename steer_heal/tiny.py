@@ -11,6 +11,8 @@ from functools import lru_cache
 
 import torch
 
+from .runtime import seeded
+
 FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox")
 
 CHATML = (
@@ -128,8 +130,7 @@ def tiny_model(family: str = "llama", seed: int = 0, layers: int = 4, hidden: in
     tok = tiny_tokenizer(template)
     config = tiny_config(family, len(tok), layers=layers, hidden=hidden)
     config.name_or_path = f"tiny-{family}"
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.config._name_or_path = f"tiny-{family}"
     model.generation_config.eos_token_id = tok.eos_token_id

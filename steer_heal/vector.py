@@ -31,15 +31,13 @@ from ._version import __version__
 from .errors import FileFormatError, InputError, ModelMismatch
 from .extract import mean_difference
 from .io import save_safetensors
+from .loading import config_shape, expected_model_id, model_config
 from .model import (
     Depth,
     LayerSpec,
-    config_shape,
     decoder_blocks,
     execution_device,
-    expected_model_id,
     hidden_size,
-    model_config,
     model_id,
     n_layers,
     residual_writer,

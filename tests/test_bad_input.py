@@ -32,8 +32,8 @@ from steer_heal.filters import Perplexity, calibrate
 from steer_heal.generate import Completion, generate
 from steer_heal.heal import HealDiverged, TrainSettings, heal
 from steer_heal.history import Adapter, History
+from steer_heal.loading import load_model
 from steer_heal.lora import LoraSettings
-from steer_heal.model import load_model
 from steer_heal.regularizers import NLL
 from steer_heal.runlog import RunDir
 from steer_heal.sampling import Sampling
@@ -412,7 +412,9 @@ def one_line_error(result, pattern: str) -> None:
 
     assert result.exit_code != 0, result.output
     # besides the error, only the "steer-heal: <device> in <dtype>" notice may be printed
-    lines = [line for line in result.output.strip().splitlines() if line.strip() and not line.startswith("steer-heal: ")]
+    lines = [
+        line for line in result.output.strip().splitlines() if line.strip() and not line.startswith("steer-heal: ")
+    ]
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
     assert re.search(pattern, lines[0]), lines[0]
     assert "Traceback" not in result.output

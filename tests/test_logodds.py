@@ -70,9 +70,20 @@ def test_scores_equal_a_plain_forward_and_batching_changes_nothing(llama):
         logp = model(torch.tensor([prompt + ids])).logits.float().log_softmax(-1)[0]
     expected = sum(float(logp[len(prompt) + t - 1, tok_id]) for t, tok_id in enumerate(ids))
     assert scored[answer][1, 0] == pytest.approx(expected, abs=1e-4) and scored[answer][1, 1] == len(ids)
-    small = replace(probe, batch_size=1).score(model, tok)
-    for a in scored:
+    small = replace(probe, batch_size=1).score(model, tok, shared_prefix=False)
+    whole = probe.score(model, tok, shared_prefix=False)
+    for a in scored:  # the shared-prompt cache, batch 64 and batch 1 all agree
         np.testing.assert_allclose(small[a], scored[a], atol=1e-4)
+        np.testing.assert_allclose(whole[a], scored[a], atol=1e-4)
+
+
+def test_shared_prompt_scoring_matches_whole_sequences_in_every_family(family_model):
+    family, model, tok = family_model
+    probe = replace(AnswerLogOdds.from_axis(load_axis("love")), scenarios=load_axis("love").eval_prompts[:2])
+    # default: the shared prompt, except for sliding-window models (Gemma), which score whole sequences
+    shared, whole = probe.score(model, tok), probe.score(model, tok, shared_prefix=False)
+    for a in whole:
+        np.testing.assert_allclose(shared[a], whole[a], atol=2e-4, err_msg=f"{family}: {a}")
 
 
 def test_probe_result_rows_and_table(llama):

@@ -37,7 +37,8 @@ def test_tiny_run_writes_everything(tmp_path):
     assert result["stopped"] is None
     events = run.events()
     stages = [(e["stage"], e["round"]) for e in events if e["event"] == "eval"]
-    assert stages == [("base", -1), ("prompted", -1), ("steered", 0), ("healed", 0)]
+    # prompted_neg: the neg persona, the log-odds probe's stance control
+    assert stages == [("base", -1), ("prompted", -1), ("prompted_neg", -1), ("steered", 0), ("healed", 0)]
     assert [e["round"] for e in events if e["event"] == "checkpoint"] == [-1, 0]
     assert (run.path / "round_0" / "vector.safetensors").exists()
     assert (run.path / "round_0" / "adapter" / "adapter_config.json").exists()
@@ -47,6 +48,28 @@ def test_tiny_run_writes_everything(tmp_path):
     assert "| healed r0 |" in files["stages"].read_text()
     assert files["trajectory"].stat().st_size > 10_000
     assert "round 0: extract" in files["report"].read_text() and "base eval" in files["report"].read_text()
+
+
+def test_tiny_run_with_the_calibrated_filter(tmp_path):
+    """The loop's default filter path: calibrated on the base model's own completions, logged,
+    and the dose walk's probes say why they passed or failed (calibrated coherence included)."""
+    config = cfg.resolve(
+        "tiny",
+        overrides={
+            "filter": {"calibrate": True, "calibration_n": 8},
+            "dose": {"target": 0.125, "coherence_floor": 0.5},
+        },
+    )
+    run = RunDir.create(tmp_path / "run", config)
+    loop.run(config, run, progress=False)
+    events = run.events()
+    calibration = next(e for e in events if e["event"] == "calibration")
+    assert calibration["n"] == 8 and calibration["tau"] == pytest.approx(3 * calibration["median_ppl"])
+    probes = next(e for e in events if e["event"] == "dose")["probes"]
+    assert all(p["coherence"] is not None and "x unsteered" in p["why"] for p in probes)
+    gen = next(e for e in events if e["event"] == "gen")
+    assert gen["report"]["calibration"]["max_share"] == calibration["max_share"]
+    assert "round 0: calibrated on 8 unsteered completions" in render(run.path)["report"].read_text()
 
 
 def test_coherence_floor_is_relative_to_the_base(tmp_path):
@@ -173,6 +196,7 @@ def test_disk_failure_mid_round_leaves_the_run_resumable(tmp_path, monkeypatch):
     assert [(e["stage"], e["round"]) for e in events if e["event"] == "eval"] == [
         ("base", -1),
         ("prompted", -1),
+        ("prompted_neg", -1),
         ("steered", 0),
         ("healed", 0),
     ]

@@ -37,12 +37,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..logprobs import Example, nll_per_example
-from ..model import chat_prompt, encode, pad_id
+from ..model import chat_prompt, encode, input_device, pad_id
 from ..runtime import eval_mode
 from .base import EvalResult
+from .forced import _forward, _sliding_window
 
 COMPONENTS = ("stance", "wording", "off_axis")
 CROSSED_KEYS = ("pos", "neg", "pos_in_neg_words", "neg_in_pos_words")
@@ -116,21 +118,35 @@ class AnswerLogOdds:
         texts = [a for p in self.pairs for a in p.answers()] + [x for o in self.off_axis for x in (o.a, o.b)]
         return list(dict.fromkeys(texts))
 
-    def score(self, model: nn.Module, tok: Any) -> dict[str, np.ndarray]:
-        """{answer: [n_scenarios, 2] (summed log-prob, tokens)} under the model as it runs now."""
+    def score(self, model: nn.Module, tok: Any, shared_prefix: bool | None = None) -> dict[str, np.ndarray]:
+        """{answer: [n_scenarios, 2] (summed log-prob, tokens)} under the model as it runs now.
+
+        By default each scenario's prompt runs once and its KV cache serves all the answers
+        (`shared_prefix`, about 4x fewer tokens); models with a sliding attention window, or
+        `shared_prefix=False`, score every (scenario, answer) sequence whole. Both give the
+        same numbers up to float rounding (tested).
+        """
         prompts = [encode(tok, chat_prompt(tok, x, system=self.system)) for x in self.scenarios]
         answers = {a: encode(tok, a) for a in self.answer_texts()}
         empty = [a for a, ids in answers.items() if not ids]
         if empty:
             raise ValueError(f"answer {empty[0]!r} tokenises to 0 tokens; write a longer answer in the axis file")
-        examples = [Example(tuple(p + ids), len(p)) for ids in answers.values() for p in prompts]
-        with eval_mode(model):
-            scored = nll_per_example(model, examples, pad_id(tok), self.batch_size)
+        if shared_prefix is None:
+            shared_prefix = _sliding_window(model) is None
         n = len(prompts)
-        out = {}
+        out = {a: np.zeros((n, 2), dtype=np.float64) for a in answers}
+        with eval_mode(model):
+            if shared_prefix:
+                for i, prompt in enumerate(prompts):
+                    for a, value in zip(
+                        answers, _shared_prompt_scores(model, prompt, list(answers.values()), pad_id(tok))
+                    ):
+                        out[a][i] = value
+                return out
+            examples = [Example(tuple(p + ids), len(p)) for ids in answers.values() for p in prompts]
+            scored = nll_per_example(model, examples, pad_id(tok), self.batch_size)
         for i, a in enumerate(answers):
-            rows = scored[i * n : (i + 1) * n]
-            out[a] = np.array([(-total, count) for total, count in rows], dtype=np.float64)
+            out[a][:] = [(-total, count) for total, count in scored[i * n : (i + 1) * n]]
         return out
 
     def __call__(self, model: nn.Module, tok: Any) -> EvalResult:
@@ -146,6 +162,45 @@ class AnswerLogOdds:
             **self.meta,
         }
         return EvalResult(name=self.name, metrics=metrics, rows=rows, meta=meta)
+
+
+@torch.inference_mode()
+def _shared_prompt_scores(
+    model: nn.Module, prompt: list[int], answers: list[list[int]], pad: int
+) -> list[tuple[float, int]]:
+    """(summed log-prob, tokens) of each answer after one prompt, the prompt run once.
+
+    The prompt's KV cache is repeated over the answers; the answers follow it left-padded
+    (pad slots masked out, positions counting real tokens only), so each row computes what
+    `prompt + answer` alone would. The prompt's last logits predict every answer's first token.
+    """
+    device = input_device(model)
+    head = torch.tensor([prompt], device=device)
+    logits, cache = _forward(
+        model, head, torch.ones_like(head), torch.arange(len(prompt), device=device)[None], None, 1
+    )
+    first = logits[0, -1].log_softmax(-1)
+    cache.batch_repeat_interleave(len(answers))
+    width = max(len(a) for a in answers)
+    ids = torch.full((len(answers), width), pad, dtype=torch.long)
+    tail = torch.zeros((len(answers), width), dtype=torch.long)
+    for row, a in enumerate(answers):
+        ids[row, width - len(a) :] = torch.tensor(a)
+        tail[row, width - len(a) :] = 1
+    ids, tail = ids.to(device), tail.to(device)
+    mask = torch.cat([torch.ones((len(answers), len(prompt)), dtype=torch.long, device=device), tail], dim=1)
+    positions = (len(prompt) + tail.cumsum(1) - 1).clamp(min=len(prompt))
+    logits, _ = _forward(model, ids, mask, positions, cache, width)
+    logp = logits.log_softmax(-1)  # [answers, width, vocab]: column j predicts column j + 1
+    out = []
+    for row, a in enumerate(answers):
+        start = width - len(a)
+        total = float(first[a[0]])
+        if len(a) > 1:
+            picked = logp[row, start : width - 1].gather(1, torch.tensor(a[1:], device=logp.device)[:, None])
+            total += float(picked.sum())
+        out.append((total, len(a)))
+    return out
 
 
 def per_scenario(
