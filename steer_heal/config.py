@@ -27,6 +27,7 @@ class RunSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (steer_heal.devices)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device_map: str = ""  # "" (one device) or "auto" (accelerate shards a model larger than one card)
+    compiled: str = "auto"  # decode the dose walk and collection compiled: auto (on CUDA) | true | false
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ class RunConfig:
                 DEVICE_PATTERN.match(r.device) is not None,
                 f"run.device must be one of {', '.join(DEVICE_NAMES)}, got {r.device!r}",
             ),
+            (r.compiled in ("auto", "true", "false"), f"run.compiled must be auto, true or false, got {r.compiled!r}"),
             (r.device_map in ("", "auto"), f'run.device_map must be "" or "auto", got {r.device_map!r}'),
             (_layer_spec_error(x.layers) is None, f"extract.layers: {_layer_spec_error(x.layers)}"),
             (x.n_contexts >= 1, f"extract.n_contexts must be >= 1, got {x.n_contexts}"),

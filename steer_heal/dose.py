@@ -28,6 +28,7 @@ from .errors import DoseError
 from .filters import Calibration, FilterLike, FilterReport, Verdict
 from .generate import Completion, generate
 from .sampling import SAMPLED, Sampling
+from .slot import SteeringSlot
 from .vector import SteeringVector
 from .vocab import Number, SteerHow
 
@@ -98,10 +99,43 @@ def _check_prompts(prompts: Sequence[str]) -> None:
         raise ValueError("prompts is empty; pass a pool of user messages to generate from")
 
 
-def _sample(
-    model: nn.Module, tok, vector: SteeringVector, prompts: list[str], coeff: float, seed: int, settings: dict
-) -> list[Completion]:
-    return generate(model, tok, prompts, steering=vector, coeff=coeff, seed=seed, progress=False, **settings)
+class _Sampler:
+    """Steered sampling for a walk or a collection. Eager: `generate` applies the vector per
+    call. Compiled: one `SteeringSlot` is installed for the whole walk and rewritten per
+    coefficient, so the compiled decoding graph is traced once, not once per dose."""
+
+    def __init__(self, model: nn.Module, tok, vector: SteeringVector, settings: dict, compiled: bool) -> None:
+        self.model, self.tok, self.vector, self.settings, self.compiled = model, tok, vector, settings, compiled
+        self._slot: SteeringSlot | None = None
+
+    def __enter__(self) -> _Sampler:
+        if self.compiled:
+            self._slot = SteeringSlot(self.model, self.vector.layers).__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.__exit__(*exc)
+
+    def __call__(self, prompts: list[str], coeff: float, seed: int) -> list[Completion]:
+        if self._slot is None:
+            return generate(
+                self.model,
+                self.tok,
+                prompts,
+                steering=self.vector,
+                coeff=coeff,
+                seed=seed,
+                progress=False,
+                **self.settings,
+            )
+        settings = {k: v for k, v in self.settings.items() if k != "how"}  # a slot steers by hooks
+        self._slot.set(self.vector, coeff)
+        try:
+            return generate(self.model, self.tok, prompts, seed=seed, progress=False, compiled=True, **settings)
+        finally:
+            self._slot.set(None)  # idle (adds exactly zero): the filter scores the unsteered model
 
 
 def _filter(flt: FilterLike, completions: list[Completion]) -> list[Verdict]:
@@ -128,6 +162,7 @@ def walk_dose(
     seed: int = 0,
     calibration: Calibration | None = None,
     coherence_floor: Number = 0.9,
+    compiled: bool = False,
 ) -> DoseResult:
     """Bisect (log space) for the largest coefficient whose probe kept fraction >= target.
 
@@ -136,7 +171,8 @@ def walk_dose(
     With a `calibration` (the filter's thresholds, `filters.calibrate`), a probe passes only
     if also its coherence, the share of the batch within the calibrated thresholds, is at
     least `coherence_floor` x the unsteered completions' own: the kept fraction alone lets
-    a walk climb into word salad that the text rules pass.
+    a walk climb into word salad that the text rules pass. `compiled=True` decodes with a
+    static cache through one `SteeringSlot` for the whole walk (GPU; see `generate`).
     """
     _check_prompts(prompts)
     target = float(target)
@@ -160,7 +196,7 @@ def walk_dose(
     def probe(coeff: float) -> Probe:
         start = len(probes) * probe_size
         batch = [prompts[(start + j) % len(prompts)] for j in range(probe_size)]
-        completions = _sample(model, tok, vector, batch, coeff, seed + len(probes) * seeds_per_probe, settings)
+        completions = sample(batch, coeff, seed + len(probes) * seeds_per_probe)
         verdicts = _filter(filter, completions)
         kept = sum(v.keep for v in verdicts)
         passed = kept / probe_size >= target
@@ -184,22 +220,23 @@ def walk_dose(
         probes.append(result)
         return result
 
-    first = probe(c_min)
-    if not first.passed:
-        drops = ", ".join(f"{k} {v}" for k, v in first.report.rows[0].drops.items()) or "none"
-        raise DoseError(
-            f"no dose passes: at c_min={c_min:g} {first.why} (drops: {drops}); lower c_min, lower the target "
-            "or loosen the filter"
-        )
-    if probe(c_max).passed:
-        return DoseResult(c_max, target, tuple(probes))
-    lo, hi = c_min, c_max
-    for _ in range(steps):
-        mid = math.exp(0.5 * (math.log(lo) + math.log(hi)))
-        if probe(mid).passed:
-            lo = mid
-        else:
-            hi = mid
+    with _Sampler(model, tok, vector, settings, compiled) as sample:
+        first = probe(c_min)
+        if not first.passed:
+            drops = ", ".join(f"{k} {v}" for k, v in first.report.rows[0].drops.items()) or "none"
+            raise DoseError(
+                f"no dose passes: at c_min={c_min:g} {first.why} (drops: {drops}); lower c_min, lower the target "
+                "or loosen the filter"
+            )
+        if probe(c_max).passed:
+            return DoseResult(c_max, target, tuple(probes))
+        lo, hi = c_min, c_max
+        for _ in range(steps):
+            mid = math.exp(0.5 * (math.log(lo) + math.log(hi)))
+            if probe(mid).passed:
+                lo = mid
+            else:
+                hi = mid
     return DoseResult(lo, target, tuple(probes))
 
 
@@ -219,9 +256,11 @@ def collect(
     how: SteerHow = "hooks",
     seed: int = 0,
     calibration: Calibration | None = None,
+    compiled: bool = False,
 ) -> Collection:
     """Generate at `coeff * m` for each multiple, `batch_size` prompts per batch (rotating
-    through the pool), filter each batch, stop at `n_keep` survivors or `max_batches`."""
+    through the pool), filter each batch, stop at `n_keep` survivors or `max_batches`.
+    `compiled=True`: as in `walk_dose`."""
     _check_prompts(prompts)
     coeff = float(coeff)
     if not math.isfinite(coeff):
@@ -240,17 +279,18 @@ def collect(
     verdicts: list[Verdict] = []
     kept: list[Completion] = []
     batches = 0
-    while batches < max_batches and len(kept) < n_keep:
-        start = batches * batch_size
-        batch = [prompts[(start + j) % len(prompts)] for j in range(batch_size)]
-        made: list[Completion] = []
-        for j, c in enumerate(coeffs):
-            made += _sample(model, tok, vector, batch, c, seed + batches * len(coeffs) + j, settings)
-        judged = _filter(filter, made)  # one call per batch: the perplexity forward is batched
-        completions += made
-        verdicts += judged
-        kept += [c for c, v in zip(made, judged) if v.keep]
-        batches += 1
+    with _Sampler(model, tok, vector, settings, compiled) as sample:
+        while batches < max_batches and len(kept) < n_keep:
+            start = batches * batch_size
+            batch = [prompts[(start + j) % len(prompts)] for j in range(batch_size)]
+            made: list[Completion] = []
+            for j, c in enumerate(coeffs):
+                made += sample(batch, c, seed + batches * len(coeffs) + j)
+            judged = _filter(filter, made)  # one call per batch: the perplexity forward is batched
+            completions += made
+            verdicts += judged
+            kept += [c for c, v in zip(made, judged) if v.keep]
+            batches += 1
     if len(kept) < min_keep:
         raise DoseError(
             f"only {len(kept)} of {len(completions)} completions survived the filter at coeff "

@@ -23,6 +23,15 @@ from .sampling import GREEDY, Sampling
 from .steering import Steering, check_coeff, steer, steering_coeff
 from .vocab import Number, SteerHow
 
+PROMPT_BUCKET = 32  # compiled decoding pads prompts to a multiple of this: a few graphs serve every batch
+
+
+def compiled_graphs() -> int:
+    """How many distinct graphs torch.compile has made in this process (for the logs)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -75,7 +84,9 @@ def generate(
     running whichever hooks existed when it was traced, so steering added later would be
     ignored; compiled generation here turns those guards on, so a change of hooks
     recompiles instead of being lost. To change coefficients without recompiling, steer
-    through a `SteeringSlot` (buffers rewritten in place; pass no `steering` here).
+    through a `SteeringSlot` (buffers rewritten in place; pass no `steering` here). Prompts
+    are left-padded to a multiple of `PROMPT_BUCKET` tokens, so the number of graphs stays
+    bounded (`compiled_graphs()` counts them).
     """
     from transformers import GenerationConfig
 
@@ -102,7 +113,9 @@ def generate(
     with torch.inference_mode(), guards, steer(model, steering, coeff, how, allow_other_model):
         applied = steering_coeff(model)
         for index, rows in enumerate(tqdm(batches, desc=f"generate c={applied:g}", disable=not show, leave=False)):
-            ids, mask, _ = left_pad([token_lists[i] for i in rows], pad_id(tok), device)
+            ids, mask, _ = left_pad(
+                [token_lists[i] for i in rows], pad_id(tok), device, multiple=PROMPT_BUCKET if compiled else 1
+            )
             with seeded(seed + index, device):
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
             for row, i in enumerate(rows):

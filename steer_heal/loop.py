@@ -31,11 +31,12 @@ from .dose import collect, walk_dose
 from .evaluate import AnswerLogOdds, EvalResult, Samples, Vignettes, load_mfv, load_vignettes, stratified_subset
 from .extract import last_token_states
 from .filters import Calibration, calibrate_on_pool, default_filter
+from .generate import compiled_graphs
 from .heal import TrainSettings, heal
 from .history import Adapter, History
 from .loading import load_model
 from .lora import LoraSettings
-from .model import chat_prompt, n_layers
+from .model import chat_prompt, input_device, n_layers
 from .regularizers import NLL, KLFwd, KLRev, Regularizer, SpectralNorm, WeightDecay
 from .runlog import RunDir
 from .vector import SteeringVector
@@ -164,6 +165,13 @@ def base_stage(config: RunConfig, s: Setup, run: RunDir) -> None:
     run.checkpoint(-1)
 
 
+def use_compiled(config: RunConfig, model: nn.Module) -> bool:
+    """`run.compiled`: auto decodes compiled on CUDA (static cache, one slot per walk), eager elsewhere."""
+    if config.run.compiled == "auto":
+        return input_device(model).type == "cuda"
+    return config.run.compiled == "true"
+
+
 def round_filter(config: RunConfig, s: Setup, seed: int) -> tuple[Any, Calibration | None]:
     """The round's filter, scoring under the base model (adapters off, no steering), never
     the steered student. Calibrated (the default): thresholds from the base model's own
@@ -206,6 +214,8 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
 
     t0 = time.perf_counter()
     filt, calibration = round_filter(config, s, seed)
+    compiled = use_compiled(config, s.model)
+    graphs = compiled_graphs()
     if calibration is not None:
         run.log("calibration", r, **calibration.to_dict())
     dose = walk_dose(
@@ -223,8 +233,18 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
         sampling=config.generate,
         calibration=calibration,
         coherence_floor=d.coherence_floor,
+        compiled=compiled,
     )
-    run.log("dose", r, coeff=dose.coeff, probes=dose.to_dict()["probes"])
+    run.log(
+        "dose",
+        r,
+        coeff=dose.coeff,
+        probes=dose.to_dict()["probes"],
+        compiled=compiled,
+        graphs=compiled_graphs() - graphs,
+    )
+    timings["dose"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     kept = collect(
         s.model,
         s.tok,
@@ -239,6 +259,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
         seed=seed + 50,
         sampling=config.generate,
         calibration=calibration,
+        compiled=compiled,
     )
     run.log(
         "gen",
@@ -250,7 +271,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
             for x, v in zip(kept.completions, kept.verdicts)
         ],
     )
-    timings["dose+collect"] = time.perf_counter() - t0
+    timings["collect"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     with vec.apply(s.model, dose.coeff):

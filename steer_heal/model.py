@@ -236,16 +236,20 @@ def end_of_turn_id(tok) -> int:
 
 
 def left_pad(
-    sequences: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu"
+    sequences: Sequence[Sequence[int]], pad: int, device: torch.device | str = "cpu", multiple: int = 1
 ) -> tuple[Int[Tensor, "batch seq"], Int[Tensor, "batch seq"], Int[Tensor, "batch seq"]]:
     """Left-pad token id lists: (input_ids, attention_mask, position_ids).
 
     Position ids count real tokens only, so a padded row sees the same positions as the
-    same row alone (the models do not derive them from the mask in a plain forward).
+    same row alone (the models do not derive them from the mask in a plain forward). The
+    width is rounded up to a `multiple` (compiled decoding buckets prompt lengths, so a
+    few graphs serve every batch).
     """
     if not sequences or any(len(s) == 0 for s in sequences):
         raise ValueError("cannot pad an empty batch or an empty sequence")
-    width = max(len(s) for s in sequences)
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    width = -(-max(len(s) for s in sequences) // multiple) * multiple
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -269,6 +273,17 @@ def execution_device(module: nn.Module) -> torch.device:
         f"cannot tell where {type(module).__name__} runs: its weights are all on 'meta' and no "
         "accelerate hook names an execution device; load the model with device_map or materialise it"
     )
+
+
+def block_param(block: nn.Module) -> Tensor:
+    for p in block.parameters():
+        return p
+    raise ValueError("decoder block has no parameters")
+
+
+def placement(block: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where a block computes and in which dtype (offloaded weights sit on "meta" until used)."""
+    return execution_device(block), block_param(block).dtype
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -23,9 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from .errors import StateError
-from .model import decoder_blocks, hidden_size, n_layers
-from .steering import AddDelta, check_coeff
-from .vector import SteeringVector, placement
+from .model import decoder_blocks, hidden_size, n_layers, placement
+from .steering import AddDelta, Steering, check_coeff
 from .vocab import Number
 
 
@@ -67,7 +66,7 @@ class SteeringSlot:
             stack.close()
 
     @torch.no_grad()
-    def set(self, vector: SteeringVector | None, coeff: Number = 1.0, allow_other_model: bool = False) -> None:
+    def set(self, vector: Steering | None, coeff: Number = 1.0, allow_other_model: bool = False) -> None:
         """Steer with `coeff * vector` from now on (None or coeff 0: no steering)."""
         if self._stack is None:
             raise StateError("use the slot inside `with SteeringSlot(model, layers) as slot:`")

@@ -97,7 +97,15 @@ def check_coeff(coeff: Number) -> float:
 
 @runtime_checkable
 class Steering(Protocol):
-    """Something that steers a model at a coefficient, by hooks or by a baked bias."""
+    """Something that steers a model at a coefficient, by hooks or by a baked bias: per-layer
+    `directions`, a compatibility check, and the two ways to apply it."""
+
+    directions: dict
+
+    @property
+    def layers(self) -> tuple[int, ...]: ...
+
+    def check_compatible(self, model: nn.Module, allow_other_model: bool = False) -> None: ...
 
     def apply(
         self, model: nn.Module, coeff: Number = 1.0, allow_other_model: bool = False

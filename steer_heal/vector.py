@@ -35,11 +35,12 @@ from .loading import config_shape, expected_model_id, model_config
 from .model import (
     Depth,
     LayerSpec,
+    block_param,
     decoder_blocks,
-    execution_device,
     hidden_size,
     model_id,
     n_layers,
+    placement,
     residual_writer,
 )
 from .steering import BAKED_ATTR, AddDelta, Baked, check_coeff, steer
@@ -48,17 +49,6 @@ from .vocab import Number
 __all__ = ["SteeringVector", "block_param", "check_coeff", "placement", "steer"]
 
 FORMAT = "steer_heal.vector/1"
-
-
-def block_param(block: nn.Module) -> Tensor:
-    for p in block.parameters():
-        return p
-    raise ValueError("decoder block has no parameters")
-
-
-def placement(block: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """Where a block computes and in which dtype (offloaded weights sit on "meta" until used)."""
-    return execution_device(block), block_param(block).dtype
 
 
 @dataclass(frozen=True)
