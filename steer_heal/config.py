@@ -27,7 +27,10 @@ class RunSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (steer_heal.devices)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device_map: str = ""  # "" (one device) or "auto" (accelerate shards a model larger than one card)
-    compiled: str = "auto"  # decode the dose walk and collection compiled: auto (on CUDA) | true | false
+    # decode the dose walk and collection compiled (static cache + one SteeringSlot): false | true | auto (on
+    # CUDA). Off by default: on one H200, SmolLM2 bf16 collect ran 123 tok/s compiled against 514 eager
+    # (benchmarks/gpu_loop.py); the compiled loop path is not yet faster
+    compiled: str = "false"
 
 
 @dataclass(frozen=True)

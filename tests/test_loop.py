@@ -45,7 +45,7 @@ def test_tiny_run_writes_everything(tmp_path):
     gen = next(e for e in events if e["event"] == "gen")
     assert all({"keep", "reasons", "scores", "text"} <= set(c) for c in gen["completions"])
     dose = next(e for e in events if e["event"] == "dose")
-    assert dose["compiled"] is False and dose["graphs"] == 0  # run.compiled auto: eager on CPU
+    assert dose["compiled"] is False and dose["graphs"] == 0  # run.compiled false (the default): eager
     files = render(run.path)
     assert "| healed r0 |" in files["stages"].read_text()
     assert files["trajectory"].stat().st_size > 10_000
