@@ -19,11 +19,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
 from torch import Tensor
 
 from .errors import FileFormatError
-from .io import atomic_write_text, save_safetensors
+from .io import atomic_write_text, read_safetensors, save_safetensors
 
 _CONFIG_FILE = "adapter_config.json"
 _WEIGHTS_FILE = "adapter_model.safetensors"
@@ -107,14 +106,7 @@ class Adapter:
             raise FileFormatError(
                 f"{config_file} is not a readable adapter config ({exc}); re-save the adapter"
             ) from None
-        try:
-            with safe_open(str(weights_file), framework="pt", device="cpu") as f:
-                header = f.metadata() or {}
-                state = {key: f.get_tensor(key) for key in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types for truncated files
-            raise FileFormatError(
-                f"{weights_file} is not readable (corrupt or truncated: {exc}); re-save the adapter"
-            ) from None
+        header, state = read_safetensors(weights_file, "adapter")
         expected = header.get(_FINGERPRINT_KEY)
         if expected is not None and expected != config_fingerprint(record):
             raise FileFormatError(

@@ -111,3 +111,17 @@ def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str,
 
     data = canonical_safetensors(save(tensors, metadata=metadata))
     return atomic_write_bytes(path, data)
+
+
+def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, str], dict]:
+    """(metadata, tensors on CPU) of a safetensors file; a corrupt or truncated one is one
+    `FileFormatError` line naming the file and `what` to re-save."""
+    from safetensors import safe_open
+
+    from .errors import FileFormatError
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.metadata() or {}, {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated headers
+        raise FileFormatError(f"{path} is not readable (corrupt or truncated: {exc}); re-save the {what}") from None

@@ -24,13 +24,12 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Float
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from ._version import __version__
 from .errors import FileFormatError, InputError, ModelMismatch
 from .extract import mean_difference
-from .io import save_safetensors
+from .io import read_safetensors, save_safetensors
 from .loading import config_shape, expected_model_id, model_config
 from .model import (
     Depth,
@@ -253,14 +252,7 @@ class SteeringVector:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no vector file at {path}")
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                meta = f.metadata() or {}
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
-        except Exception as exc:  # safetensors raises its own error types for truncated headers
-            raise FileFormatError(
-                f"{path} is not a readable vector file (corrupt or truncated: {exc}); re-save it"
-            ) from None
+        meta, tensors = read_safetensors(path, "vector")
         if meta.get("format") != FORMAT:
             raise FileFormatError(
                 f"{path} is not a steer_heal vector (metadata format {meta.get('format')!r}, expected {FORMAT!r})"

@@ -219,7 +219,7 @@ CASES = [
         "vector file truncated",
         lambda t: SteeringVector.load(truncate(vector().save(t / "v.safetensors"))),
         SteerHealError,
-        "not a readable vector file",
+        "not readable \\(corrupt or truncated.*re-save the vector",
     ),
     (
         "vector file of something else",
