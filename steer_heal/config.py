@@ -28,8 +28,8 @@ class RunSection:
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device_map: str = ""  # "" (one device) or "auto" (accelerate shards a model larger than one card)
     # decode the dose walk and collection compiled (static cache + one SteeringSlot): false | true | auto (on
-    # CUDA). Off by default: on one H200, SmolLM2 bf16 collect ran 123 tok/s compiled against 514 eager
-    # (benchmarks/gpu_loop.py); the compiled loop path is not yet faster
+    # CUDA). Off by default: on one H200 it paid off at the 4B shape (1,908 vs 361 tok/s after a 52 s
+    # compile) but not for SmolLM2 in one round (123 vs 514 tok/s, compile included; docs/benchmarks.md)
     compiled: str = "false"
 
 

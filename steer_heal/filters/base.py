@@ -28,7 +28,7 @@ class Reason(str):
     detail: str
 
     def __new__(cls, filter: str, detail: str) -> Reason:
-        self = super().__new__(cls, f"{filter}: {detail}")
+        self = super().__new__(cls, f"{filter}: {detail}" if detail else filter)
         self.filter, self.detail = filter, detail
         return self
 
