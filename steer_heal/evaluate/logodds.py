@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import CROSSED_KEYS, MIN_PAIRS
 from ..logprobs import Example, nll_per_example
 from ..model import chat_prompt, encode, input_device, pad_id
 from ..runtime import eval_mode
@@ -47,8 +48,6 @@ from .base import EvalResult
 from .forced import _forward, _sliding_window
 
 COMPONENTS = ("stance", "wording", "off_axis")
-CROSSED_KEYS = ("pos", "neg", "pos_in_neg_words", "neg_in_pos_words")
-MIN_PAIRS = 4
 
 
 @dataclass(frozen=True)
@@ -192,15 +191,14 @@ def _shared_prompt_scores(
     positions = (len(prompt) + tail.cumsum(1) - 1).clamp(min=len(prompt))
     logits, _ = _forward(model, ids, mask, positions, cache, width)
     logp = logits.log_softmax(-1)  # [answers, width, vocab]: column j predicts column j + 1
-    out = []
-    for row, a in enumerate(answers):
-        start = width - len(a)
-        total = float(first[a[0]])
-        if len(a) > 1:
-            picked = logp[row, start : width - 1].gather(1, torch.tensor(a[1:], device=logp.device)[:, None])
-            total += float(picked.sum())
-        out.append((total, len(a)))
-    return out
+    picked = logp[:, :-1].gather(2, ids[:, 1:, None]).squeeze(2)
+    # every answer token but the first: a real token predicted from a real one (a pad slot
+    # before the first token predicts nothing; the prompt's last logits predict that one)
+    real = (tail[:, 1:] * tail[:, :-1]).bool()
+    later = torch.where(real, picked, 0.0).sum(1)
+    first_ids = torch.tensor([a[0] for a in answers], device=first.device)
+    totals = (first[first_ids] + later.to(first.device)).tolist()
+    return [(total, len(a)) for total, a in zip(totals, answers)]
 
 
 def per_scenario(
