@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from torch import nn
 
 from .generate import Completion
-from .logprobs import Example, nll_per_example
+from .logprobs import Example, mean_nll
 from .model import encode, end_of_turn_id, pad_id, unwrap
 from .runtime import eval_mode
 
@@ -54,5 +54,4 @@ def completion_nll(
     if not examples:
         raise ValueError("no completion tokens to score; pass non-empty completions")
     with eval_mode(model):
-        scored = nll_per_example(model, examples, pad_id(tok), batch_size)
-    return sum(t for t, _ in scored) / sum(c for _, c in scored)
+        return mean_nll(model, examples, pad_id(tok), batch_size)

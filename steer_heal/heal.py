@@ -39,7 +39,7 @@ from .encoding import context_length, encode_completions
 from .errors import InputError, SteerHealError
 from .generate import Completion
 from .history import Adapter, History, TrainSlot
-from .logprobs import Example, make_batch, nll_per_example, target_logprobs
+from .logprobs import Example, make_batch, mean_nll, target_logprobs
 from .lora import LoraSettings
 from .model import hidden_size, input_device, model_id, n_layers, pad_id, unwrap
 from .regularizers import KLRev, Penalty, RegContext, Regularizer
@@ -372,8 +372,7 @@ def _val_nll(model: nn.Module, val: Sequence[Example], pad: int, batch_size: int
     """Mean NLL per completion token of the held-out examples (None without any)."""
     if not val:
         return None
-    scored = nll_per_example(model, val, pad, batch_size)
-    return sum(t for t, _ in scored) / sum(c for _, c in scored)
+    return mean_nll(model, val, pad, batch_size)
 
 
 def _step(hist, slot, group, regs, reference, need_ref, train, r, pad, device, step, epoch, opt, sched) -> StepLog:

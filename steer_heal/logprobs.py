@@ -109,3 +109,9 @@ def nll_per_example(
 ) -> list[tuple[float, int]]:
     """(summed NLL, number of targets) per example, in input order."""
     return [(float(t.sum()), int(t.numel())) for t in token_nlls(model, examples, pad, batch_size)]
+
+
+def mean_nll(model: nn.Module, examples: Sequence[Example], pad: int, batch_size: int = 8) -> float:
+    """NLL per target token over all examples (token-weighted)."""
+    scored = nll_per_example(model, examples, pad, batch_size)
+    return sum(t for t, _ in scored) / sum(c for _, c in scored)

@@ -28,7 +28,16 @@ from torch import nn
 from .config import RunConfig
 from .data import Axis, load_axis, load_contexts
 from .dose import collect, walk_dose
-from .evaluate import AnswerLogOdds, EvalResult, Samples, Vignettes, load_mfv, load_vignettes, stratified_subset
+from .evaluate import (
+    AnswerLogOdds,
+    EvalResult,
+    Samples,
+    Vignettes,
+    load_mfv,
+    load_vignettes,
+    min_coherence,
+    stratified_subset,
+)
 from .extract import last_token_states
 from .filters import Calibration, calibrate_on_pool, default_filter
 from .generate import compiled_graphs
@@ -127,7 +136,10 @@ def base_coherence(run: RunDir) -> float:
     """The lowest coherence of the base stage over the probes (the floor is relative to it)."""
     for e in run.events():
         if e["event"] == "eval" and e["stage"] == "base":
-            return min(x["metrics"]["coherence"] for x in e["results"].values() if "coherence" in x["metrics"])
+            value = min_coherence(EvalResult.from_dict(x) for x in e["results"].values())
+            if value is None:
+                raise ValueError(f"{run.path}: the base evaluation has no probe that reports coherence")
+            return value
     raise ValueError(f"{run.path}/events.jsonl has no base evaluation; resume it from the start")
 
 
@@ -308,7 +320,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
     healed = evaluate(s)
     log_stage(run, "healed", r, healed)
     run.log("samples", r, stage="healed", rows=samples(config, s))
-    coherence = min(x["coherence"] for x in healed.values() if "coherence" in x.metrics)
+    coherence = min_coherence(healed.values())
     if h.reference == "last_good":
         s.history.judge(coherence, h.last_good_threshold)
     shift = neutral_shift(s, vec.layers)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import load_axis
-from .evaluate import EvalResult, foundation_key, retain, shift, shift_table, stage_table
+from .evaluate import EvalResult, foundation_key, min_coherence, retain, shift, shift_table, stage_table
 from .io import atomic_write_bytes, atomic_write_text
 from .runlog import read_events
 
@@ -72,12 +72,7 @@ def stage_tables(events: list[dict[str, Any]], target: str, direction: int) -> s
 
 
 def _coherence(stage: str, stages: dict[str, dict[str, EvalResult]]) -> float | None:
-    values = [
-        results[stage].metrics["coherence"]
-        for results in stages.values()
-        if stage in results and "coherence" in results[stage].metrics
-    ]
-    return min(values) if values else None
+    return min_coherence(results[stage] for results in stages.values() if stage in results)
 
 
 def _said(s) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from .evaluate import EvalResult, Samples, foundation_key, shift_table, stage_table
+from .evaluate import EvalResult, Samples, foundation_key, min_coherence, shift_table, stage_table
 from .evaluate.items import FOUNDATIONS
 from .filters import FilterLike, FilterReport
 from .generate import generate
@@ -108,10 +108,10 @@ def dose_sweep(
 
 def _coherence(point: SweepPoint) -> float:
     """The lowest 7-way coherence over the probes that report one (the log-odds probe does not)."""
-    values = [r.metrics["coherence"] for r in point.results.values() if "coherence" in r.metrics]
-    if not values:
+    value = min_coherence(point.results.values())
+    if value is None:
         raise ValueError("the sweep has no probe that reports coherence; add a vignette probe")
-    return min(values)
+    return value
 
 
 def operating_dose(points: Sequence[SweepPoint], coherence_floor: float = 0.95) -> float:

@@ -10,7 +10,7 @@
 Evaluators run the model they are given; steer or bake around the call.
 """
 
-from .base import EvalResult, Evaluator
+from .base import EvalResult, Evaluator, min_coherence
 from .compare import BROKEN_BELOW, Comparison, compare, stage_table
 from .items import (
     FOUNDATIONS,
@@ -59,6 +59,7 @@ __all__ = [
     "load_mfv",
     "load_paragraphs",
     "load_vignettes",
+    "min_coherence",
     "option_token_ids",
     "stage_table",
     "stratified_subset",

@@ -15,7 +15,7 @@ think budget, protocol hash) as strings.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from ..runtime import eval_mode
 
-__all__ = ["EvalResult", "Evaluator", "eval_mode"]
+__all__ = ["EvalResult", "Evaluator", "eval_mode", "min_coherence"]
 
 
 @dataclass(frozen=True)
@@ -73,3 +73,10 @@ class Evaluator(Protocol):
     name: str
 
     def __call__(self, model: nn.Module, tok: Any) -> EvalResult: ...
+
+
+def min_coherence(results: Iterable[EvalResult]) -> float | None:
+    """The lowest `coherence` over the results that report one (the 7-way probes do; the
+    answer log-odds probe does not); None when none does."""
+    values = [r.metrics["coherence"] for r in results if "coherence" in r.metrics]
+    return min(values) if values else None

@@ -28,13 +28,9 @@ import numpy as np
 from torch import nn
 
 from ..generate import Completion
-from ..logprobs import Example, token_nlls
-from ..model import encode, pad_id
-from ..runtime import eval_mode
-from ..steering import active_steering
 from ..vocab import Number
 from .base import Reason, Verdict, check_fraction, check_nonempty, check_positive
-from .perplexity import PPL, BaseModel, base_context
+from .perplexity import PPL, BaseModel, completion_logprobs, original_model, tail_ppl
 
 SURPRISE = "surprise"  # the share of tokens below the calibrated log-prob
 MIN_CALIBRATION = 8
@@ -74,23 +70,10 @@ class Calibration:
 
 
 def _scores(model: nn.Module, tok, completions: Sequence[Completion], tail: float, batch_size: int):
-    """Per completion: (token log-probs as an array, tail ppl); empty completions: (empty, inf)."""
-    examples, index = [], []
-    for i, c in enumerate(completions):
-        prompt, ids = encode(tok, c.formatted_prompt(tok)), encode(tok, c.text)
-        if not prompt:
-            raise ValueError(f"completion {i} has an empty prompt; scoring needs the chat-formatted prompt")
-        if ids:
-            index.append(i)
-            examples.append(Example(tuple(prompt + ids), len(prompt)))
-    out = [(np.empty(0), math.inf)] * len(completions)
-    with eval_mode(model):
-        nlls = token_nlls(model, examples, pad_id(tok), batch_size)
-    for i, nll in zip(index, nlls):
-        values = -nll.numpy()
-        k = max(1, math.ceil(tail * len(values)))
-        out[i] = (values, math.exp(float(-values[-k:].mean())))
-    return out
+    """Per completion: (token log-probs, tail ppl); empty completions: (empty, inf)."""
+    prompts = [c.formatted_prompt(tok) for c in completions]
+    values = completion_logprobs(model, tok, prompts, [c.text for c in completions], batch_size)
+    return [(v, tail_ppl(v, tail)) for v in values]
 
 
 def calibrate(
@@ -115,9 +98,7 @@ def calibrate(
         raise ValueError(f"percentile must be in (0, 50), got {percentile}")
     if any(c.coeff != 0 for c in unsteered):
         raise ValueError("calibration needs unsteered completions (coeff 0); these were generated under steering")
-    with base_context(model) as base:
-        if active_steering(base):
-            raise ValueError("calibration must score under the original model; steering is active")
+    with original_model(model, "calibration") as base:
         scored = _scores(base, tok, unsteered, check_fraction("tail", tail), batch_size)
     ppls = [p for _, p in scored if math.isfinite(p)]
     pooled = np.concatenate([v for v, _ in scored if len(v)]) if ppls else np.empty(0)
@@ -159,12 +140,7 @@ class Calibrated:
     def __call__(self, completions: Sequence[Completion]) -> list[Verdict]:
         check_nonempty(completions)
         cal = self.calibration
-        with base_context(self.model) as base:
-            if active_steering(base):
-                raise ValueError(
-                    "Calibrated got a model with steering hooks or a baked vector active; score under the original "
-                    "model (filter outside the `vec.apply(...)` / `vec.bake(...)` block)"
-                )
+        with original_model(self.model, "Calibrated") as base:
             scored = _scores(base, self.tok, completions, self.tail, self.batch_size)
         verdicts = []
         for values, ppl in scored:

@@ -7,7 +7,7 @@ boundary), and k = max(1, ceil(tail * n)):
     ppl = exp( -1/k * sum_{t = n-k}^{n-1} log p_theta(y_t | p, y_<t) )
 
 under the original model (no steering, no adapters), computed by the one log-prob engine
-(`steer_heal.logprobs`: only the k tail positions reach the output head). Loops have LOW
+(`steer_heal.logprobs`: only completion positions reach the output head). Loops have LOW
 perplexity and pass this test; babble has high perplexity. Empty completion: ppl = inf
 (dropped).
 """
@@ -15,13 +15,14 @@ perplexity and pass this test; babble has high perplexity. Empty completion: ppl
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
+import numpy as np
 from torch import nn
 
 from ..generate import Completion
-from ..logprobs import Example, nll_per_example
+from ..logprobs import Example, token_nlls
 from ..model import encode, pad_id
 from ..runtime import eval_mode
 from ..steering import active_steering
@@ -39,6 +40,54 @@ def base_context(model: BaseModel) -> AbstractContextManager[nn.Module]:
     return nullcontext(model) if isinstance(model, nn.Module) else model()
 
 
+@contextmanager
+def original_model(model: BaseModel, who: str) -> Iterator[nn.Module]:
+    """The original model (see `base_context`), refused while any steering is active on it:
+    a filter that scores "under the original model" must not score a steered one."""
+    with base_context(model) as base:
+        active = active_steering(base)
+        if active:
+            how = ", ".join(sorted({a.how for a in active}))
+            raise ValueError(
+                f"{who} got a model with steering hooks or a baked vector active ({how}); score under the original "
+                "model (filter outside the `vec.apply(...)` / `vec.bake(...)` block, or with the slot set to None)"
+            )
+        yield base
+
+
+def completion_logprobs(
+    model: nn.Module, tok, prompt_texts: Sequence[str], texts: Sequence[str], batch_size: int = 8
+) -> list[np.ndarray]:
+    """The log-prob of every completion token given its formatted prompt (an empty array for an
+    empty completion), from one batched pass of the log-prob engine in eval mode."""
+    if len(prompt_texts) != len(texts):
+        raise ValueError(f"{len(prompt_texts)} prompts for {len(texts)} completions; pass one prompt per completion")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    out = [np.empty(0)] * len(texts)
+    index, examples = [], []
+    for i, (prompt, text) in enumerate(zip(prompt_texts, texts)):
+        prompt_ids, ids = encode(tok, prompt), encode(tok, text)
+        if not prompt_ids:
+            raise ValueError(f"completion {i} has an empty prompt; ppl needs the chat-formatted prompt as context")
+        if ids:
+            index.append(i)
+            examples.append(Example(tuple(prompt_ids + ids), len(prompt_ids)))
+    with eval_mode(model):
+        nlls = token_nlls(model, examples, pad_id(tok), batch_size)
+    for i, nll in zip(index, nlls):
+        out[i] = -nll.numpy()
+    return out
+
+
+def tail_ppl(logprobs: np.ndarray, tail: float) -> float:
+    """exp of the mean NLL of the last `tail` fraction of the tokens (inf for no tokens)."""
+    if len(logprobs) == 0:
+        return math.inf
+    k = max(1, math.ceil(tail * len(logprobs)))
+    return math.exp(float(-logprobs[-k:].mean()))
+
+
 def tail_perplexity(
     model: nn.Module,
     tok,
@@ -53,25 +102,7 @@ def tail_perplexity(
     the model runs in eval mode (dropout off), and the caller's mode is restored.
     """
     tail = check_fraction("tail", tail)
-    if len(prompt_texts) != len(texts):
-        raise ValueError(f"{len(prompt_texts)} prompts for {len(texts)} completions; pass one prompt per completion")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    out = [math.inf] * len(texts)
-    index, examples = [], []
-    for i, (prompt, text) in enumerate(zip(prompt_texts, texts)):
-        prompt_ids, ids = encode(tok, prompt), encode(tok, text)
-        if not prompt_ids:
-            raise ValueError(f"completion {i} has an empty prompt; ppl needs the chat-formatted prompt as context")
-        if ids:  # an empty completion stays at inf
-            k = max(1, math.ceil(tail * len(ids)))
-            index.append(i)
-            examples.append(Example(tuple(prompt_ids + ids), len(prompt_ids) + len(ids) - k))
-    with eval_mode(model):
-        scored = nll_per_example(model, examples, pad_id(tok), batch_size)
-    for i, (total, count) in zip(index, scored):
-        out[i] = math.exp(total / count)
-    return out
+    return [tail_ppl(v, tail) for v in completion_logprobs(model, tok, prompt_texts, texts, batch_size)]
 
 
 class Perplexity:
@@ -95,15 +126,7 @@ class Perplexity:
     def __call__(self, completions: Sequence[Completion]) -> list[Verdict]:
         check_nonempty(completions)
         prompts = [c.formatted_prompt(self.tok) for c in completions]
-        with base_context(self.model) as model:
-            active = active_steering(model)
-            if active:
-                how = ", ".join(sorted({a.how for a in active}))
-                raise ValueError(
-                    f"Perplexity got a model with steering hooks or a baked vector active ({how}); score under the original "
-                    "model "
-                    "(filter outside the `vec.apply(...)` / `vec.bake(...)` block, or with the slot set to None)"
-                )
+        with original_model(self.model, "Perplexity") as model:
             ppls = tail_perplexity(
                 model, self.tok, prompts, [c.text for c in completions], tail=self.tail, batch_size=self.batch_size
             )
