@@ -33,13 +33,23 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str, width
 
 
 def device_options(command=None, *, default: str | None = "auto"):
-    """--device, --dtype and --device-map, shared by every command that loads a model.
-    `default=None` (for `run`): not given means the config's value."""
+    """--device, --dtype, --device-map, --blocks and --writer, shared by every command that
+    loads a model. `default=None` (for `run`): not given means the config's value."""
     from steer_heal.devices import DEVICE_NAMES, DTYPE_NAMES
 
     if command is None:
         return lambda f: device_options(f, default=default)
     shown = default is not None
+    command = click.option(
+        "--writer",
+        default=None,
+        help="override: the linear inside a block that writes the MLP output (e.g. mlp.down_proj); enables bake",
+    )(command)
+    command = click.option(
+        "--blocks",
+        default=None,
+        help="override: the decoder-block ModuleList path (e.g. model.layers) where it cannot be found",
+    )(command)
 
     command = click.option(
         "--device-map",

@@ -8,6 +8,7 @@ once, here, before any work starts.
 from __future__ import annotations
 
 import math
+import re
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 from .errors import ConfigError
 from .sampling import Sampling
 from .vocab import DEVICE_NAMES, DEVICE_PATTERN, Aggregation, DTypeName, ItemSet, Reference, RegName, choices
+
+_PATH = re.compile(r"^(|[A-Za-z_]\w*(\.\w+)*)$")  # '' or a dotted attribute path
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class RunSection:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps (steer_heal.devices)
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     device_map: str = ""  # "" (one device) or "auto" (accelerate shards a model larger than one card)
+    blocks: str = ""  # override: the decoder-block ModuleList path ("" = table, then structural discovery)
+    writer: str = ""  # override: the MLP output linear inside a block ("" = table / discovery)
     # decode the dose walk and collection compiled (static cache + one SteeringSlot): false | true | auto (on
     # CUDA). Off by default: on one H200 it paid off at the 4B shape (1,908 vs 361 tok/s after a 52 s
     # compile) but not for SmolLM2 in one round (123 vs 514 tok/s, compile included; docs/benchmarks.md)
@@ -131,6 +136,14 @@ class RunConfig:
             ),
             (r.compiled in ("auto", "true", "false"), f"run.compiled must be auto, true or false, got {r.compiled!r}"),
             (r.device_map in ("", "auto"), f'run.device_map must be "" or "auto", got {r.device_map!r}'),
+            (
+                _PATH.match(r.blocks) is not None,
+                f"run.blocks must be a dotted module path like model.layers, got {r.blocks!r}",
+            ),
+            (
+                _PATH.match(r.writer) is not None,
+                f"run.writer must be a dotted module path like mlp.down_proj, got {r.writer!r}",
+            ),
             (_layer_spec_error(x.layers) is None, f"extract.layers: {_layer_spec_error(x.layers)}"),
             (x.n_contexts >= 1, f"extract.n_contexts must be >= 1, got {x.n_contexts}"),
             (x.batch_size >= 1, f"extract.batch_size must be >= 1, got {x.batch_size}"),

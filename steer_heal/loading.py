@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .architecture import family_of, known, set_architecture
 from .errors import ModelLoadError
-from .model import FAMILIES, family_of
 
 SMOLLM2 = "smollm2-135m"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -107,9 +107,12 @@ def _hub_host() -> str | None:
     return None
 
 
-def model_config(name_or_path: str = SMOLLM2, trust_remote_code: bool = False):
+def model_config(
+    name_or_path: str = SMOLLM2, trust_remote_code: bool = False, blocks: str | None = None, writer: str | None = None
+):
     """The model's config alone (no weights): read first, so a wrong id, a missing folder,
-    no network or an unsupported family fails in seconds, before any download."""
+    no network or an architecture whose blocks cannot be found fails in seconds, before any
+    download. `blocks`/`writer` are the architecture override (`steer_heal.architecture`)."""
     from transformers import AutoConfig
 
     if name_or_path.startswith("tiny-"):
@@ -140,12 +143,35 @@ def model_config(name_or_path: str = SMOLLM2, trust_remote_code: bool = False):
                 f"cannot load {name_or_path!r}: not in the local cache and the hub did not answer ({first[:160]}); "
                 "check the id and the network, or pass a local path"
             ) from None
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise ModelLoadError(
-            f"unsupported model family {model_type!r} ({name_or_path}); supported: {', '.join(sorted(FAMILIES))}"
-        )
+    check_architecture(config, name_or_path, trust_remote_code, blocks, writer)
     return config
+
+
+def check_architecture(
+    config, name: str, trust_remote_code: bool = False, blocks: str | None = None, writer: str | None = None
+) -> None:
+    """Resolve the decoder blocks from the config alone: a table family needs nothing more;
+    any other (or an override) is built on the meta device (no memory, no weights) and its
+    blocks found structurally, so an unsupported model fails before its weights are read."""
+    model_type = getattr(config, "model_type", None)
+    if known(model_type) and blocks is None and writer is None:
+        return
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(
+            f"{name} ({model_type}) is not a causal language model transformers can build ({first[:120]}); "
+            "steer_heal needs a decoder-only causal LM"
+        ) from None
+    try:
+        set_architecture(skeleton, blocks, writer)
+        family_of(skeleton)
+    except ValueError as exc:
+        raise ModelLoadError(f"{name}: {exc}") from None
 
 
 def expected_model_id(name_or_path: str) -> str:
@@ -170,6 +196,8 @@ def load_model(
     device: str | torch.device | None = "auto",
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    blocks: str | None = None,
+    writer: str | None = None,
 ):
     """Load a causal LM and its tokenizer: any HF id or local path, `"smollm2-135m"` (the
     embedded model), or `"tiny-<family>"` (a random 4-layer model, e.g. "tiny-llama").
@@ -178,7 +206,9 @@ def load_model(
     `steer_heal.devices` names ("auto": a CUDA GPU in bfloat16 when there is one, else the
     CPU in float32). `device_map` (e.g. "auto") shards a model over several devices and
     takes precedence over `device`. The config is read (and the family checked) before any
-    weights are.
+    weights are. Architectures outside the verified table are found structurally;
+    `blocks` (a ModuleList path, e.g. "model.layers") and `writer` (the MLP output linear
+    inside a block, e.g. "mlp.down_proj") override that (`steer_heal.architecture`).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -190,8 +220,9 @@ def load_model(
         from .tiny import tiny_model
 
         model, tok = tiny_model(name_or_path.removeprefix("tiny-"))
+        set_architecture(model, blocks, writer)
         return model.to(dtype=dtype, device=device), tok
-    model_config(name_or_path, trust_remote_code)  # fails fast: path, network, family
+    model_config(name_or_path, trust_remote_code, blocks, writer)  # fails fast: path, network, blocks
     source = _source(name_or_path)
     local = Path(source).exists()
     try:
@@ -209,6 +240,7 @@ def load_model(
         # a stable id for vector metadata, not the cache path
         model.config._name_or_path = SMOLLM2
         model.name_or_path = SMOLLM2
-    family_of(model)  # the loaded class must match the table too
+    set_architecture(model, blocks, writer)
+    family_of(model)  # the loaded model must resolve too
     model.eval()
     return model, tok

@@ -112,7 +112,12 @@ def setup(config: RunConfig) -> Setup:
     contexts = load_contexts()[: config.extract.n_contexts]
     chosen = probes(config, config.run.seed, axis)
     model, tok = load_model(
-        config.run.model, dtype=config.run.dtype, device=config.run.device, device_map=config.run.device_map or None
+        config.run.model,
+        dtype=config.run.dtype,
+        device=config.run.device,
+        device_map=config.run.device_map or None,
+        blocks=config.run.blocks or None,
+        writer=config.run.writer or None,
     )
     return Setup(History(model), tok, axis, contexts, chosen)
 

@@ -1,10 +1,7 @@
-"""Model access: decoder-block discovery, layer specs, chat formatting, padding, devices.
+"""Model access: layer specs, chat formatting, end-of-turn tokens, padding, devices.
 
-Loading (any HF id or path, the embedded SmolLM2, tiny models) is `steer_heal.loading`.
-
-Everything else in the library reaches into a model only through this module, so one
-table (`FAMILIES`) says where each supported architecture keeps its decoder blocks and
-the linear layer that writes the MLP output into the residual stream.
+Where each architecture keeps its decoder blocks and its residual writer is
+`steer_heal.architecture` (re-exported here); loading is `steer_heal.loading`.
 """
 
 from __future__ import annotations
@@ -17,94 +14,34 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
-
-@dataclass(frozen=True)
-class Family:
-    """Where an architecture keeps its blocks, relative to the causal-LM wrapper."""
-
-    block_paths: tuple[str, ...]
-    mlp_out: str | None  # attribute path inside a block; None: no exact bias fold exists
-    why_no_bake: str = ""
-
-
-_GEMMA_NO_BAKE = (
-    "the MLP output passes post_feedforward_layernorm before the residual add, so a bias "
-    "cannot reproduce h + coeff*v exactly; use vec.apply(model, coeff) (hooks) instead"
+from .architecture import (
+    FAMILIES,
+    Architecture,
+    Family,
+    architecture,
+    decoder_blocks,
+    family_of,
+    hidden_size,
+    n_layers,
+    residual_writer,
+    unwrap,
 )
 
-FAMILIES: dict[str, Family] = {
-    "llama": Family(("model.layers",), "mlp.down_proj"),
-    "mistral": Family(("model.layers",), "mlp.down_proj"),
-    "qwen2": Family(("model.layers",), "mlp.down_proj"),
-    "qwen3": Family(("model.layers",), "mlp.down_proj"),
-    "phi3": Family(("model.layers",), "mlp.down_proj"),
-    "gemma2": Family(("model.layers",), None, _GEMMA_NO_BAKE),
-    "gemma3_text": Family(("model.layers",), None, _GEMMA_NO_BAKE),
-    "gemma3": Family(("model.language_model.layers", "language_model.model.layers"), None, _GEMMA_NO_BAKE),
-    "gpt2": Family(("transformer.h",), "mlp.c_proj"),
-    "gpt_neox": Family(("gpt_neox.layers",), "mlp.dense_4h_to_h"),
-}
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain transformers model under a peft wrapper (or the model itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
-def family_of(model: nn.Module) -> tuple[str, Family]:
-    model_type = getattr(getattr(unwrap(model), "config", None), "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(f"unsupported model family {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
-    return model_type, FAMILIES[model_type]
-
-
-def _get_path(obj: object, path: str) -> object | None:
-    for part in path.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
-def decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The decoder blocks, in depth order; a block's output is the residual stream."""
-    name, family = family_of(model)
-    base = unwrap(model)
-    for path in family.block_paths:
-        blocks = _get_path(base, path)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
-            return blocks
-    raise ValueError(f"could not find the decoder blocks of this {name} model at {family.block_paths}")
-
-
-def n_layers(model: nn.Module) -> int:
-    return len(decoder_blocks(model))
-
-
-def hidden_size(model: nn.Module) -> int:
-    config = unwrap(model).config
-    config = getattr(config, "text_config", None) or config
-    size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    if size is None:
-        raise ValueError("model config has no hidden_size / n_embd")
-    return int(size)
-
-
-def residual_writer(model: nn.Module, layer: int) -> nn.Module:
-    """The linear layer whose output is added into the residual stream by block `layer`.
-
-    Raises when no exact bias fold exists for the family (Gemma2/3's post-FFN norm).
-    Under peft, returns the wrapped base layer, so a bias lands in the frozen weights.
-    """
-    name, family = family_of(model)
-    if family.mlp_out is None:
-        raise ValueError(f"cannot bake a vector into a {name} model: {family.why_no_bake}")
-    module = _get_path(decoder_blocks(model)[layer], family.mlp_out)
-    if module is None:
-        raise ValueError(f"{name} block {layer} has no {family.mlp_out}")
-    base_layer = getattr(module, "base_layer", None)
-    return base_layer if isinstance(base_layer, nn.Module) else module
+__all__ = [
+    "FAMILIES",
+    "Architecture",
+    "Depth",
+    "Family",
+    "LayerSpec",
+    "architecture",
+    "decoder_blocks",
+    "family_of",
+    "hidden_size",
+    "n_layers",
+    "residual_writer",
+    "resolve_layers",
+    "unwrap",
+]
 
 
 @dataclass(frozen=True)
@@ -206,11 +143,33 @@ def pad_id(tok) -> int:
 
 
 _END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
+_SENTINEL = "SteerHealEndOfTurnProbe"
+
+
+def template_end_of_turn(tok) -> int | None:
+    """The token the chat template writes right after an assistant message, when it is a
+    special (added) token: read from the template itself, not from a string table."""
+    if getattr(tok, "chat_template", None) is None:
+        return None
+    try:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": _SENTINEL}], tokenize=False
+        )
+    except Exception:  # templates that reject this turn order or need extra variables
+        return None
+    if not isinstance(text, str) or _SENTINEL not in text:
+        return None
+    tail = text.split(_SENTINEL, 1)[1].lstrip(" ")
+    ids = encode(tok, tail) if tail else []
+    if not ids:
+        return None
+    special = set(getattr(tok, "all_special_ids", []) or []) | set(getattr(tok, "added_tokens_decoder", {}) or {})
+    return int(ids[0]) if ids[0] in special else None
 
 
 def stop_token_ids(model: nn.Module, tok) -> list[int]:
     """Every token that ends an assistant turn: eos ids from the generation config and the
-    tokenizer, plus the template's end-of-turn marker when it is a single token."""
+    tokenizer, the template's end-of-turn token, and known end-of-turn markers in the vocabulary."""
     ids: set[int] = set()
     gen_eos = getattr(getattr(unwrap(model), "generation_config", None), "eos_token_id", None)
     if isinstance(gen_eos, int):
@@ -219,13 +178,18 @@ def stop_token_ids(model: nn.Module, tok) -> list[int]:
         ids.update(int(i) for i in gen_eos)
     if tok.eos_token_id is not None:
         ids.add(int(tok.eos_token_id))
+    ids.add(end_of_turn_id(tok))
     vocab = tok.get_vocab()
     ids.update(vocab[marker] for marker in _END_OF_TURN if marker in vocab)
     return sorted(ids)
 
 
 def end_of_turn_id(tok) -> int:
-    """The token the chat template closes an assistant turn with (appended in training)."""
+    """The token the chat template closes an assistant turn with (appended in training):
+    read from the template; else the first known marker in the vocabulary; else eos."""
+    from_template = template_end_of_turn(tok)
+    if from_template is not None:
+        return from_template
     vocab = tok.get_vocab()
     for marker in _END_OF_TURN:
         if marker in vocab:

@@ -1,8 +1,10 @@
 """Tiny random models and an offline tokenizer, built in-process (no downloads).
 
-Used by the tests, the `tiny` preset and the examples' smoke tests. Every supported family
-gets a 4-layer, 64-wide config of its real architecture, so hooks, biases and adapters
-exercise the same module layout as the full-size models.
+Used by the tests, the `tiny` preset and the examples' smoke tests. Every family of the
+verified table (`steer_heal.architecture.FAMILIES`) gets a 4-layer, 64-wide config of its
+real architecture, so hooks, biases and adapters exercise the same module layout as the
+full-size models. Families with a multiplier get a non-default one (Granite's
+`residual_multiplier` is 1.0 by default, which would hide a wrong bias fold).
 """
 
 from __future__ import annotations
@@ -11,9 +13,42 @@ from functools import lru_cache
 
 import torch
 
+from .architecture import FAMILIES
 from .runtime import seeded
 
-FAMILY_NAMES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "gpt2", "gpt_neox")
+# from the table, so the tested list cannot drift from what the library claims
+FAMILY_NAMES = tuple(name for name, family in FAMILIES.items() if family.tiny)
+
+# small sizes for any family, set where the family's config has the key
+_SMALL = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=512,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=64,
+    num_experts=4,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    ffn_dim=128,
+    word_embed_proj_dim=64,
+    n_embd=64,
+    n_layer=4,
+    n_head=4,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=3,
+)
+# non-default multipliers and scales, so a test sees what they do
+_EXTRA = {
+    "granite": dict(residual_multiplier=0.5, embedding_multiplier=2.0, attention_multiplier=0.3, logits_scaling=2.0),
+    "cohere": dict(logit_scale=0.5),
+    "cohere2": dict(logit_scale=0.5),
+}
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -92,7 +127,7 @@ def tiny_config(family: str, vocab_size: int, layers: int = 4, hidden: int = 64)
         return tf.Qwen3Config(**common, head_dim=16)
     if family == "gemma2":
         return tf.Gemma2Config(**common, head_dim=16, sliding_window=64)
-    if family == "gemma3":
+    if family in ("gemma3", "gemma3_text"):  # text-only Gemma3 ("gemma3" in older tests)
         return tf.Gemma3TextConfig(**common, head_dim=16, sliding_window=64)
     if family == "phi3":
         return tf.Phi3Config(**common)
@@ -120,7 +155,26 @@ def tiny_config(family: str, vocab_size: int, layers: int = 4, hidden: int = 64)
             eos_token_id=3,
             pad_token_id=0,
         )
-    raise ValueError(f"no tiny config for {family!r}; choose from {', '.join(FAMILY_NAMES)}")
+    return _generic_config(family, vocab_size, layers, hidden)
+
+
+def _generic_config(family: str, vocab_size: int, layers: int, hidden: int):
+    """Any family transformers knows: its default config with the small sizes it has."""
+    from transformers import AutoConfig
+
+    try:
+        default = AutoConfig.for_model(family)
+    except ValueError:
+        raise ValueError(f"no tiny config for {family!r}; choose from {', '.join(FAMILY_NAMES)}") from None
+    sizes = dict(_SMALL, vocab_size=vocab_size, hidden_size=hidden, n_embd=hidden, num_hidden_layers=layers)
+    sizes.update(n_layer=layers, intermediate_size=2 * hidden, ffn_dim=2 * hidden, word_embed_proj_dim=hidden)
+    sizes.update(_EXTRA.get(family, {}))
+    settable = {
+        key: value
+        for key, value in sizes.items()
+        if hasattr(default, key) and not isinstance(getattr(type(default), key, None), property)
+    }
+    return AutoConfig.for_model(family, **settable)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, layers: int = 4, hidden: int = 64, template: str = "chatml"):

@@ -234,7 +234,12 @@ class SteeringVector:
 
     @classmethod
     def load_for(
-        cls, path: str | os.PathLike, model_name: str | None = None, allow_other_model: bool = False
+        cls,
+        path: str | os.PathLike,
+        model_name: str | None = None,
+        allow_other_model: bool = False,
+        blocks: str | None = None,
+        writer: str | None = None,
     ) -> tuple[SteeringVector, str]:
         """Load a vector and check it against the model it will steer (default: the one it
         was made on) from that model's config alone, before any weights are loaded.
@@ -243,9 +248,46 @@ class SteeringVector:
         name = model_name or vec.model_id
         if name in ("", "unknown"):
             raise InputError(f"{path} does not say which model it was made on; pass --model")
-        size, depth = config_shape(model_config(name))
+        size, depth = config_shape(model_config(name, blocks=blocks, writer=writer))
         vec.check_shape(size, depth, expected_model_id(name), allow_other_model)
         return vec, name
+
+    def to_gguf(self, path: str | os.PathLike, coeff: Number = 1.0, model_hint: str = "") -> Path:
+        """Write a llama.cpp control vector (`steer_heal.controlvector`): `direction.<layer>`
+        = `coeff * v_layer`, so llama.cpp's strength 1.0 is our coefficient `coeff`."""
+        from .controlvector import write_control_vector
+
+        coeff = check_coeff(coeff)
+        provenance = {k: v for k, v in self.metadata().items() if k != "format"}
+        return write_control_vector(path, self.directions, model_hint or self.model_id, provenance, coeff)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike, model: nn.Module | None = None) -> SteeringVector:
+        """Read a llama.cpp control vector (ours: bit for bit; another writer's: its
+        directions, checked against `model`'s width and depth when given)."""
+        from .controlvector import check_against, read_control_vector
+
+        directions, provenance, coeff = read_control_vector(path)
+        width = next(iter(directions.values())).numel()
+        depth = max(directions)
+        if model is not None:
+            check_against(path, width, depth, hidden_size(model), n_layers(model))
+        layers = int(provenance.get("n_layers") or (n_layers(model) if model is not None else depth + 1))
+        if depth >= layers:
+            raise ModelMismatch(f"{path}: control vector reaches layer {depth} but its model has {layers} layers")
+        extra = json.loads(provenance.get("extra") or "{}")
+        if coeff != 1.0:
+            extra["gguf_coeff"] = repr(coeff)  # the file holds coeff * v
+        return cls(
+            directions,
+            width,
+            layers,
+            provenance.get("model_id") or (model_id(model) if model is not None else "unknown"),
+            provenance.get("method", "gguf"),
+            provenance.get("pos", ""),
+            provenance.get("neg", ""),
+            extra,
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SteeringVector:

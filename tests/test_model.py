@@ -20,8 +20,8 @@ class _Unknown(nn.Module):
         self.config = type("Config", (), {"model_type": "bloom"})()
 
 
-def test_unknown_family_lists_supported():
-    with pytest.raises(ValueError, match=r"unsupported model family 'bloom'; supported: .*gpt_neox.*llama"):
+def test_a_table_family_without_its_blocks_names_the_override():
+    with pytest.raises(ValueError, match=r"decoder blocks of this bloom model at \('transformer.h',\); pass blocks="):
         family_of(_Unknown())
 
 
