@@ -70,7 +70,20 @@ def main() -> None:
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="where to write the .safetensors vector")
 @device_options
 def extract(
-    model_name, axis, pos, neg, contexts_file, n_contexts, layers, batch_size, out, device, dtype, device_map
+    model_name,
+    axis,
+    pos,
+    neg,
+    contexts_file,
+    n_contexts,
+    layers,
+    batch_size,
+    out,
+    device,
+    dtype,
+    device_map,
+    blocks,
+    writer,
 ) -> None:
     """Extract a mean-difference steering vector from a persona pair."""
     from steer_heal.data import load_axis, load_contexts
@@ -82,7 +95,7 @@ def extract(
     check_personas(pos or persona.pos, neg or persona.neg)  # before the model loads
     contexts = load_contexts(contexts_file)[:n_contexts]
     device, dtype = placement(device, dtype)
-    model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
+    model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
     start = time.perf_counter()
     vec = SteeringVector.from_persona_pair(
         model,
@@ -125,6 +138,8 @@ def steer(
     device,
     dtype,
     device_map,
+    blocks,
+    writer,
 ) -> None:
     """Print unsteered and steered completions side by side."""
     from steer_heal.generate import generate
@@ -135,8 +150,10 @@ def steer(
 
     check_coeff(coeff)
     device, dtype = placement(device, dtype)
-    vec, name = SteeringVector.load_for(vector_file, model_name, allow_other_model)  # before the weights load
-    model, tok = load_model(name, dtype=dtype, device=device, device_map=device_map)
+    vec, name = SteeringVector.load_for(
+        vector_file, model_name, allow_other_model, blocks, writer
+    )  # before the weights load
+    model, tok = load_model(name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
     settings = dict(sampling=Sampling(max_new_tokens=max_new_tokens, do_sample=sample), seed=seed, system=system)
     plain = generate(model, tok, list(prompts), **settings)
     steered = generate(
@@ -164,6 +181,8 @@ def _overrides(**options) -> dict[str, dict]:
         "device": "run",
         "dtype": "run",
         "device_map": "run",
+        "blocks": "run",
+        "writer": "run",
     }
     out: dict[str, dict] = {}
     for key, value in options.items():
@@ -223,6 +242,8 @@ def run(
     device,
     dtype,
     device_map,
+    blocks,
+    writer,
 ) -> None:
     """Run the distill-and-heal loop and write a run directory."""
     from steer_heal import config as cfg
@@ -243,6 +264,8 @@ def run(
         device=device,
         dtype=dtype,
         device_map=device_map,
+        blocks=blocks,
+        writer=writer,
     )
     started = time.perf_counter()
     if resume_dir:
@@ -343,6 +366,8 @@ def sweep(
     device,
     dtype,
     device_map,
+    blocks,
+    writer,
 ) -> None:
     """Sweep a vector's dose: vignette profile, coherence, filter report and samples per coefficient."""
     import json
@@ -369,8 +394,10 @@ def sweep(
     for dose in doses:
         check_coeff(dose)
     device, dtype = placement(device, dtype)
-    vec, name = SteeringVector.load_for(vector_file, model_name, allow_other_model)  # before the weights load
-    model, tok = load_model(name, dtype=dtype, device=device, device_map=device_map)
+    vec, name = SteeringVector.load_for(
+        vector_file, model_name, allow_other_model, blocks, writer
+    )  # before the weights load
+    model, tok = load_model(name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
     chosen = {
         k: replace(p, progress=True) if hasattr(p, "progress") else p
         for k, p in probes(
@@ -443,6 +470,8 @@ def evaluate(
     device,
     dtype,
     device_map,
+    blocks,
+    writer,
 ) -> None:
     """Evaluate one configuration (model, optional adapter, optional steering) on the vignettes."""
     from contextlib import ExitStack
@@ -458,12 +487,14 @@ def evaluate(
     # every input is read and checked before the model loads
     check_coeff(coeff)
     device, dtype = placement(device, dtype)
-    vec = SteeringVector.load_for(vector_file, model_name, allow_other_model)[0] if vector_file else None
+    vec = (
+        SteeringVector.load_for(vector_file, model_name, allow_other_model, blocks, writer)[0] if vector_file else None
+    )
     round_adapter = Adapter.load(adapter) if adapter else None
     chosen = load_mfv(mfv_dir) if items == "mfv" else load_vignettes()
     if 0 < n_items < len(chosen):
         chosen = stratified_subset(chosen, n_items)
-    model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map)
+    model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
     with ExitStack() as stack:
         if round_adapter is not None:
             history = History(model)
@@ -478,3 +509,83 @@ def evaluate(
 
 if __name__ == "__main__":
     main()
+
+
+@main.group(cls=_Group)
+def export() -> None:
+    """Write plain files other tools load: a merged or baked checkpoint, peft adapters, a llama.cpp control vector."""
+
+
+@export.command(name="merged")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="folder for the checkpoint")
+@click.option("--overwrite", is_flag=True, help="replace an earlier export at --out")
+@device_options
+def export_merged(run_dir, out, overwrite, device, dtype, device_map, blocks, writer) -> None:
+    """A run's student (base + every finished round) as a plain Hugging Face checkpoint."""
+    from steer_heal.export import check_target, export_merged
+
+    check_target(out, overwrite)  # before the model loads
+    device, dtype = placement(device, dtype)
+    path = export_merged(run_dir, out, overwrite, device=device, dtype=dtype, blocks=blocks, writer=writer)
+    click.echo(f"merged checkpoint -> {path} (loads with AutoModelForCausalLM.from_pretrained)")
+
+
+@export.command(name="adapters")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="folder for round_N/ adapters")
+@click.option(
+    "--base", default=None, help="the base model's hub id or path to name in the adapters (default: the run's)"
+)
+@click.option("--overwrite", is_flag=True, help="replace an earlier export at --out")
+def export_adapters(run_dir, out, base, overwrite) -> None:
+    """A run's round adapters as peft folders naming the real base model."""
+    from steer_heal.export import export_adapters
+
+    path = export_adapters(run_dir, out, overwrite, base=base, device="cpu", dtype="float32")
+    click.echo(f"adapters -> {path} (load with AutoPeftModelForCausalLM.from_pretrained({str(path)!r}/round_0))")
+
+
+@export.command(name="baked")
+@click.option("--vector", "vector_file", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--coeff", type=float, required=True, help="the coefficient folded into the biases")
+@click.option("--model", "model_name", default=None, help=MODEL_HELP + " (default: the vector's model)")
+@click.option("--out", type=click.Path(file_okay=False), required=True, help="folder for the checkpoint")
+@click.option("--overwrite", is_flag=True, help="replace an earlier export at --out")
+@click.option("--allow-other-model", is_flag=True, help="bake into a model other than the one the vector was made on")
+@device_options
+def export_baked(
+    vector_file, coeff, model_name, out, overwrite, allow_other_model, device, dtype, device_map, blocks, writer
+) -> None:
+    """A vector at one coefficient folded into the MLP output biases, saved as a plain checkpoint."""
+    from steer_heal.export import check_target, export_baked
+    from steer_heal.loading import load_model
+    from steer_heal.steering import check_coeff
+    from steer_heal.vector import SteeringVector
+
+    check_coeff(coeff)
+    check_target(out, overwrite)
+    device, dtype = placement(device, dtype)
+    vec, name = SteeringVector.load_for(vector_file, model_name, allow_other_model, blocks, writer)
+    model, tok = load_model(name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
+    path = export_baked(model, tok, vec, coeff, out, overwrite, allow_other_model)
+    click.echo(f"baked checkpoint (coeff {coeff:g}) -> {path}")
+
+
+@export.command(name="gguf")
+@click.option("--vector", "vector_file", type=click.Path(exists=True, dir_okay=False), required=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="the .gguf file to write")
+@click.option("--coeff", type=float, default=1.0, show_default=True, help="written as coeff * v (llama.cpp strength 1)")
+@click.option("--overwrite", is_flag=True, help="replace an existing file")
+def export_gguf(vector_file, out, coeff, overwrite) -> None:
+    """A vector as a llama.cpp control vector (direction.N tensors; --control-vector-scaled FILE S)."""
+    from steer_heal.errors import InputError
+    from steer_heal.steering import check_coeff
+    from steer_heal.vector import SteeringVector
+
+    check_coeff(coeff)
+    if Path(out).exists() and not overwrite:
+        raise InputError(f"{out} exists; pass --overwrite to replace it")
+    vec = SteeringVector.load(vector_file)
+    path = vec.to_gguf(out, coeff)
+    click.echo(f"control vector ({len(vec.directions)} layers, coeff {coeff:g}) -> {path}")
