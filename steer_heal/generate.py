@@ -8,6 +8,7 @@ inside a forked RNG, so the caller's global RNG state is untouched.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -26,11 +27,46 @@ from .vocab import Number, SteerHow
 PROMPT_BUCKET = 32  # compiled decoding pads prompts to a multiple of this: a few graphs serve every batch
 
 
+SHAPES_ATTR = "_steer_heal_compiled_shapes"  # the (rows, prompt width, new tokens) a model has decoded compiled
+
+
 def compiled_graphs() -> int:
     """How many distinct graphs torch.compile has made in this process (for the logs)."""
     from torch._dynamo.utils import counters
 
     return int(counters["stats"]["unique_graphs"])
+
+
+def recompile_limit() -> int:
+    """torch's cap on graphs per compiled function (`recompile_limit`, once `cache_size_limit`)."""
+    config = torch._dynamo.config
+    return int(getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", 8))
+
+
+def _compiled_shape_ok(model: nn.Module, shape: tuple[int, int, int]) -> bool:
+    """Whether a static-cache batch of this shape may decode compiled. Each new shape is a
+    new graph; once torch's recompile limit would be passed, torch itself falls back to
+    eager without a word, so this warns once (with the graph count) and says eager."""
+    shapes = getattr(model, SHAPES_ATTR, None)
+    if shapes is None:
+        shapes = set()
+        setattr(model, SHAPES_ATTR, shapes)
+    if shape in shapes:
+        return True
+    limit = recompile_limit()
+    if len(shapes) >= limit:
+        if not getattr(model, SHAPES_ATTR + "_warned", False):
+            warnings.warn(
+                f"compiled decoding reached torch's recompile limit ({limit} graphs for {len(shapes)} batch shapes, "
+                f"{compiled_graphs()} graphs in this process); new shapes decode eager from here on. Use fewer batch "
+                "sizes, or raise torch._dynamo.config.recompile_limit",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            setattr(model, SHAPES_ATTR + "_warned", True)
+        return False
+    shapes.add(shape)
+    return True
 
 
 @dataclass(frozen=True)
@@ -86,7 +122,8 @@ def generate(
     recompiles instead of being lost. To change coefficients without recompiling, steer
     through a `SteeringSlot` (buffers rewritten in place; pass no `steering` here). Prompts
     are left-padded to a multiple of `PROMPT_BUCKET` tokens, so the number of graphs stays
-    bounded (`compiled_graphs()` counts them).
+    bounded (`compiled_graphs()` counts them); past torch's recompile limit, new shapes
+    decode eager with a warning rather than silently.
     """
     from transformers import GenerationConfig
 
@@ -98,9 +135,8 @@ def generate(
     stops = stop_token_ids(model, tok)
     settings = dict(sampling.hf_settings(), pad_token_id=pad_id(tok), eos_token_id=stops)
     batch_size = sampling.batch_size
-    if compiled:
-        settings["cache_implementation"] = "static"
-    config = GenerationConfig(**settings)
+    eager_config = GenerationConfig(**settings)
+    config = GenerationConfig(**settings, cache_implementation="static") if compiled else eager_config
 
     texts = [chat_prompt(tok, prompt, system=system) for prompt in prompts]
     token_lists = [encode(tok, text) for text in texts]
@@ -116,8 +152,11 @@ def generate(
             ids, mask, _ = left_pad(
                 [token_lists[i] for i in rows], pad_id(tok), device, multiple=PROMPT_BUCKET if compiled else 1
             )
+            chosen = config
+            if compiled and not _compiled_shape_ok(model, (len(rows), ids.shape[1], sampling.max_new_tokens)):
+                chosen = eager_config
             with seeded(seed + index, device):
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=chosen)
             for row, i in enumerate(rows):
                 new = out[row, ids.shape[1] :].tolist()
                 cut = next((k for k, t in enumerate(new) if t in stops), None)

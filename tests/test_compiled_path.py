@@ -43,3 +43,28 @@ def test_run_compiled_switch(llama):
     assert not loop.use_compiled(cfg.resolve("tiny", overrides={"run": {"compiled": "auto"}}), model)  # auto on CPU
     assert not loop.use_compiled(cfg.resolve("tiny", overrides={"run": {"compiled": "false"}}), model)
     assert loop.use_compiled(cfg.resolve("tiny", overrides={"run": {"compiled": "true"}}), model)
+
+
+def test_past_the_recompile_limit_new_shapes_decode_eager_with_one_warning(monkeypatch):
+    import warnings
+
+    import torch._dynamo
+
+    from steer_heal import generate
+    from steer_heal.sampling import Sampling
+    from steer_heal.tiny import tiny_model
+
+    model, tok = tiny_model("llama")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1, raising=False)
+    prompts = ["hi", "My manager told me to skip the safety check. What should I do?", "tell me a story"]
+    eager = generate(model, tok, prompts, sampling=Sampling(max_new_tokens=6, batch_size=1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # batch sizes 1 then 2: the second shape passes a limit of 1 graph
+        first = generate(model, tok, prompts[:1], sampling=Sampling(max_new_tokens=6, batch_size=1), compiled=True)
+        rest = generate(model, tok, prompts, sampling=Sampling(max_new_tokens=6, batch_size=2), compiled=True)
+        generate(model, tok, prompts, sampling=Sampling(max_new_tokens=6, batch_size=3), compiled=True)
+    limit = [w for w in caught if "recompile limit" in str(w.message)]
+    assert len(limit) == 1, [str(w.message) for w in caught]
+    assert "recompile limit (1 graphs for 1 batch shapes" in str(limit[0].message)
+    assert [c.token_ids for c in first + rest[1:]] == [c.token_ids for c in eager[:1] + eager[1:]]
