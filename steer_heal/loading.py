@@ -161,11 +161,10 @@ def check_architecture(
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (ValueError, KeyError):
         raise ModelLoadError(
-            f"{name} ({model_type}) is not a causal language model transformers can build ({first[:120]}); "
-            "steer_heal needs a decoder-only causal LM"
+            f"{name} ({model_type}) is not a causal language model: transformers has no AutoModelForCausalLM "
+            f"class for {type(config).__name__}; steer_heal needs a decoder-only causal LM"
         ) from None
     try:
         set_architecture(skeleton, blocks, writer)

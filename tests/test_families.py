@@ -209,7 +209,9 @@ def test_load_model_refuses_a_non_causal_config_before_any_weights(tmp_path):
     folder = tmp_path / "t5"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "t5"}))  # no weights at all
-    with pytest.raises(ModelLoadError, match=r"\(t5\) is not a causal language model .*decoder-only"):
+    with pytest.raises(
+        ModelLoadError, match=r"\(t5\) is not a causal language model: .* for T5Config; steer_heal needs a decoder-only"
+    ):
         load_model(str(folder))
     with pytest.raises(ModelLoadError, match=r"blocks='model.nope' does not exist"):
         (tmp_path / "q").mkdir()
