@@ -28,6 +28,7 @@ from torch import nn
 from .config import RunConfig
 from .data import Axis, load_axis, load_contexts
 from .dose import collect, walk_dose
+from .errors import DoseError
 from .evaluate import (
     AnswerLogOdds,
     EvalResult,
@@ -380,7 +381,16 @@ def run(config: RunConfig, run_dir: RunDir, s: Setup | None = None, progress: bo
         run_dir.log("stop", r, reason=stopped)
         return {"run_dir": str(run_dir.path), "stopped": stopped}
     for r in range(start, config.run.rounds):
-        summary = one_round(config, s, run_dir, r, v0)
+        try:
+            summary = one_round(config, s, run_dir, r, v0)
+        except DoseError as exc:
+            if r == 0:
+                raise  # no round could run: the dose or filter settings are wrong, not a result
+            # the student can no longer be steered coherently at any dose: the loop ends here,
+            # after its last finished round (a result, logged like a coherence stop)
+            stopped = f"round {r}: {exc}"
+            run_dir.log("stop", r, reason=stopped)
+            break
         v0 = v0 or summary["vector"]
         if progress:
             print(

@@ -228,3 +228,29 @@ def test_resume_extends_rounds_and_keeps_a_stopped_run_stopped(tmp_path):
 
     refused = CliRunner().invoke(main, ["run", "--resume", str(tmp_path / "run"), "--lam", "2"])
     assert refused.exit_code == 1 and "heal.lam: 1.0 -> 2.0" in refused.output and "run.rounds" in refused.output
+
+
+def test_a_later_round_without_a_passing_dose_stops_the_loop_with_the_reason(tmp_path, monkeypatch):
+    from steer_heal.errors import DoseError
+
+    config = cfg.resolve("tiny", overrides={"run": {"rounds": 3}})
+    real, calls = loop.walk_dose, []
+
+    def fails_from_round_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise DoseError("no dose passes: at c_min=0.25 only 0/4 completions were kept")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "walk_dose", fails_from_round_1)
+    with RunDir.create(tmp_path / "run", config) as run:
+        result = loop.run(config, run, progress=False)
+        events = run.events()
+    assert result["stopped"] == "round 1: no dose passes: at c_min=0.25 only 0/4 completions were kept"
+    assert [e["round"] for e in events if e["event"] == "checkpoint"] == [-1, 0]
+    assert [e["reason"] for e in events if e["event"] == "stop"] == [result["stopped"]]
+    # round 0 failing is a configuration error, not a result: it still raises
+    calls.clear()
+    calls.append(1)
+    with RunDir.create(tmp_path / "again", config) as run, pytest.raises(DoseError):
+        loop.run(config, run, progress=False)
