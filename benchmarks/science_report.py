@@ -1,0 +1,194 @@
+"""Tables and figures of docs/results.md from the JSON that benchmarks/science.py wrote.
+
+    python benchmarks/science_report.py [--dir docs/runs/science]   # prints markdown, writes PNGs
+
+Reads gate1_*.json, q1_<axis>.json and loop.json; writes retain_vs_coherence.png (Q1 and
+Q1b, both axes) into the same folder. Means over seeds are plain means; each seed's own
+paired 95% interval (over the 32 held-out scenarios) is kept in the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+
+def ci(s: dict) -> str:
+    return f"{s['mean']:+.2f} [{s['ci'][0]:+.2f}, {s['ci'][1]:+.2f}]"
+
+
+def gate1_tables(gate: dict) -> list[str]:
+    lines = []
+    for axis in ("authority", "love"):
+        a = gate[axis]
+        base = a["base_coherence"]
+        control = a["persona_stance_control"]
+        lines += [
+            f"#### Gate 1, {axis}: the default vector per dose (base coherence {base:.3f}; base samples kept "
+            f"{a['base_quality']['kept_share']:.2f}, base ppl {a['base_quality']['base_ppl']:.2f})",
+            "",
+            f"Stance positive control (pos minus neg persona prompt): {control['mean']:+.3f} "
+            f"[{control['ci'][0]:+.3f}, {control['ci'][1]:+.3f}], z {control['z']:+.1f}"
+            + (" - **fails: this probe's stance is not validated on this axis**" if control["z"] < 5 else " - holds"),
+            "",
+            "| condition | d stance | d wording | d off-axis | stance z | coherence (x base) | kept share | base ppl |",
+            "|---|---|---|---|---:|---:|---:|---:|",
+        ]
+        for name in ("pos persona", "neg persona"):
+            p = a[name]
+            lines.append(
+                f"| {name} prompt | {ci(p['shift']['stance'])} | {ci(p['shift']['wording'])} | "
+                f"{ci(p['shift']['off_axis'])} | | {p['coherence'] / base:.3f} | | |"
+            )
+        default = next(v for k, v in a["variants"].items() if k.startswith("default"))
+        for key, row in default.items():
+            if not key.startswith("c="):
+                continue
+            q = row["quality"]
+            lines.append(
+                f"| vector {key} | {ci(row['shift']['stance'])} | {ci(row['shift']['wording'])} | "
+                f"{ci(row['shift']['off_axis'])} | {row['stance_z']:+.1f} | {row['coherence'] / base:.3f} | "
+                f"{q['kept_share']:.2f} | {q['base_ppl']:.2f} |"
+            )
+        op = a["operating_dose"]
+        lines += [
+            "",
+            f"Operating dose by the rule: c = {op['coeff']:g} (doses meeting it: {op['rule_met_by']}).",
+            "",
+            f"#### Gate 1, {axis}: what else could make the stance carry (shifts against the base)",
+            "",
+            "| variant | dose | d stance | d wording | d off-axis | coherence (x base) |",
+            "|---|---|---|---|---|---:|",
+        ]
+        for name, rows in a["variants"].items():
+            if name.startswith("default") or isinstance(rows, str):
+                if isinstance(rows, str):
+                    lines.append(f"| {name} | {rows} | | | | |")
+                continue
+            for key, row in rows.items():
+                if key.startswith("c="):
+                    lines.append(
+                        f"| {name} | {key} | {ci(row['shift']['stance'])} | {ci(row['shift']['wording'])} | "
+                        f"{ci(row['shift']['off_axis'])} | {row['coherence'] / base:.3f} |"
+                    )
+        lines.append("")
+    return lines
+
+
+def heal_rows(grid: dict, base: float) -> dict[str, list[dict]]:
+    """{variant: [row per seed]} for the heals that ran."""
+    out: dict[str, list[dict]] = {}
+    for key, row in grid["heals"].items():
+        if isinstance(row, str):
+            continue
+        name, seed = key.rsplit(" seed=", 1)
+        out.setdefault(name, []).append({**row, "seed": int(seed)})
+    return out
+
+
+def q1_tables(axis: str, q: dict) -> list[str]:
+    base = q["base_coherence"]
+    lines = []
+    for which, title in (("q1", "Q1 (operating dose)"), ("q1b", "Q1b (2 x the operating dose)")):
+        grid = q[which]
+        steered = grid["steered"]
+        lines += [
+            f"#### {title}, {axis}: c = {grid['coeff']:g}, {grid['n_kept']} kept of {grid['n_generated']} generated; "
+            f"steered stance {ci(steered['shift']['stance'])}, wording {ci(steered['shift']['wording'])}, "
+            f"off-axis {ci(steered['shift']['off_axis'])}, coherence {steered['coherence'] / base:.3f} x base",
+            "",
+            "| heal | seeds | d stance (per seed) | retain stance (per seed, 95% CI) | retain wording | d off-axis | "
+            "coherence x base (per seed) | barrier active (share of steps) |",
+            "|---|---:|---|---|---|---|---|---:|",
+        ]
+        for name, rows in heal_rows(grid, base).items():
+            stance = ", ".join(f"{r['shift']['stance']['mean']:+.2f}" for r in rows)
+            kept = ", ".join(
+                f"{r['retain']['stance'][0]:.2f} [{r['retain']['stance'][1][0]:.2f}, {r['retain']['stance'][1][1]:.2f}]"
+                for r in rows
+            )
+            words = ", ".join(f"{r['retain']['wording'][0]:.2f}" for r in rows)
+            off = ", ".join(f"{r['shift']['off_axis']['mean']:+.2f}" for r in rows)
+            coh = ", ".join(f"{r['coherence'] / base:.3f}" for r in rows)
+            fired = statistics.mean(r["fired"]["steps_active"] for r in rows)
+            lines.append(
+                f"| {name} | {len(rows)} | {stance} | {kept} | {words} | {off} | {coh} | "
+                f"{fired:.2f}{'' if rows[0]['fired']['has_barrier'] else ' (none)'} |"
+            )
+        lines.append("")
+    return lines
+
+
+def scatter(folder: Path, q1s: dict[str, dict]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    markers = {
+        "nll": "o",
+        "klrev lam=0.03": "v",
+        "klrev lam=0.1": "^",
+        "klrev lam=0.3": "<",
+        "klrev lam=1": ">",
+        "klfwd lam=1": "s",
+        "weight decay 0.1": "x",
+    }
+    colours = {"authority": "tab:blue", "love": "tab:red"}
+    for panel, which in zip(axes, ("q1", "q1b")):
+        for axis, q in q1s.items():
+            base = q["base_coherence"]
+            grid = q[which]
+            for name, rows in heal_rows(grid, base).items():
+                panel.scatter(
+                    [r["coherence"] / base for r in rows],
+                    [r["retain"]["stance"][0] for r in rows],
+                    marker=markers.get(name, "o"),
+                    color=colours[axis],
+                    label=f"{axis}: {name}",
+                    alpha=0.8,
+                )
+            panel.scatter(
+                [grid["steered"]["coherence"] / base],
+                [1.0],
+                marker="*",
+                s=160,
+                color=colours[axis],
+                edgecolor="black",
+                label=f"{axis}: steered (retain 1 by definition)",
+            )
+        panel.axvline(0.98, color="grey", linestyle="--", linewidth=0.8)
+        panel.axhline(0.5, color="grey", linestyle=":", linewidth=0.8)
+        panel.set_title(f"{which.upper()}: stance retain vs healed coherence (each point one seed)")
+        panel.set_xlabel("7-way coherence / base coherence")
+    axes[0].set_ylabel("retain (healed / steered stance shift)")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, bbox_to_anchor=(0.5, -0.18))
+    path = folder / "retain_vs_coherence.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default="docs/runs/science")
+    folder = Path(ap.parse_args().dir)
+    gate = json.loads(next(folder.glob("gate1_*.json")).read_text())
+    lines = [f"Card: {gate['card']}, torch {gate['torch']}, float32.", ""]
+    lines += gate1_tables(gate)
+    q1s = {}
+    for axis in ("authority", "love"):
+        path = folder / f"q1_{axis}.json"
+        if path.exists():
+            q1s[axis] = json.loads(path.read_text())[axis]
+            lines += q1_tables(axis, q1s[axis])
+    if q1s:
+        lines.append(f"Figure: {scatter(folder, q1s)}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
