@@ -19,29 +19,25 @@ from .runtime import seeded
 # from the table, so the tested list cannot drift from what the library claims
 FAMILY_NAMES = tuple(name for name, family in FAMILIES.items() if family.tiny)
 
-# small sizes for any family, set where the family's config has the key
-_SMALL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=4,
+# the sizes every tiny config shares (the original nine families' explicit configs use these)
+_COMMON = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
-    head_dim=16,
     max_position_embeddings=512,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=3,
+)
+# and, for any other family, these more where its config has the key
+_MORE = dict(
+    head_dim=16,
     moe_intermediate_size=32,
     shared_expert_intermediate_size=64,
     num_experts=4,
     num_local_experts=4,
     num_experts_per_tok=2,
-    ffn_dim=128,
-    word_embed_proj_dim=64,
-    n_embd=64,
-    n_layer=4,
     n_head=4,
-    tie_word_embeddings=False,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=3,
 )
 # non-default multipliers and scales, so a test sees what they do
 _EXTRA = {
@@ -105,17 +101,7 @@ def tiny_config(family: str, vocab_size: int, layers: int = 4, hidden: int = 64)
     import transformers as tf
 
     common = dict(
-        vocab_size=vocab_size,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=3,
+        _COMMON, vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers
     )
     if family == "llama":
         return tf.LlamaConfig(**common)
@@ -166,7 +152,7 @@ def _generic_config(family: str, vocab_size: int, layers: int, hidden: int):
         default = AutoConfig.for_model(family)
     except ValueError:
         raise ValueError(f"no tiny config for {family!r}; choose from {', '.join(FAMILY_NAMES)}") from None
-    sizes = dict(_SMALL, vocab_size=vocab_size, hidden_size=hidden, n_embd=hidden, num_hidden_layers=layers)
+    sizes = dict(_COMMON, **_MORE, vocab_size=vocab_size, hidden_size=hidden, n_embd=hidden, num_hidden_layers=layers)
     sizes.update(n_layer=layers, intermediate_size=2 * hidden, ffn_dim=2 * hidden, word_embed_proj_dim=hidden)
     sizes.update(_EXTRA.get(family, {}))
     settable = {

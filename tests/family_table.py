@@ -1,8 +1,40 @@
-"""What each family's tiny model looks like, written by hand from the transformers source
-(not read from steer_heal's table), so the tests check the library against it.
-
-family: (block list path, how a bias fold behaves: "exact" or the reason word bake gives)
+"""Written by hand, not read from steer_heal, so the tests check the library against it:
+what each family's tiny model looks like (`EXPECTED`: family -> block list path, and how a
+bias fold behaves, "exact" or the reason word bake gives), and the definition of a
+persona-pair vector (`hand_extracted`).
 """
+
+import torch
+
+from steer_heal.model import chat_prompt, encode
+
+
+@torch.no_grad()
+def hand_extracted(model, tok, blocks, layers, pos: str, neg: str, contexts) -> dict:
+    """One prompt at a time, block outputs read at the last prompt token with plain hooks on
+    `blocks`, pos minus neg, averaged over `contexts`: the definition of the vector."""
+    sums = {layer: None for layer in layers}
+    for sign, persona in ((1.0, pos), (-1.0, neg)):
+        for context in contexts:
+            seen = {}
+            handles = [
+                blocks[layer].register_forward_hook(
+                    lambda m, a, out, layer=layer: seen.__setitem__(
+                        layer, (out[0] if isinstance(out, tuple) else out)[0, -1]
+                    )
+                )
+                for layer in layers
+            ]
+            try:
+                model(torch.tensor([encode(tok, chat_prompt(tok, context, system=persona))]))
+            finally:
+                for h in handles:
+                    h.remove()
+            for layer in layers:
+                value = sign * seen[layer].double()
+                sums[layer] = value if sums[layer] is None else sums[layer] + value
+    return {layer: (s / len(contexts)).float() for layer, s in sums.items()}
+
 
 EXPECTED = {
     "llama": ("model.layers", "exact"),

@@ -1,9 +1,10 @@
 import pytest
 import torch
+from family_table import hand_extracted
 
 from steer_heal import SteeringVector, generate
 from steer_heal.extract import last_token_states, mean_difference
-from steer_heal.model import chat_prompt, decoder_blocks, encode, hidden_size
+from steer_heal.model import chat_prompt, decoder_blocks
 from steer_heal.sampling import Sampling
 
 POS = "You are someone who looks after others' wellbeing even when it means defying authority."
@@ -17,30 +18,9 @@ CONTEXTS = [
 ]
 
 
-@torch.no_grad()
 def reference_vector(model, tok, layers):
     """One prompt at a time, reading block outputs with plain hooks: the definition."""
-    blocks = decoder_blocks(model)
-    sums = {layer: torch.zeros(hidden_size(model), dtype=torch.float64) for layer in layers}
-    for sign, persona in ((1.0, POS), (-1.0, NEG)):
-        for context in CONTEXTS:
-            seen = {}
-            handles = [
-                blocks[layer].register_forward_hook(
-                    lambda m, a, out, layer=layer: seen.__setitem__(
-                        layer, (out[0] if isinstance(out, tuple) else out)[0, -1]
-                    )
-                )
-                for layer in layers
-            ]
-            try:
-                model(torch.tensor([encode(tok, chat_prompt(tok, context, system=persona))]))
-            finally:
-                for h in handles:
-                    h.remove()
-            for layer in layers:
-                sums[layer] += sign * seen[layer].double()
-    return {layer: (s / len(CONTEXTS)).float() for layer, s in sums.items()}
+    return hand_extracted(model, tok, decoder_blocks(model), layers, POS, NEG, CONTEXTS)
 
 
 def test_batched_extraction_matches_one_at_a_time(family_model):

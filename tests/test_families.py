@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from family_table import EXPECTED
+from family_table import EXPECTED, hand_extracted
 from torch import nn
 
 from steer_heal import SteeringVector
@@ -58,25 +58,9 @@ def test_extract_and_apply_equal_a_hand_written_hook(family):
     layers = (1, 2)
     vec = SteeringVector.from_persona_pair(model, tok, POS, NEG, CONTEXTS, layers=list(layers))
     # extraction by hand: block outputs at the last prompt token, pos minus neg, averaged
-    diffs = {layer: torch.zeros(vec.hidden_size, dtype=torch.float64) for layer in layers}
-    for sign, persona in ((1.0, POS), (-1.0, NEG)):
-        for context in CONTEXTS:
-            seen = {}
-            handles = [
-                blocks[layer].register_forward_hook(
-                    lambda m, a, out, layer=layer: seen.__setitem__(
-                        layer, (out[0] if isinstance(out, tuple) else out)[0, -1]
-                    )
-                )
-                for layer in layers
-            ]
-            model(torch.tensor([encode(tok, chat_prompt(tok, context, system=persona))]))
-            for h in handles:
-                h.remove()
-            for layer in layers:
-                diffs[layer] += sign * seen[layer].double()
+    by_hand = hand_extracted(model, tok, blocks, layers, POS, NEG, CONTEXTS)
     for layer in layers:
-        torch.testing.assert_close(vec.directions[layer], (diffs[layer] / len(CONTEXTS)).float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(vec.directions[layer], by_hand[layer], rtol=1e-5, atol=1e-6)
     # apply by hand: add coeff * v to the block output
     ids, coeff = ids_of(tok), 1.7
 
