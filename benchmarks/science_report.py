@@ -162,10 +162,13 @@ def scatter(folder: Path, q1s: dict[str, dict]) -> Path:
             )
         panel.axvline(0.98, color="grey", linestyle="--", linewidth=0.8)
         panel.axhline(0.5, color="grey", linestyle=":", linewidth=0.8)
-        panel.set_title(f"{which.upper()}: stance retain vs healed coherence (each point one seed)")
+        panel.set_title({"q1": "Q1: the operating dose", "q1b": "Q1b: 2 x the operating dose"}[which])
         panel.set_xlabel("7-way coherence / base coherence")
     axes[0].set_ylabel("retain (healed / steered stance shift)")
-    handles, labels = axes[1].get_legend_handles_labels()
+    fig.suptitle(
+        "stance retained vs healed coherence, one point per heal and seed (authority: stance probe not validated)"
+    )
+    handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=4, bbox_to_anchor=(0.5, -0.18))
     path = folder / "retain_vs_coherence.png"
     fig.savefig(path, dpi=110, bbox_inches="tight")
