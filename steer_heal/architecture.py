@@ -434,8 +434,7 @@ def _why_inexact(base: nn.Module, layer: int, err: float) -> str:
     multiplier = getattr(text_config(config), "residual_multiplier", None)
     if isinstance(multiplier, (int, float)) and multiplier != 1:
         return MULTIPLIER + f" ({multiplier})" + measured
-    arch = architecture(base)
-    block = get_path(base, arch.blocks)[layer]
+    block = decoder_blocks(base)[layer]
     norms = [
         n
         for n, _ in block.named_modules()

@@ -60,8 +60,10 @@ def write_control_vector(
         for key, value in sorted(provenance.items()):
             writer.add_string(f"steer_heal.{key}", str(value))
         for layer in sorted(directions):
-            values = (float(coeff) * directions[layer].detach().float().cpu()) if coeff != 1.0 else directions[layer]
-            writer.add_tensor(f"direction.{layer}", values.detach().float().cpu().numpy().astype(np.float32))
+            values = directions[layer].detach().float().cpu()
+            if coeff != 1.0:
+                values = float(coeff) * values
+            writer.add_tensor(f"direction.{layer}", values.numpy().astype(np.float32))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()

@@ -124,10 +124,10 @@ def export_merged(run_dir: str | os.PathLike, out: str | os.PathLike, overwrite:
     return out
 
 
-def bias_config(model: nn.Module, vec: SteeringVector) -> tuple[object, list[str]]:
+def bias_config(model: nn.Module, vec: SteeringVector) -> tuple[object, dict[str, torch.Size]]:
     """A copy of the model's config that declares a bias on every residual writer the
-    vector touches, and the bias keys a model of that config expects but this one lacks
-    (saved as zeros). Raises when no config flag of the family can declare the bias."""
+    vector touches, and the bias keys (with shapes) a model of that config expects but this
+    one lacks (saved as zeros). Raises when no config flag of the family can declare the bias."""
     from transformers import AutoModelForCausalLM
 
     base = unwrap(model)
@@ -142,9 +142,9 @@ def bias_config(model: nn.Module, vec: SteeringVector) -> tuple[object, list[str
                 continue
             setattr(target, flag, True)
         with torch.device("meta"):
-            expected = set(AutoModelForCausalLM.from_config(config).state_dict())
+            expected = {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
         if all(key in expected for key in wanted):
-            missing = sorted(k for k in expected - have if k not in wanted)
+            missing = {k: shape for k, shape in sorted(expected.items()) if k not in have and k not in wanted}
             if any(not k.endswith(".bias") for k in missing):
                 break
             return config, missing
@@ -173,11 +173,10 @@ def export_baked(
         vec.bake(model, coeff, allow_other_model),
         _staged(out, overwrite, {"kind": "baked", "coeff": float(coeff), "vector_model": vec.model_id}) as tmp,
     ):
-        state = {k: v for k, v in base.state_dict().items()}
-        shapes = _meta_shapes(config)
-        for key in zeros:
-            ref = next(iter(state.values()))
-            state[key] = torch.zeros(shapes[key], dtype=ref.dtype, device=ref.device)
+        state = dict(base.state_dict())
+        ref = next(iter(state.values()))
+        for key, shape in zeros.items():
+            state[key] = torch.zeros(shape, dtype=ref.dtype, device=ref.device)
         old = base.config
         base.config = config
         try:
@@ -185,13 +184,6 @@ def export_baked(
         finally:
             base.config = old
     return out
-
-
-def _meta_shapes(config) -> dict[str, torch.Size]:
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return {k: v.shape for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
 
 
 def real_base(model_name: str) -> str | None:
