@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -30,24 +32,8 @@ from steer_heal.regularizers import KLRev, SpectralNorm
 from steer_heal.sampling import Sampling
 from steer_heal.tiny import tiny_tokenizer
 
-SHAPES = {
-    "0.5b": dict(
-        hidden_size=896,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        intermediate_size=4864,
-        vocab_size=151936,
-    ),
-    "tiny": dict(
-        hidden_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=512,
-    ),  # a CPU smoke test of this script
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_throughput import SHAPES  # noqa: E402  one table of model shapes for the GPU benchmarks
 
 
 def build(shape: str, device: str):

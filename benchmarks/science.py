@@ -46,7 +46,19 @@ from steer_heal.generate import generate
 from steer_heal.heal import TrainSettings, heal
 from steer_heal.history import History
 from steer_heal.lora import LoraSettings
-from steer_heal.model import Depth, chat_prompt, decoder_blocks, encode, input_device, left_pad, pad_id
+from steer_heal.model import (
+    Depth,
+    chat_prompt,
+    decoder_blocks,
+    encode,
+    hidden_size,
+    input_device,
+    left_pad,
+    model_id,
+    n_layers,
+    pad_id,
+    resolve_layers,
+)
 from steer_heal.regularizers import NLL, KLFwd, KLRev, WeightDecay
 from steer_heal.sampling import Sampling
 
@@ -92,9 +104,9 @@ def answer_read_vector(bench: Bench, contexts: list[str], layers=Depth(0.45, 0.5
     """The read position averaged over an answer: each persona answers each context (greedy,
     `tokens` tokens); block outputs are averaged over that answer's positions; pos - neg."""
     model, tok, a = bench.model, bench.tok, bench.axis
-    base = vector(bench, contexts[:2], layers)  # for the layer list and shape
+    chosen = resolve_layers(layers, n_layers(model))
     blocks = decoder_blocks(model)
-    sums = {layer: torch.zeros(base.hidden_size, dtype=torch.float64) for layer in base.layers}
+    sums = {layer: torch.zeros(hidden_size(model), dtype=torch.float64) for layer in chosen}
     for sign, persona in ((1.0, a.pos), (-1.0, a.neg)):
         answers = generate(
             model, tok, contexts, system=persona, sampling=Sampling(max_new_tokens=tokens, batch_size=64)
@@ -113,7 +125,7 @@ def answer_read_vector(bench: Bench, contexts: list[str], layers=Depth(0.45, 0.5
                 blocks[layer].register_forward_hook(
                     lambda m, i, o, layer=layer: seen.__setitem__(layer, (o[0] if isinstance(o, tuple) else o).float())
                 )
-                for layer in base.layers
+                for layer in chosen
             ]
             try:
                 model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
@@ -122,11 +134,11 @@ def answer_read_vector(bench: Bench, contexts: list[str], layers=Depth(0.45, 0.5
                     h.remove()
             for row, (lo, hi) in enumerate(spans):
                 offset = width - hi  # left padding
-                for layer in base.layers:
+                for layer in chosen:
                     sums[layer] += sign * seen[layer][row, offset + lo : offset + hi].mean(0).double().cpu()
     directions = {layer: (s / len(contexts)).float() for layer, s in sums.items()}
     return SteeringVector(
-        directions, base.hidden_size, base.n_layers, base.model_id, method="answer_mean", pos=a.pos, neg=a.neg
+        directions, hidden_size(model), n_layers(model), model_id(model), method="answer_mean", pos=a.pos, neg=a.neg
     )
 
 
