@@ -13,8 +13,6 @@ so drift of the card between repeats cancels. Prints the median, the quartiles a
 min-max of the paired ratios, and how many graphs were compiled during the timed repeats
 (0 means no repeat paid for a compile).
 
-Status: written for issue 14 and checked only for syntax and lint; it has not run on a GPU
-yet (the session's device time went to issue 18), so it has produced no number.
 """
 
 from __future__ import annotations
@@ -63,6 +61,23 @@ def slot_on(model, layers, vec):
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     q = statistics.quantiles(values, n=4)
     return q[0], statistics.median(values), q[2]
+
+
+def write(out: Path, result: dict, rows: list[str], args) -> None:
+    """The table so far (written after every batch size, so a cut-short run still leaves its cells)."""
+    table = "\n".join(
+        [
+            f"{result['card']}, {args.shape} shape, bf16, compiled (static cache), {args.new} new tokens, "
+            f"{args.repeats} interleaved repeats, CUDA events",
+            "",
+            "| batch | variant | tok/s median [min, max] | x unsteered (paired median) | quartiles | min-max | graphs while timing |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode_events.json").write_text(json.dumps(result, indent=1))
+    (out / "decode_events.md").write_text(table + "\n")
 
 
 def main() -> None:
@@ -121,21 +136,7 @@ def main() -> None:
                 f"{med:.3f} | [{q1:.3f}, {q3:.3f}] | [{min(ratios):.3f}, {max(ratios):.3f}] | {new_graphs} |"
             )
             print(rows[-1], flush=True)
-    table = "\n".join(
-        [
-            f"{result['card']}, {args.shape} shape, bf16, compiled (static cache), {args.new} new tokens, "
-            f"{args.repeats} interleaved repeats, CUDA events",
-            "",
-            "| batch | variant | tok/s median [min, max] | x unsteered (paired median) | quartiles | min-max | graphs while timing |",
-            "|---|---|---|---|---|---|---|",
-            *rows,
-        ]
-    )
-    print("\n" + table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode_events.json").write_text(json.dumps(result, indent=1))
-    (out / "decode_events.md").write_text(table + "\n")
+        write(Path(args.out), result, rows, args)
 
 
 if __name__ == "__main__":
