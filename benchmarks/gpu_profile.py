@@ -22,6 +22,7 @@ import json
 import pstats
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -101,7 +102,12 @@ class CProfile:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/gpu_profile")
-    ap.add_argument("--tool", choices=["torch", "cprofile", "both"], default="both")
+    ap.add_argument("--tool", choices=["torch", "cprofile", "both", "none"], default="both")
+    ap.add_argument(
+        "--sdpa",
+        default="default",
+        help="comma-separated: default, no-cudnn; with --tool none, one timed round per setting, side by side",
+    )
     ap.add_argument("--compiled", choices=["false", "true"], default="false")
     ap.add_argument("--rows", type=int, default=40)
     ap.add_argument("--every", type=int, default=20, help="the torch profiler records one in this many windows")
@@ -116,6 +122,15 @@ def main() -> None:
     )
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     result: dict = {"card": card, "torch": torch.__version__, "preset": args.preset, "compiled": args.compiled}
+    if args.tool == "none":
+        for setting in args.sdpa.split(","):
+            torch.backends.cuda.enable_cudnn_sdp(setting != "no-cudnn")
+            result[f"round sdpa={setting}"], _ = profiled_round(
+                config, out / "runs", setting, lambda model: nullcontext()
+            )
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    elif args.sdpa == "no-cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(False)
     if args.tool in ("torch", "both"):
         result["torch"], tool = profiled_round(
             config, out / "runs", "torch", lambda model: SampledTorchProfile(model, args.every)
