@@ -1,10 +1,12 @@
 """Where the host time of one loop round goes: the torch profiler and cProfile on a GPU.
 
     PYTHONPATH=. python benchmarks/gpu_profile.py --out OUT [--tool torch|cprofile|both] [--compiled false]
+    PYTHONPATH=. python benchmarks/gpu_profile.py --out OUT --tool none [--arms fast+spec,cudnn+seq,...]
 
 The embedded SmolLM2-135M, `--preset full`, one round, `dtype auto` (bfloat16 on CUDA). The base stage runs
 once per tool, unprofiled; then round 0 runs on a fresh student under each tool in turn (so
-both profile the same work). Writes:
+both profile the same work); the profiled rounds run with torch's default attention
+backends. `--tool none` times unprofiled rounds instead, one per arm, side by side. Writes:
 
     OUT/timings.json        seconds per stage for each profiled round (profiler overhead included)
     OUT/torch_ops.txt       aten ops by self CPU time (the host cost of launching and syncing),
@@ -30,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 from steer_heal import config as cfg
 from steer_heal import loop
+from steer_heal.devices import attention_backends
 from steer_heal.runlog import RunDir
 
 
@@ -104,9 +107,11 @@ def main() -> None:
     ap.add_argument("--out", default="out/gpu_profile")
     ap.add_argument("--tool", choices=["torch", "cprofile", "both", "none"], default="both")
     ap.add_argument(
-        "--sdpa",
-        default="default",
-        help="comma-separated: default, no-cudnn; with --tool none, one timed round per setting, side by side",
+        "--arms",
+        default="fast+spec,fast+seq,cudnn+spec,fast+spec+b64,fast+spec",
+        help="with --tool none: rounds side by side, in this order. fast: the loop's attention backends "
+        "(devices.attention_backends), cudnn: torch's default; spec/seq: dose.speculative true/false; "
+        "b64: generate.batch_size 64",
     )
     ap.add_argument("--compiled", choices=["false", "true"], default="false")
     ap.add_argument("--rows", type=int, default=40)
@@ -116,21 +121,28 @@ def main() -> None:
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = cfg.resolve(
-        args.preset,
-        overrides={"run": {"rounds": 1, "device": args.device, "dtype": "auto", "compiled": args.compiled}},
-    )
+    overrides = {"run": {"rounds": 1, "device": args.device, "dtype": "auto", "compiled": args.compiled}}
+    config = cfg.resolve(args.preset, overrides=overrides)
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     result: dict = {"card": card, "torch": torch.__version__, "preset": args.preset, "compiled": args.compiled}
     if args.tool == "none":
-        for setting in args.sdpa.split(","):
-            torch.backends.cuda.enable_cudnn_sdp(setting != "no-cudnn")
-            result[f"round sdpa={setting}"], _ = profiled_round(
-                config, out / "runs", setting, lambda model: nullcontext()
+        for i, arm in enumerate(args.arms.split(",")):
+            parts = set(arm.split("+"))
+            arm_config = cfg.resolve(
+                args.preset,
+                overrides={
+                    "run": overrides["run"],
+                    "dose": {"speculative": "true" if "spec" in parts else "false"},
+                    **({"generate": {"batch_size": 64}} if "b64" in parts else {}),
+                },
             )
-        torch.backends.cuda.enable_cudnn_sdp(True)
-    elif args.sdpa == "no-cudnn":
-        torch.backends.cuda.enable_cudnn_sdp(False)
+            attention = attention_backends(torch.device(args.device)) if "fast" in parts else nullcontext()
+            with attention:
+                result[f"{i}: {arm}"], _ = profiled_round(
+                    arm_config, out / "runs", f"{i}_{arm}", lambda m: nullcontext()
+                )
+            print(arm, json.dumps(result[f"{i}: {arm}"]), flush=True)
+            (out / "timings.json").write_text(json.dumps(result, indent=1))
     if args.tool in ("torch", "both"):
         result["torch"], tool = profiled_round(
             config, out / "runs", "torch", lambda model: SampledTorchProfile(model, args.every)

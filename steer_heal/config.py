@@ -54,6 +54,10 @@ class DoseSection:
     probe_size: int = 8
     multiples: list = field(default_factory=lambda: [1.0])  # collect at these multiples of the dose
     coherence_floor: float = 0.9  # a probe's calibrated coherence must be >= this x the unsteered one
+    # decode all 2**steps + 1 probes the bisection may ask for in one batch (per-row coefficients), then
+    # walk the tree: auto | true | false. auto = on CUDA with eager decoding, where a batch of 136 rows costs
+    # about what 8 do (docs/benchmarks.md); on a CPU it would be 2.8x the compute of a sequential walk
+    speculative: str = "auto"
 
 
 def _loop_sampling() -> Sampling:
@@ -154,6 +158,15 @@ class RunConfig:
             (
                 len(d.multiples) > 0 and all(_is_number(m) and m > 0 for m in d.multiples),
                 f"dose.multiples must be a non-empty list of numbers > 0, got {d.multiples!r}",
+            ),
+            (
+                d.speculative in ("auto", "true", "false"),
+                f"dose.speculative must be auto, true or false, got {d.speculative!r}",
+            ),
+            (
+                d.speculative != "true" or r.compiled == "false",
+                "dose.speculative = true decodes eager (per-row coefficients); set run.compiled = false, "
+                "or dose.speculative = auto",
             ),
             (c.n_keep >= 1, f"collect.n_keep must be >= 1, got {c.n_keep}"),
             (c.max_batches >= 1, f"collect.max_batches must be >= 1, got {c.max_batches}"),

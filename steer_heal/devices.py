@@ -12,6 +12,7 @@ device cannot run.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -86,3 +87,20 @@ def resolve(device: str | torch.device = "auto", dtype: str | torch.dtype = "aut
         )
     chosen = f"{on} in {dtype}"
     return Placement(on, getattr(torch, dtype), f"{chosen} (asked {asked})")
+
+
+def attention_backends(device: torch.device) -> AbstractContextManager:
+    """The scaled-dot-product-attention kernels the loop runs on `device`, scoped to a `with`
+    block (torch's flags are restored on exit, also on errors).
+
+    On CUDA: flash, memory-efficient and math, without cuDNN. cuDNN attention builds an
+    execution plan per new shape, and a loop round is nearly all new shapes (every decode
+    step's key length, every heal batch's padding): on one H200 with SmolLM2-135M its host
+    time was 0.63 ms per forward call and 11.5 ms per backward call (torch profiler,
+    benchmarks/gpu_profile.py), and a round without it ran in less time (docs/benchmarks.md).
+    Elsewhere: torch's own choice."""
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .model import chat_prompt, encode, input_device, left_pad, pad_id, stop_token_ids
 from .runtime import seeded
 from .sampling import GREEDY, Sampling
-from .steering import Steering, check_coeff, steer, steering_coeff
+from .steering import Steering, check_coeff, per_row_coeffs, steer, steering_coeff
 from .vocab import Number, SteerHow
 
 PROMPT_BUCKET = 32  # compiled decoding pads prompts to a multiple of this: a few graphs serve every batch
@@ -100,7 +100,7 @@ def generate(
     tok,
     prompts: Sequence[str],
     steering: Steering | None = None,
-    coeff: Number = 0.0,
+    coeff: Number | Sequence[Number] = 0.0,
     sampling: Sampling = GREEDY,
     seed: int = 0,
     system: str | None = None,
@@ -120,7 +120,11 @@ def generate(
     running whichever hooks existed when it was traced, so steering added later would be
     ignored; compiled generation here turns those guards on, so a change of hooks
     recompiles instead of being lost. To change coefficients without recompiling, steer
-    through a `SteeringSlot` (buffers rewritten in place; pass no `steering` here). Prompts
+    through a `SteeringSlot` (buffers rewritten in place; pass no `steering` here).
+
+    `coeff` may be one number per prompt (eager, hooks): each batch is then steered row by
+    row (`SteeringVector.apply` with per-row coefficients), so prompts at several doses
+    share one batch, and each completion records its own coefficient. Prompts
     are left-padded to a multiple of `PROMPT_BUCKET` tokens, so the number of graphs stays
     bounded (`compiled_graphs()` counts them); past torch's recompile limit, new shapes
     decode eager with a warning rather than silently.
@@ -131,7 +135,15 @@ def generate(
         raise ValueError("prompts must be a list of user messages, not one string; wrap it: [prompt]")
     if not prompts:
         raise ValueError("no prompts to generate from")
-    coeff = check_coeff(coeff)
+    rows_coeff = per_row_coeffs(coeff)
+    if rows_coeff is None:
+        coeff = check_coeff(coeff)
+    elif steering is None or how != "hooks" or compiled or len(rows_coeff) != len(prompts):
+        raise ValueError(
+            f"per-prompt coefficients need a steering vector applied by hooks in eager decoding and one number "
+            f"per prompt; got {len(rows_coeff)} coefficients for {len(prompts)} prompts, how={how!r}, "
+            f"compiled={compiled}, steering={'given' if steering is not None else 'None'}"
+        )
     stops = stop_token_ids(model, tok)
     settings = dict(sampling.hf_settings(), pad_token_id=pad_id(tok), eos_token_id=stops)
     batch_size = sampling.batch_size
@@ -146,16 +158,23 @@ def generate(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     show = progress if progress is not None else len(batches) > 1
     guards = torch._dynamo.config.patch(skip_nnmodule_hook_guards=False) if compiled else nullcontext()
-    with torch.inference_mode(), guards, steer(model, steering, coeff, how, allow_other_model):
+    shared = steer(model, steering, coeff, how, allow_other_model) if rows_coeff is None else nullcontext()
+    with torch.inference_mode(), guards, shared:
         applied = steering_coeff(model)
-        for index, rows in enumerate(tqdm(batches, desc=f"generate c={applied:g}", disable=not show, leave=False)):
+        label = f"c={applied:g}" if rows_coeff is None else "per-prompt coefficients"
+        for index, rows in enumerate(tqdm(batches, desc=f"generate {label}", disable=not show, leave=False)):
             ids, mask, _ = left_pad(
                 [token_lists[i] for i in rows], pad_id(tok), device, multiple=PROMPT_BUCKET if compiled else 1
             )
             chosen = config
             if compiled and not _compiled_shape_ok(model, (len(rows), ids.shape[1], sampling.max_new_tokens)):
                 chosen = eager_config
-            with seeded(seed + index, device):
+            by_row = (
+                nullcontext()
+                if rows_coeff is None
+                else steering.apply(model, [rows_coeff[i] for i in rows], allow_other_model)  # type: ignore[union-attr]
+            )
+            with seeded(seed + index, device), by_row:
                 out = model.generate(input_ids=ids, attention_mask=mask, generation_config=chosen)
             for row, i in enumerate(rows):
                 new = out[row, ids.shape[1] :].tolist()
@@ -165,7 +184,7 @@ def generate(
                     prompt=prompts[i],
                     text=tok.decode(kept, skip_special_tokens=True),
                     token_ids=tuple(kept),
-                    coeff=applied,
+                    coeff=applied if rows_coeff is None else rows_coeff[i],
                     finish_reason="length" if cut is None else "stop",
                     system=system,
                     prompt_text=texts[i],

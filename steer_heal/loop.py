@@ -27,6 +27,7 @@ from torch import nn
 
 from .config import RunConfig
 from .data import Axis, load_axis, load_contexts
+from .devices import attention_backends
 from .dose import collect, walk_dose
 from .errors import DoseError
 from .evaluate import (
@@ -190,6 +191,13 @@ def use_compiled(config: RunConfig, model: nn.Module) -> bool:
     return config.run.compiled == "true"
 
 
+def use_speculative(config: RunConfig, model: nn.Module, compiled: bool) -> bool:
+    """`dose.speculative`: auto walks speculatively on CUDA when decoding eager."""
+    if config.dose.speculative == "auto":
+        return not compiled and input_device(model).type == "cuda"
+    return config.dose.speculative == "true"
+
+
 def round_filter(config: RunConfig, s: Setup, seed: int) -> tuple[Any, Calibration | None]:
     """The round's filter, scoring under the base model (adapters off, no steering), never
     the steered student. Calibrated (the default): thresholds from the base model's own
@@ -233,6 +241,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
     t0 = time.perf_counter()
     filt, calibration = round_filter(config, s, seed)
     compiled = use_compiled(config, s.model)
+    speculative = use_speculative(config, s.model, compiled)
     graphs = compiled_graphs()
     if calibration is not None:
         run.log("calibration", r, **calibration.to_dict())
@@ -252,6 +261,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
         calibration=calibration,
         coherence_floor=d.coherence_floor,
         compiled=compiled,
+        speculative=speculative,
     )
     run.log(
         "dose",
@@ -259,6 +269,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
         coeff=dose.coeff,
         probes=dose.to_dict()["probes"],
         compiled=compiled,
+        speculative=speculative,
         graphs=compiled_graphs() - graphs,
     )
     timings["dose"] = time.perf_counter() - t0
@@ -368,6 +379,11 @@ def run(config: RunConfig, run_dir: RunDir, s: Setup | None = None, progress: bo
     """The whole loop into `run_dir`, continuing after its last checkpoint."""
     torch.manual_seed(config.run.seed)
     s = s or setup(config)
+    with attention_backends(input_device(s.model)):
+        return _run(config, run_dir, s, progress)
+
+
+def _run(config: RunConfig, run_dir: RunDir, s: Setup, progress: bool) -> dict[str, Any]:
     start, v0 = restore(config, s, run_dir)
     if start == -1:
         base_stage(config, s, run_dir)

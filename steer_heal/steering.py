@@ -20,7 +20,7 @@ depends on this protocol, not on the vector class.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
@@ -95,6 +95,15 @@ def check_coeff(coeff: Number) -> float:
     return coeff
 
 
+def per_row_coeffs(coeff: Number | Sequence[Number]) -> list[float] | None:
+    """A list or tuple of per-row coefficients, checked (None for one shared number)."""
+    if not isinstance(coeff, (list, tuple)):
+        return None
+    if not coeff:
+        raise ValueError("per-row coefficients are empty; pass one number per batch row")
+    return [check_coeff(c) for c in coeff]
+
+
 @runtime_checkable
 class Steering(Protocol):
     """Something that steers a model at a coefficient, by hooks or by a baked bias: per-layer
@@ -108,7 +117,7 @@ class Steering(Protocol):
     def check_compatible(self, model: nn.Module, allow_other_model: bool = False) -> None: ...
 
     def apply(
-        self, model: nn.Module, coeff: Number = 1.0, allow_other_model: bool = False
+        self, model: nn.Module, coeff: Number | Sequence[Number] = 1.0, allow_other_model: bool = False
     ) -> AbstractContextManager[nn.Module]: ...
 
     def bake(

@@ -16,6 +16,7 @@ are not normalised: coefficient 1.0 is the persona's natural shift.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -42,7 +43,7 @@ from .model import (
     placement,
     residual_writer,
 )
-from .steering import BAKED_ATTR, AddDelta, Baked, check_coeff, steer
+from .steering import BAKED_ATTR, AddDelta, Baked, check_coeff, per_row_coeffs, steer
 from .vocab import Number
 
 __all__ = ["SteeringVector", "block_param", "check_coeff", "placement", "steer"]
@@ -181,16 +182,31 @@ class SteeringVector:
             )
 
     @contextmanager
-    def apply(self, model: nn.Module, coeff: Number = 1.0, allow_other_model: bool = False) -> Iterator[nn.Module]:
-        """Forward hooks adding `coeff * v_l` to block l's output at every position."""
-        coeff = check_coeff(coeff)
+    def apply(
+        self, model: nn.Module, coeff: Number | Sequence[Number] = 1.0, allow_other_model: bool = False
+    ) -> Iterator[nn.Module]:
+        """Forward hooks adding `coeff * v_l` to block l's output at every position.
+
+        A sequence of coefficients steers each row of the batch at its own strength: row i
+        gets `coeff[i] * v_l`, so one forward serves several doses (the speculative dose walk
+        uses this). The batch must then have exactly `len(coeff)` rows; any other batch
+        fails to broadcast rather than steering the wrong rows."""
+        rows = per_row_coeffs(coeff)
+        if rows is None:
+            coeff = check_coeff(coeff)
         self.check_compatible(model, allow_other_model)
         blocks = decoder_blocks(model)
         with ExitStack() as stack:
             for layer, v in self.directions.items():
                 device, dtype = placement(blocks[layer])  # each layer's delta lives on that layer's device
-                delta = (coeff * v).to(device=device, dtype=dtype)
-                handle = blocks[layer].register_forward_hook(AddDelta(delta, coeff, "hooks"))
+                if rows is None:
+                    delta, mark = coeff * v, coeff
+                else:  # (rows, 1, hidden): broadcasts over positions, not over other batch sizes
+                    delta = torch.tensor(rows, dtype=v.dtype)[:, None, None] * v
+                    mark = rows[0] if len(set(rows)) == 1 else math.nan
+                handle = blocks[layer].register_forward_hook(
+                    AddDelta(delta.to(device=device, dtype=dtype), mark, "hooks")
+                )
                 stack.callback(handle.remove)
             yield model
 

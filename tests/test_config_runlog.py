@@ -43,6 +43,11 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ({"dose": {"target": 1.5}}, r"dose.target must be in \(0, 1\]"),
         ({"run": {"rounds": "three"}}, "run.rounds must be int"),
         ({"heal": {"lam": float("nan")}}, "must be finite"),
+        ({"dose": {"speculative": "yes"}}, "dose.speculative must be auto, true or false, got 'yes'"),
+        (
+            {"dose": {"speculative": "true"}, "run": {"compiled": "auto"}},
+            "dose.speculative = true decodes eager .*set run.compiled = false",
+        ),
     ],
 )
 def test_incompatible_options(overrides, message):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from steer_heal.dose import Collection, DoseError, DoseResult, collect, walk_dose
+from steer_heal.dose import Collection, DoseError, DoseResult, bisection_levels, collect, walk_dose
 from steer_heal.filters import Verdict
 from steer_heal.sampling import Sampling
 from steer_heal.vector import SteeringVector
@@ -125,3 +125,39 @@ def test_bad_input(steered):
         collect(model, tok, vec, POOL, flt, coeff=math.nan)
     with pytest.raises(ValueError, match="returned 0 verdicts"):
         walk_dose(model, tok, vec, POOL, lambda cs: [], probe_size=2, **FAST)
+
+
+def test_bisection_levels_are_the_walks_coefficients():
+    levels = bisection_levels(0.25, 4.0, 2)
+    assert levels[:2] == [[0.25], [4.0]]
+    assert levels[2] == pytest.approx([1.0]) and levels[3] == pytest.approx([0.5, 2.0])
+    assert [len(level) for level in bisection_levels(0.25, 8.0, 4)] == [1, 1, 1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("threshold", [1.3, 0.3, 3.9, 100.0])
+@pytest.mark.parametrize("steps", [0, 2, 4])
+def test_speculative_walk_makes_the_sequential_decisions(steered, threshold, steps):
+    model, tok, vec = steered
+    kw = dict(c_min=0.25, c_max=4.0, steps=steps, probe_size=3, **FAST)
+    seq, spec = KeepBelow(threshold), KeepBelow(threshold)
+    one = walk_dose(model, tok, vec, POOL, seq, **kw)
+    two = walk_dose(model, tok, vec, POOL, spec, speculative=True, **kw)
+    assert spec.calls == 1  # every probe decoded and judged in one batch
+    assert len(spec.prompts) == 3 * (2**steps + 1)
+    assert two.coeff == one.coeff
+    assert [(p.coeff, p.kept, p.passed, p.why) for p in two.probes] == [
+        (p.coeff, p.kept, p.passed, p.why) for p in one.probes
+    ]
+    # every candidate at a position saw the prompts that position takes in the sequential walk
+    levels = bisection_levels(0.25, 4.0, steps)
+    expected = [POOL[(k * 3 + j) % len(POOL)] for k, level in enumerate(levels) for _ in level for j in range(3)]
+    assert spec.prompts == expected
+    assert seq.prompts == [POOL[i % len(POOL)] for i in range(3 * len(one.probes))]
+
+
+def test_speculative_walk_refuses_like_the_sequential_one(steered):
+    model, tok, vec = steered
+    with pytest.raises(DoseError, match=r"no dose passes: at c_min=0.25 only 0/4 completions were kept"):
+        walk_dose(model, tok, vec, POOL, KeepBelow(0.1), probe_size=4, speculative=True, **FAST)
+    with pytest.raises(ValueError, match="speculative walk decodes eager"):
+        walk_dose(model, tok, vec, POOL, KeepBelow(1.0), speculative=True, compiled=True, **FAST)

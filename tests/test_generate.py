@@ -112,3 +112,42 @@ def test_generate_bad_input(llama, kwargs, message):
     }
     with pytest.raises(ValueError, match=message):
         generate(model, tok, sampling=Sampling(**settings), **args)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_per_prompt_coefficients_equal_one_call_per_prompt(family):
+    model, tok = tiny_model(family)
+    vec = big_vector(model, scale=0.5)
+    coeffs = [0.0, 1.0, 3.0, -2.0, 0.5]
+    together = generate(
+        model, tok, PROMPTS, steering=vec, coeff=coeffs, sampling=Sampling(max_new_tokens=12, batch_size=5)
+    )
+    for completion, prompt, c in zip(together, PROMPTS, coeffs):
+        (alone,) = generate(model, tok, [prompt], steering=vec, coeff=c, sampling=Sampling(max_new_tokens=12))
+        assert completion.token_ids == alone.token_ids and completion.coeff == c
+    shared = generate(model, tok, PROMPTS, steering=vec, coeff=[2.0] * 5, sampling=Sampling(max_new_tokens=12))
+    assert [c.token_ids for c in shared] == [
+        c.token_ids
+        for c in generate(model, tok, PROMPTS, steering=vec, coeff=2.0, sampling=Sampling(max_new_tokens=12))
+    ]
+    assert not any(m._forward_hooks for m in model.modules())  # per-batch hooks removed
+
+
+def test_per_prompt_coefficients_bad_input(llama):
+    model, tok = llama
+    vec = big_vector(model)
+    for kwargs in [
+        dict(steering=vec, coeff=[1.0]),  # one number for two prompts
+        dict(steering=vec, coeff=[1.0, 2.0], how="bias"),
+        dict(coeff=[1.0, 2.0]),  # no vector
+    ]:
+        with pytest.raises(ValueError, match="per-prompt coefficients need a steering vector applied by hooks"):
+            generate(model, tok, PROMPTS[:2], **kwargs)
+    with pytest.raises(ValueError, match="per-row coefficients are empty"):
+        vec.apply(model, []).__enter__()
+    with pytest.raises(ValueError, match="coeff must be a finite number"):
+        generate(model, tok, PROMPTS[:2], steering=vec, coeff=[1.0, float("nan")])
+    ids = torch.tensor([encode(tok, "a b c")] * 3)
+    with vec.apply(model, [1.0, 2.0]), pytest.raises(RuntimeError):
+        model(ids)  # a batch of 3 under 2 per-row coefficients fails instead of steering the wrong rows
+    assert not any(m._forward_hooks for m in model.modules())

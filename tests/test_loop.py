@@ -46,20 +46,23 @@ def test_tiny_run_writes_everything(tmp_path):
     assert all({"keep", "reasons", "scores", "text"} <= set(c) for c in gen["completions"])
     dose = next(e for e in events if e["event"] == "dose")
     assert dose["compiled"] is False and dose["graphs"] == 0  # run.compiled false (the default): eager
+    assert dose["speculative"] is False  # dose.speculative auto: sequential off CUDA
     files = render(run.path)
     assert "| healed r0 |" in files["stages"].read_text()
     assert files["trajectory"].stat().st_size > 10_000
     assert "round 0: extract" in files["report"].read_text() and "base eval" in files["report"].read_text()
 
 
-def test_tiny_run_with_the_calibrated_filter(tmp_path):
+@pytest.mark.parametrize("speculative", ["false", "true"])
+def test_tiny_run_with_the_calibrated_filter(tmp_path, speculative):
     """The loop's default filter path: calibrated on the base model's own completions, logged,
-    and the dose walk's probes say why they passed or failed (calibrated coherence included)."""
+    and the dose walk's probes say why they passed or failed (calibrated coherence included),
+    walked in sequence or speculatively (all candidate probes in one batch)."""
     config = cfg.resolve(
         "tiny",
         overrides={
             "filter": {"calibrate": True, "calibration_n": 8},
-            "dose": {"target": 0.125, "coherence_floor": 0.5},
+            "dose": {"target": 0.125, "coherence_floor": 0.5, "speculative": speculative},
         },
     )
     run = RunDir.create(tmp_path / "run", config)
@@ -67,8 +70,9 @@ def test_tiny_run_with_the_calibrated_filter(tmp_path):
     events = run.events()
     calibration = next(e for e in events if e["event"] == "calibration")
     assert calibration["n"] == 8 and calibration["tau"] == pytest.approx(3 * calibration["median_ppl"])
-    probes = next(e for e in events if e["event"] == "dose")["probes"]
-    assert all(p["coherence"] is not None and "x unsteered" in p["why"] for p in probes)
+    dose = next(e for e in events if e["event"] == "dose")
+    assert dose["speculative"] is (speculative == "true")
+    assert all(p["coherence"] is not None and "x unsteered" in p["why"] for p in dose["probes"])
     gen = next(e for e in events if e["event"] == "gen")
     assert gen["report"]["calibration"]["max_share"] == calibration["max_share"]
     assert "round 0: calibrated on 8 unsteered completions" in render(run.path)["report"].read_text()
