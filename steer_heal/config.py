@@ -57,7 +57,7 @@ class DoseSection:
     # decode all 2**steps + 1 probes the bisection may ask for in one batch (per-row coefficients), then
     # walk the tree: auto | true | false. auto = on CUDA with eager decoding, where a batch of 136 rows costs
     # about what 8 do (docs/benchmarks.md); on a CPU it would be 2.8x the compute of a sequential walk
-    speculative: str = "auto"
+    speculative: str = "auto"  # auto | true | false: every candidate probe in one batch (auto: CUDA, eager)
 
 
 def _loop_sampling() -> Sampling:
@@ -277,6 +277,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "full": {
         "run": {"model": "smollm2-135m", "rounds": 3, "axis": "love"},
+        # 64 prompts a batch: collect's 48 survivors usually come from one batch. On one H200 that took
+        # collect from 13.4-14.2 s to 2.7 s (the decode is host-bound; docs/benchmarks.md)
+        "generate": {"batch_size": 64},
         "heal": {"reg": "nll"},
     },
 }
