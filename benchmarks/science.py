@@ -327,7 +327,7 @@ class HealGrid:
         )
 
 
-def q1(model, tok, out: dict, state: dict, deadline: float, axes=AXES) -> None:
+def q1(model, tok, out: dict, state: dict, deadline: float, axes=AXES, seeds=(0, 1, 2)) -> None:
     """Seeds outermost, so a deadline leaves every variant with the same seeds done."""
     contexts = load_contexts()[:256]
     settings = {"epochs": 6, "batch_size": 8, "lr": 2e-4}  # the full preset's heal at half the steps
@@ -337,7 +337,7 @@ def q1(model, tok, out: dict, state: dict, deadline: float, axes=AXES) -> None:
         c_op = state[axis_name]["c_op"]
         grids = {"q1": HealGrid(bench, vec, c_op, settings), "q1b": HealGrid(bench, vec, 2 * c_op, settings)}
         out[axis_name] = {"base_coherence": bench.base_coherence, "q1": grids["q1"].record, "q1b": grids["q1b"].record}
-        for seed in (0, 1, 2):
+        for seed in seeds:
             for which, names in (("q1", list(HEALS)), ("q1b", HEALS_1B)):
                 for name in names:
                     if time.perf_counter() > deadline:
@@ -403,7 +403,7 @@ def main() -> None:
     ap.add_argument("phase", choices=["gate1", "q1", "loop"])
     ap.add_argument("--axis", default="authority", help="loop: the axis")
     ap.add_argument("--axes", default=",".join(AXES), help="gate1, q1: comma-separated axes")
-    ap.add_argument("--seeds", default="0", help="loop: comma-separated seeds")
+    ap.add_argument("--seeds", default=None, help="loop, q1: comma-separated seeds (loop: 0, q1: 0,1,2)")
     ap.add_argument("--regs", default="klrev,nll", help="loop: comma-separated heal regularisers")
     ap.add_argument("--model", default="smollm2-135m", help="tiny-llama for a smoke test")
     ap.add_argument("--device", default="cuda")
@@ -420,13 +420,15 @@ def main() -> None:
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     out = {"card": card, "torch": torch.__version__, "phase": args.phase}
     deadline = start + args.budget
+    seeds = [int(x) for x in (args.seeds or ("0" if args.phase == "loop" else "0,1,2")).split(",")]
+    axes = tuple(a for a in args.axes.split(",") if a)
     if args.phase == "loop":
-        seeds = [int(x) for x in args.seeds.split(",")]
         regs = tuple(args.regs.split(","))
         loop_phase(model, tok, out, state, deadline, args.axis, seeds, Path(args.out) / "runs", regs)
+    elif args.phase == "q1":
+        q1(model, tok, out, state, deadline, axes, seeds)
     else:
-        axes = tuple(a for a in args.axes.split(",") if a)
-        {"gate1": gate1, "q1": q1}[args.phase](model, tok, out, state, deadline, axes)
+        gate1(model, tok, out, state, deadline, axes)
     out["seconds"] = time.perf_counter() - start
     Path(args.out).mkdir(parents=True, exist_ok=True)
     tag = args.phase if args.phase == "loop" else f"{args.phase}_{'_'.join(args.axes.split(','))}"
