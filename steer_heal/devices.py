@@ -93,11 +93,12 @@ def attention_backends(device: torch.device) -> AbstractContextManager:
     """The scaled-dot-product-attention kernels the loop runs on `device`, scoped to a `with`
     block (torch's flags are restored on exit, also on errors).
 
-    On CUDA: flash, memory-efficient and math, without cuDNN. cuDNN attention builds an
-    execution plan per new shape, and a loop round is nearly all new shapes (every decode
-    step's key length, every heal batch's padding): on one H200 with SmolLM2-135M its host
-    time was 0.63 ms per forward call and 11.5 ms per backward call (torch profiler,
-    benchmarks/gpu_profile.py), and a round without it ran in less time (docs/benchmarks.md).
+    On CUDA: flash, memory-efficient and math, without cuDNN. cuDNN attention builds a graph
+    for each new shape (sglang PR 4650 and mlx PR 2743 describe the cost), and a loop round
+    is nearly all new shapes (every decode step's key length, every heal batch's padding):
+    on one H200 with SmolLM2-135M its host time was 0.63 ms per forward call and 11.5 ms per
+    backward call (torch profiler, benchmarks/gpu_profile.py), and rounds without it ran
+    faster (76.1 s with it between 60.7 s and 62.8 s without, docs/benchmarks.md).
     Elsewhere: torch's own choice."""
     if device.type != "cuda":
         return nullcontext()
