@@ -99,6 +99,11 @@ def _check_prompts(prompts: Sequence[str]) -> None:
         raise ValueError("prompts is empty; pass a pool of user messages to generate from")
 
 
+# rows a speculative walk decodes together: the full preset's 17 probes x 8 fit in one batch;
+# larger plans (more steps, bigger probes) go in several, so the KV cache stays bounded
+SPECULATIVE_ROWS = 256
+
+
 class _Sampler:
     """Steered sampling for a walk or a collection. Eager: `generate` applies the vector per
     call. Compiled: one `SteeringSlot` is installed for the whole walk and rewritten per
@@ -119,8 +124,9 @@ class _Sampler:
             slot.__exit__(*exc)
 
     def rows(self, prompts: list[str], coeffs: list[float], seed: int) -> list[Completion]:
-        """One eager call, prompt i steered at coeffs[i], all rows in one batch."""
-        settings = {**self.settings, "sampling": replace(self.settings["sampling"], batch_size=len(prompts))}
+        """One eager call, prompt i steered at coeffs[i], in batches of up to SPECULATIVE_ROWS."""
+        batch = min(len(prompts), max(SPECULATIVE_ROWS, self.settings["sampling"].batch_size))
+        settings = {**self.settings, "sampling": replace(self.settings["sampling"], batch_size=batch)}
         return generate(
             self.model, self.tok, prompts, steering=self.vector, coeff=coeffs, seed=seed, progress=False, **settings
         )

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from steer_heal import dose
 from steer_heal.dose import Collection, DoseError, DoseResult, bisection_levels, collect, walk_dose
 from steer_heal.filters import Verdict
 from steer_heal.sampling import Sampling
@@ -153,6 +154,17 @@ def test_speculative_walk_makes_the_sequential_decisions(steered, threshold, ste
     expected = [POOL[(k * 3 + j) % len(POOL)] for k, level in enumerate(levels) for _ in level for j in range(3)]
     assert spec.prompts == expected
     assert seq.prompts == [POOL[i % len(POOL)] for i in range(3 * len(one.probes))]
+
+
+def test_speculative_walk_in_several_batches(steered, monkeypatch):
+    """A plan larger than SPECULATIVE_ROWS decodes in several batches, with the same decisions."""
+    model, tok, vec = steered
+    kw = dict(c_min=0.25, c_max=4.0, steps=3, probe_size=3, **FAST)
+    one = walk_dose(model, tok, vec, POOL, KeepBelow(1.3), **kw)
+    monkeypatch.setattr(dose, "SPECULATIVE_ROWS", 5)  # 9 probes x 3 rows = 27 rows: 6 batches
+    two = walk_dose(model, tok, vec, POOL, KeepBelow(1.3), speculative=True, **kw)
+    assert [(p.coeff, p.passed) for p in two.probes] == [(p.coeff, p.passed) for p in one.probes]
+    assert two.coeff == one.coeff
 
 
 def test_speculative_walk_refuses_like_the_sequential_one(steered):
