@@ -193,20 +193,17 @@ class SteeringVector:
         fails to broadcast rather than steering the wrong rows."""
         rows = per_row_coeffs(coeff)
         if rows is None:
-            coeff = check_coeff(coeff)
+            scale = mark = check_coeff(coeff)
+        else:  # (rows, 1, 1) x v: broadcasts over positions, not over other batch sizes (directions are fp32)
+            scale = torch.tensor(rows, dtype=torch.float32)[:, None, None]
+            mark = rows[0] if len(set(rows)) == 1 else math.nan
         self.check_compatible(model, allow_other_model)
         blocks = decoder_blocks(model)
         with ExitStack() as stack:
             for layer, v in self.directions.items():
                 device, dtype = placement(blocks[layer])  # each layer's delta lives on that layer's device
-                if rows is None:
-                    delta, mark = coeff * v, coeff
-                else:  # (rows, 1, hidden): broadcasts over positions, not over other batch sizes
-                    delta = torch.tensor(rows, dtype=v.dtype)[:, None, None] * v
-                    mark = rows[0] if len(set(rows)) == 1 else math.nan
-                handle = blocks[layer].register_forward_hook(
-                    AddDelta(delta.to(device=device, dtype=dtype), mark, "hooks")
-                )
+                delta = (scale * v).to(device=device, dtype=dtype)
+                handle = blocks[layer].register_forward_hook(AddDelta(delta, mark, "hooks"))
                 stack.callback(handle.remove)
             yield model
 
