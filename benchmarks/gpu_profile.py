@@ -25,6 +25,7 @@ import pstats
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -46,9 +47,11 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def profiled_round(config, root: Path, name: str, make_tool) -> tuple[dict, object]:
+def profiled_round(config, root: Path, name: str, make_tool, shared_prefix=None) -> tuple[dict, object]:
     """Base stage unprofiled, then round 0 under `make_tool(model)` on a fresh student."""
     s = loop.setup(config)  # a fresh student: every profiled round does round 0's work
+    if "logodds" in s.probes:  # None: the probe's device-dependent default
+        s.probes["logodds"] = replace(s.probes["logodds"], shared_prefix=shared_prefix)
     tool = make_tool(s.model)
     with RunDir.create(root / name, config) as run:
         loop.base_stage(config, s, run)
@@ -108,10 +111,11 @@ def main() -> None:
     ap.add_argument("--tool", choices=["torch", "cprofile", "both", "none"], default="both")
     ap.add_argument(
         "--arms",
-        default="fast+spec,fast+seq,cudnn+spec,fast+spec+b64,fast+spec",
-        help="with --tool none: rounds side by side, in this order. fast: the loop's attention backends "
-        "(devices.attention_backends), cudnn: torch's default; spec/seq: dose.speculative true/false; "
-        "b64: generate.batch_size 64",
+        default="fast+spec+before,fast+spec,fast+spec+before,fast+spec",
+        help="with --tool none: rounds side by side, in this order, each the preset changed by its parts. "
+        "fast: the loop's attention backends (devices.attention_backends), cudnn: torch's default; spec/seq: "
+        "dose.speculative true/false; b16: generate.batch_size 16; before: the full preset before the "
+        "large-batch evaluations (eval and extract batch 16, log-odds by shared prompt, heal batch 4 at lr 1e-4)",
     )
     ap.add_argument("--compiled", choices=["false", "true"], default="false")
     ap.add_argument("--rows", type=int, default=40)
@@ -128,18 +132,16 @@ def main() -> None:
     if args.tool == "none":
         for i, arm in enumerate(args.arms.split(",")):
             parts = set(arm.split("+"))
-            arm_config = cfg.resolve(
-                args.preset,
-                overrides={
-                    "run": overrides["run"],
-                    "dose": {"speculative": "true" if "spec" in parts else "false"},
-                    **({"generate": {"batch_size": 64}} if "b64" in parts else {}),
-                },
-            )
+            changes: dict = {"run": overrides["run"], "dose": {"speculative": "true" if "spec" in parts else "false"}}
+            if "b16" in parts:
+                changes["generate"] = {"batch_size": 16}
+            if "before" in parts:
+                changes.update(extract={"batch_size": 16}, eval={"batch_size": 16}, heal={"batch_size": 4, "lr": 1e-4})
+            arm_config = cfg.resolve(args.preset, overrides=changes)
             attention = attention_backends(torch.device(args.device)) if "fast" in parts else nullcontext()
             with attention:
                 result[f"{i}: {arm}"], _ = profiled_round(
-                    arm_config, out / "runs", f"{i}_{arm}", lambda m: nullcontext()
+                    arm_config, out / "runs", f"{i}_{arm}", lambda m: nullcontext(), True if "before" in parts else None
                 )
             print(arm, json.dumps(result[f"{i}: {arm}"]), flush=True)
             (out / "timings.json").write_text(json.dumps(result, indent=1))

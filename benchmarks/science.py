@@ -347,9 +347,19 @@ def q1(model, tok, out: dict, state: dict, deadline: float, axes=AXES, seeds=(0,
 
 
 def loop_phase(
-    model, tok, out: dict, state: dict, deadline: float, axis_name: str, seeds, root: Path, regs=("klrev", "nll")
+    model,
+    tok,
+    out: dict,
+    state: dict,
+    deadline: float,
+    axis_name: str,
+    seeds,
+    root: Path,
+    regs=("klrev", "nll"),
+    probe_size: int = 16,
 ) -> None:
-    """Q2/Q3: the library's loop, 5 rounds, reference prev with lambda decay, KLRev vs NLL."""
+    """Q2/Q3: the library's loop, 5 rounds, reference prev with lambda decay, KLRev vs NLL. The dose
+    walk's probe is 16 completions (the preset's 8 ended a KLRev loop on one completion in eight)."""
     from steer_heal import config as cfg
     from steer_heal import loop
     from steer_heal.runlog import RunDir
@@ -366,6 +376,7 @@ def loop_phase(
                 "full",
                 overrides={
                     "run": {"rounds": 5, "seed": seed, "axis": axis_name, "device": "cuda", "dtype": "float32"},
+                    "dose": {"probe_size": probe_size},
                     "heal": {"reg": reg, "reference": "prev", "batch_size": 8, "lr": 2e-4},
                     "eval": {"n_items": 42, "think_tokens": 0, "sample_tokens": 16, "coherence_floor": 0.0},
                 },

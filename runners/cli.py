@@ -87,8 +87,10 @@ def extract(
 ) -> None:
     """Extract a mean-difference steering vector from a persona pair."""
     from steer_heal.data import load_axis, load_contexts
+    from steer_heal.devices import attention_backends
     from steer_heal.extract import check_personas
     from steer_heal.loading import load_model
+    from steer_heal.model import input_device
     from steer_heal.vector import SteeringVector
 
     persona = load_axis(axis)
@@ -97,16 +99,17 @@ def extract(
     device, dtype = placement(device, dtype)
     model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
     start = time.perf_counter()
-    vec = SteeringVector.from_persona_pair(
-        model,
-        tok,
-        pos=pos or persona.pos,
-        neg=neg or persona.neg,
-        contexts=contexts,
-        layers=parse_layers(layers),
-        batch_size=batch_size,
-        progress=True,
-    )
+    with attention_backends(input_device(model)):
+        vec = SteeringVector.from_persona_pair(
+            model,
+            tok,
+            pos=pos or persona.pos,
+            neg=neg or persona.neg,
+            contexts=contexts,
+            layers=parse_layers(layers),
+            batch_size=batch_size,
+            progress=True,
+        )
     vec.save(out)
     norms = ", ".join(f"{layer}: {norm:.2f}" for layer, norm in vec.norms().items())
     click.echo(f"{len(contexts)} contexts in {time.perf_counter() - start:.1f}s; layers {{{norms}}} -> {out}")
@@ -142,8 +145,10 @@ def steer(
     writer,
 ) -> None:
     """Print unsteered and steered completions side by side."""
+    from steer_heal.devices import attention_backends
     from steer_heal.generate import generate
     from steer_heal.loading import load_model
+    from steer_heal.model import input_device
     from steer_heal.sampling import Sampling
     from steer_heal.steering import check_coeff
     from steer_heal.vector import SteeringVector
@@ -155,10 +160,18 @@ def steer(
     )  # before the weights load
     model, tok = load_model(name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
     settings = dict(sampling=Sampling(max_new_tokens=max_new_tokens, do_sample=sample), seed=seed, system=system)
-    plain = generate(model, tok, list(prompts), **settings)
-    steered = generate(
-        model, tok, list(prompts), steering=vec, coeff=coeff, how=how, allow_other_model=allow_other_model, **settings
-    )
+    with attention_backends(input_device(model)):
+        plain = generate(model, tok, list(prompts), **settings)
+        steered = generate(
+            model,
+            tok,
+            list(prompts),
+            steering=vec,
+            coeff=coeff,
+            how=how,
+            allow_other_model=allow_other_model,
+            **settings,
+        )
     width = shutil.get_terminal_size((100, 20)).columns
     for a, b in zip(plain, steered):
         click.echo(f"\n> {a.prompt}\n")
@@ -375,10 +388,12 @@ def sweep(
 
     from steer_heal.config import EvalSection, RunConfig
     from steer_heal.data import load_axis
+    from steer_heal.devices import attention_backends
     from steer_heal.filters import calibrate_on_pool, default_filter
     from steer_heal.io import atomic_write_text
     from steer_heal.loading import load_model
     from steer_heal.loop import probes
+    from steer_heal.model import input_device
     from steer_heal.sampling import Sampling
     from steer_heal.steering import check_coeff
     from steer_heal.sweep import dose_sweep, sweep_report
@@ -407,27 +422,28 @@ def sweep(
     start = time.perf_counter()
     sampling = Sampling(do_sample=True, max_new_tokens=max_new_tokens, batch_size=16)
     filt = None
-    if n and calibrate:
-        filt, calibration = calibrate_on_pool(
-            model, tok, persona.prompts, sampling=sampling, seed=seed, narration_patterns=persona.narration_patterns
+    with attention_backends(input_device(model)):
+        if n and calibrate:
+            filt, calibration = calibrate_on_pool(
+                model, tok, persona.prompts, sampling=sampling, seed=seed, narration_patterns=persona.narration_patterns
+            )
+            click.echo(calibration.describe())
+        elif n:
+            filt = default_filter(model, tok, tau=ppl_tau, narration_patterns=persona.narration_patterns)
+        points = dose_sweep(
+            model,
+            tok,
+            vec,
+            doses,
+            chosen,
+            prompts=persona.prompts,
+            filt=filt,
+            n=max(n, 1),
+            sample_prompts=persona.sample_prompts[:3],
+            seed=seed,
+            sampling=sampling,
+            allow_other_model=allow_other_model,
         )
-        click.echo(calibration.describe())
-    elif n:
-        filt = default_filter(model, tok, tau=ppl_tau, narration_patterns=persona.narration_patterns)
-    points = dose_sweep(
-        model,
-        tok,
-        vec,
-        doses,
-        chosen,
-        prompts=persona.prompts,
-        filt=filt,
-        n=max(n, 1),
-        sample_prompts=persona.sample_prompts[:3],
-        seed=seed,
-        sampling=sampling,
-        allow_other_model=allow_other_model,
-    )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(
@@ -476,9 +492,11 @@ def evaluate(
     """Evaluate one configuration (model, optional adapter, optional steering) on the vignettes."""
     from contextlib import ExitStack
 
+    from steer_heal.devices import attention_backends
     from steer_heal.evaluate import Vignettes, load_mfv, load_vignettes, stratified_subset
     from steer_heal.history import Adapter, History
     from steer_heal.loading import load_model
+    from steer_heal.model import input_device
     from steer_heal.steering import check_coeff
     from steer_heal.vector import SteeringVector
 
@@ -496,6 +514,7 @@ def evaluate(
         chosen = stratified_subset(chosen, n_items)
     model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
     with ExitStack() as stack:
+        stack.enter_context(attention_backends(input_device(model)))
         if round_adapter is not None:
             history = History(model)
             stack.callback(history.close)

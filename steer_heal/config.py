@@ -108,6 +108,7 @@ class EvalSection:
     mfv_dir: str = ""  # where the public MFV JSONL files are (for items = mfv | both)
     coherence_floor: float = 0.95  # stop when a healed round's coherence < this x the base model's
     sample_tokens: int = 64
+    batch_size: int = 16  # sequences per forward in the probes (vignette rows, log-odds sequences)
     logodds_scenarios: int = 0  # held-out scenarios for the answer log-odds probe (0: all of the axis's)
 
 
@@ -207,6 +208,7 @@ class RunConfig:
             (h.batch_size >= 1, f"heal.batch_size must be >= 1, got {h.batch_size}"),
             (h.lr > 0, f"heal.lr must be > 0, got {h.lr}"),
             (e.items in choices(ItemSet), f"eval.items must be {'|'.join(choices(ItemSet))}, got {e.items!r}"),
+            (e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}"),
             (e.n_items >= 0, f"eval.n_items must be >= 0 (0: all items), got {e.n_items}"),
             (e.think_tokens >= 0, f"eval.think_tokens must be >= 0, got {e.think_tokens}"),
             (
@@ -277,10 +279,15 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "full": {
         "run": {"model": "smollm2-135m", "rounds": 3, "axis": "love"},
-        # 64 prompts a batch: collect's 48 survivors usually come from one batch. On one H200 that took
-        # collect from 13.4-14.2 s to 2.7 s (the decode is host-bound; docs/benchmarks.md)
+        # 64 rows a forward everywhere: on a GPU a round is host-bound (Python per forward, not FLOPs), so
+        # fewer, larger forwards are faster. Collect's 48 survivors usually come from one batch; on one
+        # H200 that took collect from 13.4-14.2 s to 2.7 s (docs/benchmarks.md)
+        "extract": {"batch_size": 64},
         "generate": {"batch_size": 64},
-        "heal": {"reg": "nll"},
+        # batch 8 at lr 2e-4: the heal every Q1 result was measured with (NLL kept 0.84-1.02 of the love
+        # stance at 1.01-1.02 x base coherence, docs/results.md), in half the steps of batch 4
+        "heal": {"reg": "nll", "batch_size": 8, "lr": 2e-4},
+        "eval": {"batch_size": 64},
     },
 }
 

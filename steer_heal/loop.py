@@ -88,7 +88,7 @@ def probes(config: RunConfig, seed: int, axis: Axis | None = None) -> dict[str, 
     e = config.eval
     out: dict[str, Any] = {}
     if axis is not None and axis.answers:
-        probe = AnswerLogOdds.from_axis(axis)
+        probe = AnswerLogOdds.from_axis(axis, batch_size=e.batch_size)
         if e.logodds_scenarios:
             probe = replace(probe, scenarios=probe.scenarios[: e.logodds_scenarios])
         out["logodds"] = probe
@@ -103,6 +103,7 @@ def probes(config: RunConfig, seed: int, axis: Axis | None = None) -> dict[str, 
         out[name] = Vignettes(
             items=stratified_subset(items, e.n_items, seed=seed) if 0 < e.n_items < len(items) else items,
             think_tokens=e.think_tokens,
+            batch_size=e.batch_size,
             name=name,
         )
     return out
@@ -150,12 +151,12 @@ def base_coherence(run: RunDir) -> float:
     raise ValueError(f"{run.path}/events.jsonl has no base evaluation; resume it from the start")
 
 
-def neutral_shift(s: Setup, layers: tuple[int, ...]) -> SteeringVector:
+def neutral_shift(s: Setup, layers: tuple[int, ...], batch_size: int = 8) -> SteeringVector:
     """v_student: mean hidden-state shift of the student vs the base under the neutral persona."""
     texts = [chat_prompt(s.tok, c, system=s.axis.neutral) for c in s.contexts]
-    student = last_token_states(s.model, s.tok, texts, layers)
+    student = last_token_states(s.model, s.tok, texts, layers, batch_size=batch_size)
     with s.history.base():
-        base = last_token_states(s.model, s.tok, texts, layers)
+        base = last_token_states(s.model, s.tok, texts, layers, batch_size=batch_size)
     directions = {layer: (student[layer] - base[layer]).double().mean(0).float() for layer in layers}
     return SteeringVector(
         directions, hidden_size=directions[layers[0]].numel(), n_layers=n_layers(s.model), method="student_shift"
@@ -340,7 +341,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
     coherence = min_coherence(healed.values())
     if h.reference == "last_good":
         s.history.judge(coherence, h.last_good_threshold)
-    shift = neutral_shift(s, vec.layers)
+    shift = neutral_shift(s, vec.layers, config.extract.batch_size)
     summary = {
         "coeff": dose.coeff,
         "n_kept": len(kept.kept),

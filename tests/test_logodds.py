@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from steer_heal import config as cfg
+from steer_heal import loop
 from steer_heal.data import load_axis
+from steer_heal.errors import ConfigError
 from steer_heal.evaluate import AnswerLogOdds, AnswerPair, EvalResult, OffAxisPair, retain, shift, shift_table
 from steer_heal.evaluate.logodds import per_scenario
 from steer_heal.model import chat_prompt, encode
@@ -142,3 +145,27 @@ def test_positive_controls_on_the_embedded_model(smollm2):
         steered = probe(model, tok)
     wording = shift(base, steered, "wording")
     assert wording.mean > 0 and wording.z >= 3 and not math.isnan(wording.se), wording
+
+
+def test_the_default_shares_the_prompt_on_a_cpu_and_the_field_overrides_it(llama, monkeypatch):
+    from steer_heal.evaluate import logodds
+
+    model, tok = llama
+    calls = []
+    real = logodds._shared_prompt_scores
+    monkeypatch.setattr(logodds, "_shared_prompt_scores", lambda *a: calls.append(1) or real(*a))
+    probe = replace(AnswerLogOdds.from_axis(load_axis("love")), scenarios=load_axis("love").eval_prompts[:3])
+    shared = probe(model, tok)
+    assert len(calls) == 3  # one cached prompt per scenario on the CPU
+    whole = replace(probe, shared_prefix=False)(model, tok)
+    assert len(calls) == 3  # the field turned it off: whole sequences in batches
+    for key in ("stance", "wording", "off_axis"):
+        assert whole.metrics[key] == pytest.approx(shared.metrics[key], abs=1e-4)
+
+
+def test_the_loop_probes_take_the_eval_batch_size():
+    config = cfg.resolve("tiny", overrides={"eval": {"batch_size": 5}})
+    chosen = loop.probes(config, 0, load_axis("love"))
+    assert {name: p.batch_size for name, p in chosen.items()} == {"logodds": 5, "vignettes": 5}
+    with pytest.raises(ConfigError, match="eval.batch_size must be >= 1, got 0"):
+        cfg.resolve("tiny", overrides={"eval": {"batch_size": 0}})

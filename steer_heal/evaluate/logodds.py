@@ -78,6 +78,9 @@ class AnswerLogOdds:
     off_axis: Sequence[OffAxisPair] = ()
     system: str | None = None
     batch_size: int = 16
+    # None: share each scenario's prompt cache on a CPU (4x fewer tokens, compute-bound) and score
+    # whole sequences in batches elsewhere (a GPU is host-bound: 2 forwards per scenario cost more)
+    shared_prefix: bool | None = None
     name: str = "logodds"
     meta: dict[str, str] = field(default_factory=dict)
 
@@ -120,10 +123,12 @@ class AnswerLogOdds:
     def score(self, model: nn.Module, tok: Any, shared_prefix: bool | None = None) -> dict[str, np.ndarray]:
         """{answer: [n_scenarios, 2] (summed log-prob, tokens)} under the model as it runs now.
 
-        By default each scenario's prompt runs once and its KV cache serves all the answers
-        (`shared_prefix`, about 4x fewer tokens); models with a sliding attention window, or
-        `shared_prefix=False`, score every (scenario, answer) sequence whole. Both give the
-        same numbers up to float rounding (tested).
+        With `shared_prefix` each scenario's prompt runs once and its KV cache serves all the
+        answers (about 4x fewer tokens, two forwards per scenario); without it every
+        (scenario, answer) sequence is scored whole, `batch_size` sequences a forward. Both
+        give the same numbers up to float rounding (tested). The default (None, or the
+        probe's `shared_prefix` field) shares on a CPU, where tokens cost, and not on an
+        accelerator, where forwards cost; never for models with a sliding attention window.
         """
         prompts = [encode(tok, chat_prompt(tok, x, system=self.system)) for x in self.scenarios]
         answers = {a: encode(tok, a) for a in self.answer_texts()}
@@ -131,7 +136,10 @@ class AnswerLogOdds:
         if empty:
             raise ValueError(f"answer {empty[0]!r} tokenises to 0 tokens; write a longer answer in the axis file")
         if shared_prefix is None:
-            shared_prefix = _sliding_window(model) is None
+            shared_prefix = self.shared_prefix
+        if shared_prefix is None:
+            shared_prefix = input_device(model).type == "cpu"
+        shared_prefix = shared_prefix and _sliding_window(model) is None
         n = len(prompts)
         out = {a: np.zeros((n, 2), dtype=np.float64) for a in answers}
         with eval_mode(model):
