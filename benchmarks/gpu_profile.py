@@ -114,7 +114,7 @@ def main() -> None:
         default="fast+spec+before,fast+spec,fast+spec+before,fast+spec",
         help="with --tool none: rounds side by side, in this order, each the preset changed by its parts. "
         "fast: the loop's attention backends (devices.attention_backends), cudnn: torch's default; spec/seq: "
-        "dose.speculative true/false; b16: generate.batch_size 16; before: the full preset before the "
+        "dose.speculative true/false; b16: generate.batch_size 16; nll: heal.reg nll; before: the full preset before the "
         "large-batch evaluations (eval and extract batch 16, log-odds by shared prompt, heal batch 4 at lr 1e-4)",
     )
     ap.add_argument("--compiled", choices=["false", "true"], default="false")
@@ -133,6 +133,8 @@ def main() -> None:
         for i, arm in enumerate(args.arms.split(",")):
             parts = set(arm.split("+"))
             changes: dict = {"run": overrides["run"], "dose": {"speculative": "true" if "spec" in parts else "false"}}
+            if "nll" in parts:
+                changes["heal"] = {"reg": "nll"}
             if "b16" in parts:
                 changes["generate"] = {"batch_size": 16}
             if "before" in parts:

@@ -357,9 +357,11 @@ def loop_phase(
     root: Path,
     regs=("klrev", "nll"),
     probe_size: int = 16,
+    calibrate_on: str = "base",
 ) -> None:
     """Q2/Q3: the library's loop, 5 rounds, reference prev with lambda decay, KLRev vs NLL. The dose
-    walk's probe is 16 completions (the preset's 8 ended a KLRev loop on one completion in eight)."""
+    walk's probe is 16 completions (the preset's 8 ended a KLRev loop on one completion in eight).
+    `calibrate_on`: whose unsteered text sets the filter's thresholds (filter.calibrate_on)."""
     from steer_heal import config as cfg
     from steer_heal import loop
     from steer_heal.runlog import RunDir
@@ -367,7 +369,9 @@ def loop_phase(
     out["runs"] = {}
     for seed in seeds:
         for reg in regs:
-            name = f"{axis_name} {reg} seed={seed}"
+            name = f"{axis_name} {reg} seed={seed}" + (
+                "" if calibrate_on == "base" else f" calibrate_on={calibrate_on}"
+            )
             per_round = out.get("round_s", 60.0)
             if time.perf_counter() + 5.5 * per_round > deadline:
                 out["runs"][name] = "skipped: out of time"
@@ -377,6 +381,7 @@ def loop_phase(
                 overrides={
                     "run": {"rounds": 5, "seed": seed, "axis": axis_name, "device": "cuda", "dtype": "float32"},
                     "dose": {"probe_size": probe_size},
+                    "filter": {"calibrate_on": calibrate_on},
                     "heal": {"reg": reg, "reference": "prev", "batch_size": 8, "lr": 2e-4},
                     "eval": {"n_items": 42, "think_tokens": 0, "sample_tokens": 16, "coherence_floor": 0.0},
                 },
@@ -416,6 +421,7 @@ def main() -> None:
     ap.add_argument("--axes", default=",".join(AXES), help="gate1, q1: comma-separated axes")
     ap.add_argument("--seeds", default=None, help="loop, q1: comma-separated seeds (loop: 0, q1: 0,1,2)")
     ap.add_argument("--regs", default="klrev,nll", help="loop: comma-separated heal regularisers")
+    ap.add_argument("--calibrate-on", default="base", choices=["base", "student"], help="loop: filter.calibrate_on")
     ap.add_argument("--model", default="smollm2-135m", help="tiny-llama for a smoke test")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", required=True)
@@ -435,7 +441,18 @@ def main() -> None:
     axes = tuple(a for a in args.axes.split(",") if a)
     if args.phase == "loop":
         regs = tuple(args.regs.split(","))
-        loop_phase(model, tok, out, state, deadline, args.axis, seeds, Path(args.out) / "runs", regs)
+        loop_phase(
+            model,
+            tok,
+            out,
+            state,
+            deadline,
+            args.axis,
+            seeds,
+            Path(args.out) / "runs",
+            regs,
+            calibrate_on=args.calibrate_on,
+        )
     elif args.phase == "q1":
         q1(model, tok, out, state, deadline, axes, seeds)
     else:

@@ -16,7 +16,17 @@ from typing import Any
 
 from .errors import ConfigError
 from .sampling import Sampling
-from .vocab import DEVICE_NAMES, DEVICE_PATTERN, Aggregation, DTypeName, ItemSet, Reference, RegName, choices
+from .vocab import (
+    DEVICE_NAMES,
+    DEVICE_PATTERN,
+    Aggregation,
+    CalibrateOn,
+    DTypeName,
+    ItemSet,
+    Reference,
+    RegName,
+    choices,
+)
 
 _PATH = re.compile(r"^(|[A-Za-z_]\w*(\.\w+)*)$")  # '' or a dotted attribute path
 
@@ -75,6 +85,9 @@ class CollectSection:
 @dataclass(frozen=True)
 class FilterSection:
     calibrate: bool = True  # thresholds from the unsteered model's own completions (filters.calibrate)
+    # whose unsteered completions set those thresholds (always scored under the base model): base, or
+    # the round's student, so that a student whose own text has drifted from the base's can still be dosed
+    calibrate_on: str = "base"  # a `vocab.CalibrateOn`
     calibration_n: int = 16  # unsteered completions to calibrate on (>= 8)
     ppl_k: float = 3.0  # calibrated tail-ppl threshold = this x the unsteered median
     surprise_percentile: float = 5.0  # token log-probs below this percentile of the unsteered ones are surprising
@@ -177,6 +190,10 @@ class RunConfig:
             (0 < f.tail <= 1, f"filter.tail must be in (0, 1], got {f.tail}"),
             (f.calibration_n >= 8, f"filter.calibration_n must be >= 8, got {f.calibration_n}"),
             (f.ppl_k > 0, f"filter.ppl_k must be > 0, got {f.ppl_k}"),
+            (
+                f.calibrate_on in choices(CalibrateOn),
+                f"filter.calibrate_on must be {'|'.join(choices(CalibrateOn))}, got {f.calibrate_on!r}",
+            ),
             (
                 0 < f.surprise_percentile < 50,
                 f"filter.surprise_percentile must be in (0, 50), got {f.surprise_percentile}",
@@ -284,9 +301,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # H200 that took collect from 13.4-14.2 s to 2.7 s (docs/benchmarks.md)
         "extract": {"batch_size": 64},
         "generate": {"batch_size": 64},
-        # batch 8 at lr 2e-4: the heal every Q1 result was measured with (NLL kept 0.84-1.02 of the love
-        # stance at 1.01-1.02 x base coherence, docs/results.md), in half the steps of batch 4
-        "heal": {"reg": "nll", "batch_size": 8, "lr": 2e-4},
+        # batch 8 at lr 2e-4: the heal every Q1 and loop result was measured with, in half the steps of
+        # batch 4. KLRev (the default), not NLL: over rounds the barrier kept the student's own text near
+        # enough the base's for the dose walk to go on (love, 3 seeds: 3, 3, 4 rounds against NLL's 1, 2,
+        # 4), and where the loop was let go on, NLL's coherence fell to 0.77-0.80 x base in round 4 while
+        # KLRev's held at 0.97-1.08 x (docs/results.md, the loop). In one round NLL keeps more stance (Q1)
+        "heal": {"batch_size": 8, "lr": 2e-4},
         "eval": {"batch_size": 64},
     },
 }

@@ -202,7 +202,8 @@ def use_speculative(config: RunConfig, model: nn.Module, compiled: bool) -> bool
 def round_filter(config: RunConfig, s: Setup, seed: int) -> tuple[Any, Calibration | None]:
     """The round's filter, scoring under the base model (adapters off, no steering), never
     the steered student. Calibrated (the default): thresholds from the base model's own
-    sampled completions of the prompt pool; else the absolute `filter.ppl_tau`."""
+    sampled completions of the prompt pool (or, with `filter.calibrate_on = "student"`, the
+    unsteered student's, still scored under the base); else the absolute `filter.ppl_tau`."""
     f = config.filter
     if not f.calibrate:
         flt = default_filter(
@@ -220,6 +221,7 @@ def round_filter(config: RunConfig, s: Setup, seed: int) -> tuple[Any, Calibrati
         percentile=f.surprise_percentile,
         tail=f.tail,
         narration_patterns=s.axis.narration_patterns,
+        sampler=s.model if f.calibrate_on == "student" else None,  # the student as folded so far
     )
 
 

@@ -1,6 +1,7 @@
 """The loop on the tiny preset: stages logged, files written, and SIGKILL + resume == uninterrupted."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -258,3 +259,38 @@ def test_a_later_round_without_a_passing_dose_stops_the_loop_with_the_reason(tmp
     calls.append(1)
     with RunDir.create(tmp_path / "again", config) as run, pytest.raises(DoseError):
         loop.run(config, run, progress=False)
+
+
+def test_the_filter_calibrates_on_the_student_when_asked():
+    """`filter.calibrate_on = "student"`: the thresholds come from the folded student's own
+    unsteered completions, scored under the base model; "base" keeps the base's. Both are
+    checked against the calibration computed by hand."""
+    from test_history import random_round
+
+    from steer_heal.filters import calibrate
+    from steer_heal.generate import generate
+
+    config = cfg.resolve("tiny", overrides={"filter": {"calibrate": True, "calibration_n": 8}})
+    s = loop.setup(config)
+    try:
+        s.history.fold(random_round(s.history, seed=0))
+        pool = [s.axis.prompts[i % len(s.axis.prompts)] for i in range(8)]
+        seed = 7
+        for who in ("base", "student"):
+            chosen = cfg.resolve(
+                "tiny", overrides={"filter": {"calibrate": True, "calibration_n": 8, "calibrate_on": who}}
+            )
+            _, got = loop.round_filter(chosen, s, seed)
+            if who == "student":
+                written = generate(s.model, s.tok, pool, sampling=chosen.generate, seed=seed + 30, progress=False)
+            else:
+                with s.history.base() as base:
+                    written = generate(base, s.tok, pool, sampling=chosen.generate, seed=seed + 30, progress=False)
+            expected = calibrate(s.history.base, s.tok, written, k=3.0, tail=chosen.filter.tail)
+            assert got.to_dict() == expected.to_dict(), who
+        _, base_cal = loop.round_filter(config, s, seed)
+        assert base_cal.median_ppl != got.median_ppl  # the student writes other text than the base
+    finally:
+        s.history.close()
+    with pytest.raises(cfg.ConfigError, match=re.escape("filter.calibrate_on must be base|student, got 'prev'")):
+        cfg.resolve("tiny", overrides={"filter": {"calibrate_on": "prev"}})

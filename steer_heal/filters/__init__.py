@@ -118,14 +118,21 @@ def calibrate_on_pool(
     percentile: Number = 5.0,
     tail: Number = 0.25,
     narration_patterns: Sequence[str] | None = None,
+    sampler: BaseModel | None = None,
 ) -> tuple[AllOf, Calibration]:
     """Sample `n` unsteered completions of the prompt pool from the ORIGINAL model (a model,
     or e.g. `history.base`), calibrate on them, and return the calibrated filter with its
-    calibration."""
+    calibration.
+
+    `sampler` (default: `model`) writes the completions the thresholds come from; they are
+    always scored under `model`. A healed student as the sampler sets the bar at its own
+    unsteered text, so the filter then judges what the steering adds, not how far the
+    student has already moved from the original model (`filter.calibrate_on = "student"`).
+    """
     if not prompts:
         raise ValueError("calibration needs a prompt pool; pass the axis's prompts")
     pool = [prompts[i % len(prompts)] for i in range(n)]
-    with base_context(model) as base:
-        unsteered = generate(base, tok, pool, sampling=sampling, seed=seed, progress=False)
+    with base_context(model if sampler is None else sampler) as writer:
+        unsteered = generate(writer, tok, pool, sampling=sampling, seed=seed, progress=False)
     calibration = calibrate(model, tok, unsteered, k=k, percentile=percentile, tail=tail)
     return calibrated_filter(model, tok, calibration, tail=tail, narration_patterns=narration_patterns), calibration
