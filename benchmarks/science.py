@@ -159,7 +159,9 @@ def text_quality(bench: Bench, filt, vec: SteeringVector | None, coeff: float, n
     return {"kept_share": kept / n, "base_ppl": float(math.exp(-tokens.mean())), "n": n}
 
 
-def gate1(model, tok, out: dict, state: dict, deadline: float, axes=AXES) -> None:
+def gate1(model, tok, out: dict, state: dict, deadline: float, axes=AXES, only: tuple[str, ...] = ()) -> None:
+    """Every variant per axis; `only` (name prefixes) runs just those, besides the default vector
+    the operating dose is chosen on, without its per-dose text quality (a follow-up run)."""
     contexts = load_contexts()
     for axis_name in axes:
         t0 = time.perf_counter()
@@ -186,6 +188,9 @@ def gate1(model, tok, out: dict, state: dict, deadline: float, axes=AXES) -> Non
             ),
         }
         rec["variants"] = {}
+        if only:
+            keep = {k: v for k, v in variants.items() if k.startswith("default") or k.startswith(only)}
+            variants = {**keep, next(iter(variants)): (keep[next(iter(variants))][0], (2,))}
         for name, (make, doses) in variants.items():
             if time.perf_counter() > deadline and not name.startswith("default"):
                 rec["variants"][name] = "skipped: out of time"
@@ -219,7 +224,7 @@ def gate1(model, tok, out: dict, state: dict, deadline: float, axes=AXES) -> Non
             and row["coherence"] >= 0.95 * bench.base_coherence
             and row["quality"]["kept_share"] >= 0.5
         ]
-        c_op = max(ok) if ok else 0.5
+        c_op = max(ok) if ok else min(float(k[2:]) for k in default if k.startswith("c="))
         at = default[f"c={c_op:g}"]
         claimed = "stance" if at["stance_z"] >= 5 else "wording"
         rec["operating_dose"] = {"coeff": c_op, "claimed": claimed, "rule_met_by": ok}
@@ -421,6 +426,7 @@ def main() -> None:
     ap.add_argument("--axes", default=",".join(AXES), help="gate1, q1: comma-separated axes")
     ap.add_argument("--seeds", default=None, help="loop, q1: comma-separated seeds (loop: 0, q1: 0,1,2)")
     ap.add_argument("--regs", default="klrev,nll", help="loop: comma-separated heal regularisers")
+    ap.add_argument("--variants", default="", help="gate1: comma-separated variant-name prefixes to run (default: all)")
     ap.add_argument("--calibrate-on", default="base", choices=["base", "student"], help="loop: filter.calibrate_on")
     ap.add_argument("--model", default="smollm2-135m", help="tiny-llama for a smoke test")
     ap.add_argument("--device", default="cuda")
@@ -456,7 +462,7 @@ def main() -> None:
     elif args.phase == "q1":
         q1(model, tok, out, state, deadline, axes, seeds)
     else:
-        gate1(model, tok, out, state, deadline, axes)
+        gate1(model, tok, out, state, deadline, axes, tuple(v for v in args.variants.split(",") if v))
     out["seconds"] = time.perf_counter() - start
     Path(args.out).mkdir(parents=True, exist_ok=True)
     tag = args.phase if args.phase == "loop" else f"{args.phase}_{'_'.join(args.axes.split(','))}"

@@ -2,17 +2,21 @@
 
     python benchmarks/science_report.py [--dir docs/runs/science]   # prints markdown, writes PNGs
 
-Reads gate1_*.json, q1_<axis>.json and loop.json; writes retain_vs_coherence.png (Q1 and
-Q1b, both axes) into the same folder. Means over seeds are plain means; each seed's own
+Reads gate1_*.json, q1_<axis>.json and the loop runs under loops/ (one folder per run with
+its events.jsonl.gz); writes retain_vs_coherence.png (Q1 and Q1b, both axes) and
+loop_trajectories.png into the same folder. Means over seeds are plain means; each seed's own
 paired 95% interval (over the 32 held-out scenarios) is kept in the JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 from pathlib import Path
+
+from steer_heal.evaluate import EvalResult, shift
 
 
 def ci(s: dict) -> str:
@@ -175,6 +179,129 @@ def scatter(folder: Path, q1s: dict[str, dict]) -> Path:
     return path
 
 
+# the component each axis's vector carries (gate 1): authority's stance probe fails its own control
+CLAIMED = {"love": "stance", "authority": "wording"}
+
+
+def loop_run(folder: Path) -> dict:
+    """One loop run's rounds, from its compressed events: shifts against the base stage,
+    coherence as a fraction of the base's, and the calibration each round's filter used."""
+    with gzip.open(folder / "events.jsonl.gz", "rt") as f:
+        events = [json.loads(line) for line in f]
+    evals = {(e["stage"], e["round"]): e["results"] for e in events if e["event"] == "eval"}
+    base = {k: EvalResult.from_dict(v) for k, v in evals[("base", -1)].items()}
+    base_coherence = base["vignettes"].metrics["coherence"]
+
+    def stage(name: str, r: int) -> dict | None:
+        if (name, r) not in evals:
+            return None
+        res = {k: EvalResult.from_dict(v) for k, v in evals[(name, r)].items()}
+        out = {c: shift(base["logodds"], res["logodds"], c).to_dict() for c in ("stance", "wording", "off_axis")}
+        return {**out, "coherence": res["vignettes"].metrics["coherence"] / base_coherence}
+
+    calibrations = {e["round"]: e for e in events if e["event"] == "calibration"}
+    rounds = []
+    for e in (e for e in events if e["event"] == "round"):
+        r = e["round"]
+        rounds.append(
+            {
+                "round": r,
+                "coeff": e["coeff"],
+                "n_kept": e["n_kept"],
+                "steered": stage("steered", r),
+                "healed": stage("healed", r),
+                "median_ppl": calibrations[r]["median_ppl"] if r in calibrations else None,
+                "cos_v0": e["cos_v0"],
+                "cos_student": e["cos_student_teacher"],
+                "norm": sum(v * v for v in e["norms"].values()) ** 0.5,
+            }
+        )
+    stops = [e for e in events if e["event"] == "stop"]
+    config = (folder / "config.toml").read_text()
+    return {
+        "name": folder.name,
+        "student_calibrated": 'calibrate_on = "student"' in config,
+        "prompted": stage("prompted", -1),
+        "rounds": rounds,
+        "stop": stops[-1]["reason"] if stops else None,
+        "next_calibration_ppl": calibrations[len(rounds)]["median_ppl"] if len(rounds) in calibrations else None,
+    }
+
+
+def loop_tables(runs: list[dict]) -> list[str]:
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        axis = run["name"].split("_")[0]
+        key = f"{axis}, filter calibrated on the {'student' if run['student_calibrated'] else 'base'}"
+        groups.setdefault(key, []).append(run)
+    lines = []
+    for key, group in groups.items():
+        lines += [
+            f"#### The loop, {key}",
+            "",
+            "| run | round | dose | kept | steered d stance | healed d stance | healed d wording | healed d off-axis "
+            "| healed coherence x base | calibration text ppl | cos(v_r, v_0) | cos(v_student, v_r) |",
+            "|---|---:|---:|---:|---|---|---|---|---:|---:|---:|---:|",
+        ]
+        for run in sorted(group, key=lambda x: x["name"]):
+            reg, seed = run["name"].split("_")[1], run["name"].split("seed=")[1].split("_")[0]
+            for row in run["rounds"]:
+                h, st = row["healed"], row["steered"]
+                lines.append(
+                    f"| {reg} s{seed} | {row['round']} | {row['coeff']:.2f} | {row['n_kept']} | {ci(st['stance'])} "
+                    f"| {ci(h['stance'])} | {ci(h['wording'])} | {ci(h['off_axis'])} | {h['coherence']:.3f} "
+                    f"| {row['median_ppl']:.2f} | {row['cos_v0']:.3f} | {row['cos_student']:.3f} |"
+                )
+        lines.append("")
+        lines.append("Why each run ended:")
+        lines.append("")
+        for run in sorted(group, key=lambda x: x["name"]):
+            after = run["next_calibration_ppl"]
+            drift = (
+                f" (the unsteered text of the student it stopped on: median ppl {after:.2f} under the base)"
+                if after is not None and run["student_calibrated"]
+                else ""
+            )
+            lines.append(f"- {run['name']}: {len(run['rounds'])} rounds; {run['stop'] or '5 rounds done'}{drift}")
+        lines.append("")
+    return lines
+
+
+def loop_figure(folder: Path, runs: list[dict]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r["name"].split("_")[0], r["student_calibrated"]) for r in runs})
+    fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 6.5), sharex=True, squeeze=False)
+    colours = {"klrev": "tab:blue", "nll": "tab:red"}
+    for col, (axis, student) in enumerate(keys):
+        for run in sorted(runs, key=lambda x: x["name"]):
+            if (run["name"].split("_")[0], run["student_calibrated"]) != (axis, student):
+                continue
+            reg = run["name"].split("_")[1]
+            seed = int(run["name"].split("seed=")[1].split("_")[0])
+            xs = [row["round"] for row in run["rounds"]]
+            style = dict(color=colours[reg], linestyle=("-", "--", ":")[seed % 3], marker="o", markersize=3)
+            claimed = [row["healed"][CLAIMED[axis]]["mean"] for row in run["rounds"]]
+            axes[0, col].plot(xs, claimed, label=f"{reg} s{seed}", **style)
+            axes[1, col].plot(xs, [row["healed"]["coherence"] for row in run["rounds"]], **style)
+        prompted = next(r for r in runs if r["name"].startswith(axis))["prompted"]
+        axes[0, col].axhline(prompted[CLAIMED[axis]]["mean"], color="grey", linewidth=0.8, label="persona prompt")
+        axes[1, col].axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
+        axes[0, col].set_title(
+            f"{axis} ({CLAIMED[axis]}), filter calibrated on the {'student' if student else 'base'}", fontsize=9
+        )
+        axes[1, col].set_xlabel("round")
+    axes[0, 0].set_ylabel("healed shift vs base, claimed component (nats)")
+    axes[1, 0].set_ylabel("healed 7-way coherence / base")
+    axes[0, 0].legend(fontsize=7)
+    path = folder / "loop_trajectories.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dir", default="docs/runs/science")
@@ -190,6 +317,10 @@ def main() -> None:
             lines += q1_tables(axis, q1s[axis])
     if q1s:
         lines.append(f"Figure: {scatter(folder, q1s)}")
+    runs = [loop_run(run) for run in sorted((folder / "loops").glob("*")) if (run / "events.jsonl.gz").exists()]
+    if runs:
+        lines += loop_tables(runs)
+        lines.append(f"Figure: {loop_figure(folder, runs)}")
     print("\n".join(lines))
 
 

@@ -278,10 +278,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "eval": {"n_items": 14, "think_tokens": 2, "sample_tokens": 8, "coherence_floor": 0.0},
     },
     # the embedded SmolLM2-135M, one round sized for ~6 minutes on 2 CPU cores
-    # both SmolLM2 presets: the love axis and an NLL heal. On this model the love vector's stance
-    # part carries (its probe's positive control holds; authority's fails) and, on the same kept
-    # completions, a KL barrier only pulled the trait back toward the base without buying
-    # coherence (Q1, docs/results.md: NLL retained 0.86-1.02 of the stance at 1.01 x base coherence)
+    # both SmolLM2 presets use the love axis: its vector's stance part carries (its probe's positive
+    # control holds; authority's fails). One round heals with NLL: on the same kept completions a KL
+    # barrier only pulled the trait back toward the base without buying coherence (Q1, docs/results.md:
+    # NLL retained 0.86-1.02 of the stance at 1.01 x base coherence). The full preset's loop uses KLRev
     "quick": {
         "run": {"model": "smollm2-135m", "rounds": 1, "axis": "love"},
         "extract": {"n_contexts": 64},
