@@ -332,23 +332,38 @@ class HealGrid:
         )
 
 
-def q1(model, tok, out: dict, state: dict, deadline: float, axes=AXES, seeds=(0, 1, 2)) -> None:
-    """Seeds outermost, so a deadline leaves every variant with the same seeds done."""
+def q1(
+    model,
+    tok,
+    out: dict,
+    state: dict,
+    deadline: float,
+    axes=AXES,
+    seeds=(0, 1, 2),
+    band: tuple[float, float] = (0.45, 0.55),
+    heals: tuple[str, ...] = (),
+    grids: tuple[str, ...] = ("q1", "q1b"),
+) -> None:
+    """Seeds outermost, so a deadline leaves every variant with the same seeds done. `band`: the
+    vector's layer band; `heals` (default: all) and `grids` pick a subset for a follow-up run."""
     contexts = load_contexts()[:256]
     settings = {"epochs": 6, "batch_size": 8, "lr": 2e-4}  # the full preset's heal at half the steps
     for axis_name in axes:
         bench = Bench(model, tok, axis_name)
-        vec = vector(bench, contexts)
+        vec = vector(bench, contexts, Depth(*band))
         c_op = state[axis_name]["c_op"]
-        grids = {"q1": HealGrid(bench, vec, c_op, settings), "q1b": HealGrid(bench, vec, 2 * c_op, settings)}
-        out[axis_name] = {"base_coherence": bench.base_coherence, "q1": grids["q1"].record, "q1b": grids["q1b"].record}
+        made = {which: HealGrid(bench, vec, {"q1": 1, "q1b": 2}[which] * c_op, settings) for which in grids}
+        out[axis_name] = {"base_coherence": bench.base_coherence, "band": list(band)}
+        out[axis_name].update({which: grid.record for which, grid in made.items()})
         for seed in seeds:
             for which, names in (("q1", list(HEALS)), ("q1b", HEALS_1B)):
                 for name in names:
-                    if time.perf_counter() > deadline:
-                        grids[which].record["heals"][f"{name} seed={seed}"] = "skipped: out of time"
+                    if which not in made or (heals and name not in heals):
                         continue
-                    grids[which].run(name, seed)
+                    if time.perf_counter() > deadline:
+                        made[which].record["heals"][f"{name} seed={seed}"] = "skipped: out of time"
+                        continue
+                    made[which].run(name, seed)
 
 
 def loop_phase(
@@ -426,6 +441,9 @@ def main() -> None:
     ap.add_argument("--axes", default=",".join(AXES), help="gate1, q1: comma-separated axes")
     ap.add_argument("--seeds", default=None, help="loop, q1: comma-separated seeds (loop: 0, q1: 0,1,2)")
     ap.add_argument("--regs", default="klrev,nll", help="loop: comma-separated heal regularisers")
+    ap.add_argument("--band", default="0.45,0.55", help="q1: the vector's layer band as depth fractions lo,hi")
+    ap.add_argument("--heals", default="", help="q1: comma-separated heal names (default: all)")
+    ap.add_argument("--grids", default="q1,q1b", help="q1: q1 (the operating dose) and/or q1b (twice it)")
     ap.add_argument("--variants", default="", help="gate1: comma-separated variant-name prefixes to run (default: all)")
     ap.add_argument("--calibrate-on", default="base", choices=["base", "student"], help="loop: filter.calibrate_on")
     ap.add_argument("--model", default="smollm2-135m", help="tiny-llama for a smoke test")
@@ -460,7 +478,9 @@ def main() -> None:
             calibrate_on=args.calibrate_on,
         )
     elif args.phase == "q1":
-        q1(model, tok, out, state, deadline, axes, seeds)
+        band = tuple(float(x) for x in args.band.split(","))
+        heals = tuple(h for h in args.heals.split(",") if h)
+        q1(model, tok, out, state, deadline, axes, seeds, band, heals, tuple(args.grids.split(",")))
     else:
         gate1(model, tok, out, state, deadline, axes, tuple(v for v in args.variants.split(",") if v))
     out["seconds"] = time.perf_counter() - start
