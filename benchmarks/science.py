@@ -188,9 +188,11 @@ def gate1(model, tok, out: dict, state: dict, deadline: float, axes=AXES, only: 
             ),
         }
         rec["variants"] = {}
-        if only:
-            keep = {k: v for k, v in variants.items() if k.startswith("default") or k.startswith(only)}
-            variants = {**keep, next(iter(variants)): (keep[next(iter(variants))][0], (2,))}
+        if only:  # the default vector at its operating dose only, then the chosen variants
+            default_name = next(iter(variants))
+            variants = {default_name: (variants[default_name][0], (2,))} | {
+                k: v for k, v in variants.items() if k.startswith(only)
+            }
         for name, (make, doses) in variants.items():
             if time.perf_counter() > deadline and not name.startswith("default"):
                 rec["variants"][name] = "skipped: out of time"

@@ -14,6 +14,7 @@ import argparse
 import gzip
 import json
 import statistics
+import tomllib
 from pathlib import Path
 
 from steer_heal.evaluate import EvalResult, shift
@@ -213,14 +214,16 @@ def loop_run(folder: Path) -> dict:
                 "median_ppl": calibrations[r]["median_ppl"] if r in calibrations else None,
                 "cos_v0": e["cos_v0"],
                 "cos_student": e["cos_student_teacher"],
-                "norm": sum(v * v for v in e["norms"].values()) ** 0.5,
             }
         )
     stops = [e for e in events if e["event"] == "stop"]
-    config = (folder / "config.toml").read_text()
+    config = tomllib.loads((folder / "config.toml").read_text())
     return {
         "name": folder.name,
-        "student_calibrated": 'calibrate_on = "student"' in config,
+        "axis": config["run"]["axis"],
+        "reg": config["heal"]["reg"],
+        "seed": config["run"]["seed"],
+        "student_calibrated": config["filter"].get("calibrate_on", "base") == "student",
         "prompted": stage("prompted", -1),
         "rounds": rounds,
         "stop": stops[-1]["reason"] if stops else None,
@@ -231,8 +234,7 @@ def loop_run(folder: Path) -> dict:
 def loop_tables(runs: list[dict]) -> list[str]:
     groups: dict[str, list[dict]] = {}
     for run in runs:
-        axis = run["name"].split("_")[0]
-        key = f"{axis}, filter calibrated on the {'student' if run['student_calibrated'] else 'base'}"
+        key = f"{run['axis']}, filter calibrated on the {'student' if run['student_calibrated'] else 'base'}"
         groups.setdefault(key, []).append(run)
     lines = []
     for key, group in groups.items():
@@ -244,7 +246,7 @@ def loop_tables(runs: list[dict]) -> list[str]:
             "|---|---:|---:|---:|---|---|---|---|---:|---:|---:|---:|",
         ]
         for run in sorted(group, key=lambda x: x["name"]):
-            reg, seed = run["name"].split("_")[1], run["name"].split("seed=")[1].split("_")[0]
+            reg, seed = run["reg"], run["seed"]
             for row in run["rounds"]:
                 h, st = row["healed"], row["steered"]
                 lines.append(
@@ -273,21 +275,20 @@ def loop_figure(folder: Path, runs: list[dict]) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({(r["name"].split("_")[0], r["student_calibrated"]) for r in runs})
+    keys = sorted({(r["axis"], r["student_calibrated"]) for r in runs})
     fig, axes = plt.subplots(2, len(keys), figsize=(4.2 * len(keys), 6.5), sharex=True, squeeze=False)
     colours = {"klrev": "tab:blue", "nll": "tab:red"}
     for col, (axis, student) in enumerate(keys):
         for run in sorted(runs, key=lambda x: x["name"]):
-            if (run["name"].split("_")[0], run["student_calibrated"]) != (axis, student):
+            if (run["axis"], run["student_calibrated"]) != (axis, student):
                 continue
-            reg = run["name"].split("_")[1]
-            seed = int(run["name"].split("seed=")[1].split("_")[0])
+            reg, seed = run["reg"], run["seed"]
             xs = [row["round"] for row in run["rounds"]]
             style = dict(color=colours[reg], linestyle=("-", "--", ":")[seed % 3], marker="o", markersize=3)
             claimed = [row["healed"][CLAIMED[axis]]["mean"] for row in run["rounds"]]
             axes[0, col].plot(xs, claimed, label=f"{reg} s{seed}", **style)
             axes[1, col].plot(xs, [row["healed"]["coherence"] for row in run["rounds"]], **style)
-        prompted = next(r for r in runs if r["name"].startswith(axis))["prompted"]
+        prompted = next(r for r in runs if r["axis"] == axis)["prompted"]
         axes[0, col].axhline(prompted[CLAIMED[axis]]["mean"], color="grey", linewidth=0.8, label="persona prompt")
         axes[1, col].axhline(0.95, color="grey", linestyle="--", linewidth=0.8)
         axes[0, col].set_title(
