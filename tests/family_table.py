@@ -9,19 +9,25 @@ import torch
 from steer_heal.model import chat_prompt, encode
 
 
+class HandVector(dict):
+    """layer -> direction, plus `scale`: the largest activation the extraction read, which
+    bounds the rounding a reordered computation of the same directions may carry."""
+
+    scale: float = 0.0
+
+
 @torch.no_grad()
-def hand_extracted(model, tok, blocks, layers, pos: str, neg: str, contexts) -> dict:
+def hand_extracted(model, tok, blocks, layers, pos: str, neg: str, contexts) -> HandVector:
     """One prompt at a time, block outputs read at the last prompt token with plain hooks on
     `blocks`, pos minus neg, averaged over `contexts`: the definition of the vector."""
     sums = {layer: None for layer in layers}
+    out = HandVector()
     for sign, persona in ((1.0, pos), (-1.0, neg)):
         for context in contexts:
             seen = {}
             handles = [
                 blocks[layer].register_forward_hook(
-                    lambda m, a, out, layer=layer: seen.__setitem__(
-                        layer, (out[0] if isinstance(out, tuple) else out)[0, -1]
-                    )
+                    lambda m, a, o, layer=layer: seen.__setitem__(layer, (o[0] if isinstance(o, tuple) else o)[0])
                 )
                 for layer in layers
             ]
@@ -31,9 +37,12 @@ def hand_extracted(model, tok, blocks, layers, pos: str, neg: str, contexts) -> 
                 for h in handles:
                     h.remove()
             for layer in layers:
-                value = sign * seen[layer].double()
+                # the whole sequence's activations feed the last token through attention
+                out.scale = max(out.scale, float(seen[layer].abs().max()))
+                value = sign * seen[layer][-1].double()
                 sums[layer] = value if sums[layer] is None else sums[layer] + value
-    return {layer: (s / len(contexts)).float() for layer, s in sums.items()}
+    out.update({layer: (s / len(contexts)).float() for layer, s in sums.items()})
+    return out
 
 
 EXPECTED = {

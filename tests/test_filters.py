@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tolerance import approx_rounding, forward_scale
 
 from steer_heal.filters import (
     PPL,
@@ -254,6 +255,13 @@ def reference_tail_ppl(model, tok, prompt_text: str, text: str, tail: float) -> 
     return math.exp(sum(nll) / k)
 
 
+def ppl_approx(want, model, tok, prompts, texts):
+    """A perplexity is exp(mean NLL): its relative rounding is the NLL's absolute one, which the
+    largest magnitude of the rows' forwards bounds (tests/tolerance.py)."""
+    scale = max(forward_scale(model, torch.tensor([encode(tok, p + t)])) for p, t in zip(prompts, texts))
+    return approx_rounding(want, scale, relative=True)
+
+
 TEXTS = ["Help her first.", "The rules matter, but a child who cannot breathe matters more. Call.", "No", "I care " * 9]
 PROMPTS = ["My son is wheezing.", "The nurse says no inhaler without a form, what now?", "Hi", "Why?"]
 
@@ -264,12 +272,11 @@ def test_perplexity_batched_equals_single_and_reference(family_model):
     batched = tail_perplexity(model, tok, formatted, TEXTS, tail=0.25, batch_size=4)
     single = [tail_perplexity(model, tok, [p], [t], tail=0.25, batch_size=1)[0] for p, t in zip(formatted, TEXTS)]
     reference = [reference_tail_ppl(model, tok, p, t, 0.25) for p, t in zip(formatted, TEXTS)]
-    assert batched == pytest.approx(single, rel=1e-4), family
-    assert batched == pytest.approx(reference, rel=1e-4), family
+    assert batched == ppl_approx(single, model, tok, formatted, TEXTS), family
+    assert batched == ppl_approx(reference, model, tok, formatted, TEXTS), family
     full = tail_perplexity(model, tok, formatted, TEXTS, tail=1.0)
-    assert full == pytest.approx(
-        [reference_tail_ppl(model, tok, p, t, 1.0) for p, t in zip(formatted, TEXTS)], rel=1e-4
-    )
+    reference = [reference_tail_ppl(model, tok, p, t, 1.0) for p, t in zip(formatted, TEXTS)]
+    assert full == ppl_approx(reference, model, tok, formatted, TEXTS), family
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gemma2"])
@@ -285,7 +292,7 @@ def test_perplexity_short_row_beside_a_long_tail(family):
     model.eval()
     reference = [reference_tail_ppl(model, tok, p, t, 1.0) for p, t in zip(prompts, texts)]
     assert len(encode(tok, prompts[0] + texts[0])) < len(encode(tok, texts[1]))  # the case under test
-    assert batched == pytest.approx(reference, rel=1e-4)
+    assert batched == ppl_approx(reference, model, tok, prompts, texts)
 
 
 def test_perplexity_filter_verdicts(llama):
@@ -294,14 +301,17 @@ def test_perplexity_filter_verdicts(llama):
     ppls = tail_perplexity(model, tok, [chat_prompt(tok, c.prompt) for c in cs[:-1]], TEXTS)
     tau = sorted(ppls)[1] + 1e-3  # between the 2nd and 3rd lowest
     verdicts = Perplexity(model, tok, tau=tau, batch_size=2)(cs)
-    assert [v.scores[PPL] for v in verdicts[:-1]] == pytest.approx(ppls, rel=1e-5)
+    assert [v.scores[PPL] for v in verdicts[:-1]] == ppl_approx(
+        ppls, model, tok, [chat_prompt(tok, c.prompt) for c in cs[:-1]], TEXTS
+    )
     assert [v.keep for v in verdicts[:-1]] == [p <= tau for p in ppls]
     assert math.isinf(verdicts[-1].scores[PPL]) and not verdicts[-1].keep  # empty completion
     assert all(reason_name(r) == "perplexity" for v in verdicts if not v.keep for r in v.reasons)
     # a recorded prompt_text is used as is (here: a system persona the prompt alone lacks)
     with_system = chat_prompt(tok, PROMPTS[0], system="You are kind.")
     scored = Perplexity(model, tok, tau=1e9)([completion(TEXTS[0], PROMPTS[0], prompt_text=with_system)])
-    assert scored[0].scores[PPL] == pytest.approx(reference_tail_ppl(model, tok, with_system, TEXTS[0], 0.25), rel=1e-4)
+    want = reference_tail_ppl(model, tok, with_system, TEXTS[0], 0.25)
+    assert scored[0].scores[PPL] == ppl_approx(want, model, tok, [with_system], TEXTS[:1])
 
 
 def test_perplexity_takes_a_base_context(llama):
@@ -415,7 +425,8 @@ def test_real_default_filter_catches_babble(smollm2):
     assert "repetition" in {reason_name(r) for r in verdicts[1].reasons}  # a loop is a run-on too: babble may agree
     assert "perplexity" in {reason_name(r) for r in verdicts[2].reasons}
     single = [Perplexity(model, tok, batch_size=1)([c])[0].scores[PPL] for c in cs]
-    assert [coherent, loop, babble] == pytest.approx(single, rel=1e-3)
+    texts = [c.text for c in cs]
+    assert [coherent, loop, babble] == ppl_approx(single, model, tok, [chat_prompt(tok, c.prompt) for c in cs], texts)
 
 
 @pytest.mark.real

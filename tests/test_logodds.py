@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from tolerance import approx_rounding, assert_close_rounding, forward_scale
 
 from steer_heal import config as cfg
 from steer_heal import loop
@@ -61,6 +62,19 @@ def test_paired_shift_and_retain():
         shift(base, result([0.0, 1.0, 2.0, 3.0], protocol="q"), "stance")
 
 
+def sum_scale(model, tok, probe) -> float:
+    """An answer's score sums its tokens' log-probabilities: the rounding bound of one token
+    (the forward's largest magnitude, tests/tolerance.py) times the longest answer, over the
+    probe's scenarios and answers."""
+    answers = [a for pair in probe.pairs for a in pair.answers()] + [x for o in probe.off_axis for x in (o.a, o.b)]
+    longest = max(len(encode(tok, a)) for a in answers)
+    return longest * max(
+        forward_scale(model, torch.tensor([encode(tok, chat_prompt(tok, s)) + encode(tok, a)]))
+        for s in probe.scenarios
+        for a in answers
+    )
+
+
 def test_scores_equal_a_plain_forward_and_batching_changes_nothing(llama):
     model, tok = llama
     axis = load_axis("authority")
@@ -72,12 +86,13 @@ def test_scores_equal_a_plain_forward_and_batching_changes_nothing(llama):
     with torch.no_grad():
         logp = model(torch.tensor([prompt + ids])).logits.float().log_softmax(-1)[0]
     expected = sum(float(logp[len(prompt) + t - 1, tok_id]) for t, tok_id in enumerate(ids))
-    assert scored[answer][1, 0] == pytest.approx(expected, abs=1e-4) and scored[answer][1, 1] == len(ids)
+    scale = sum_scale(model, tok, probe)
+    assert scored[answer][1, 0] == approx_rounding(expected, scale) and scored[answer][1, 1] == len(ids)
     small = replace(probe, batch_size=1).score(model, tok, shared_prefix=False)
     whole = probe.score(model, tok, shared_prefix=False)
     for a in scored:  # the shared-prompt cache, batch 64 and batch 1 all agree
-        np.testing.assert_allclose(small[a], scored[a], atol=1e-4)
-        np.testing.assert_allclose(whole[a], scored[a], atol=1e-4)
+        assert_close_rounding(small[a], scored[a], scale)
+        assert_close_rounding(whole[a], scored[a], scale)
 
 
 def test_shared_prompt_scoring_matches_whole_sequences_in_every_family(family_model):
@@ -85,8 +100,9 @@ def test_shared_prompt_scoring_matches_whole_sequences_in_every_family(family_mo
     probe = replace(AnswerLogOdds.from_axis(load_axis("love")), scenarios=load_axis("love").eval_prompts[:2])
     # default: the shared prompt, except for sliding-window models (Gemma), which score whole sequences
     shared, whole = probe.score(model, tok), probe.score(model, tok, shared_prefix=False)
+    scale = sum_scale(model, tok, probe)
     for a in whole:
-        np.testing.assert_allclose(shared[a], whole[a], atol=2e-4, err_msg=f"{family}: {a}")
+        assert_close_rounding(shared[a], whole[a], scale, msg=f"{family}: {a}")
 
 
 def test_probe_result_rows_and_table(llama):
@@ -159,8 +175,9 @@ def test_the_default_shares_the_prompt_on_a_cpu_and_the_field_overrides_it(llama
     assert len(calls) == 3  # one cached prompt per scenario on the CPU
     whole = replace(probe, shared_prefix=False)(model, tok)
     assert len(calls) == 3  # the field turned it off: whole sequences in batches
+    scale = sum_scale(model, tok, probe)
     for key in ("stance", "wording", "off_axis"):
-        assert whole.metrics[key] == pytest.approx(shared.metrics[key], abs=1e-4)
+        assert whole.metrics[key] == approx_rounding(shared.metrics[key], scale), key
 
 
 def test_the_loop_probes_take_the_eval_batch_size():
