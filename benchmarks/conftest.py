@@ -7,7 +7,7 @@ import torch
 
 from steer_heal import SteeringVector, load_model
 from steer_heal.data import load_axis, load_contexts
-from steer_heal.model import n_layers
+from steer_heal.models.model import n_layers
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 MODEL = os.environ.get("BENCH_MODEL", "tiny")

@@ -12,9 +12,9 @@ import torch
 
 from steer_heal import SteeringVector, generate, load_model
 from steer_heal.data import load_axis, load_contexts
-from steer_heal.model import chat_prompt, encode
+from steer_heal.models.model import chat_prompt, encode
+from steer_heal.models.tiny import FAMILY_NAMES, tiny_model
 from steer_heal.sampling import Sampling
-from steer_heal.tiny import FAMILY_NAMES, tiny_model
 
 
 @torch.no_grad()

@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 
 from steer_heal import SteeringVector
-from steer_heal.architecture import architecture, discover, fold_error, get_path
-from steer_heal.generate import Completion
-from steer_heal.heal import TrainSettings, heal
-from steer_heal.lora import LoraSettings
-from steer_heal.model import chat_prompt, encode
-from steer_heal.regularizers import KLRev
-from steer_heal.tiny import FAMILY_NAMES, tiny_model
+from steer_heal.healing.lora import LoraSettings
+from steer_heal.healing.regularizers import KLRev
+from steer_heal.healing.train import TrainSettings, heal
+from steer_heal.models.architecture import architecture, discover, fold_error, get_path
+from steer_heal.models.model import chat_prompt, encode
+from steer_heal.models.tiny import FAMILY_NAMES, tiny_model
+from steer_heal.steering.generation import Completion
 
 
 @torch.no_grad()

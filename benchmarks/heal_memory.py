@@ -64,8 +64,8 @@ PROMPTS = [
 
 
 def synthetic_completions(tok, n: int, tokens: int):
-    from steer_heal.generate import Completion
-    from steer_heal.model import chat_prompt, encode
+    from steer_heal.models.model import chat_prompt, encode
+    from steer_heal.steering.generation import Completion
 
     stream = encode(tok, PROSE * 8)
     out = []
@@ -106,8 +106,8 @@ class PeakSampler:
 
 def run(args) -> dict:
     from steer_heal import load_model
-    from steer_heal.heal import LoraSettings, TrainSettings, heal
-    from steer_heal.regularizers import NLL, KLRev
+    from steer_heal.healing.regularizers import NLL, KLRev
+    from steer_heal.healing.train import LoraSettings, TrainSettings, heal
 
     torch.set_num_threads(args.threads)
     model, tok = load_model("smollm2-135m")

@@ -23,7 +23,7 @@ import torch
 
 from steer_heal.data import load_axis
 from steer_heal.filters import tail_perplexity
-from steer_heal.model import chat_prompt, encode
+from steer_heal.models.model import chat_prompt, encode
 
 LABELS = Path(__file__).resolve().parent.parent / "tests" / "data" / "filter_labels.jsonl"
 

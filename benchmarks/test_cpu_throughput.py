@@ -17,9 +17,9 @@ import pytest
 
 from steer_heal import generate
 from steer_heal.data import load_contexts
-from steer_heal.extract import mean_difference
 from steer_heal.filters import Perplexity
 from steer_heal.sampling import Sampling
+from steer_heal.steering.extract import mean_difference
 
 NEW = 32
 VARIANTS = ["unsteered", "hooks 1 layer", "hooks all layers", "bias 1 layer", "bias all layers"]

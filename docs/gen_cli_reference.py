@@ -3,10 +3,10 @@
 - between `<!-- cli:begin -->` and `<!-- cli:end -->`: the output of `steer-heal --help`
   and `steer-heal <command> --help` for every command of the click group;
 - between `<!-- config:begin -->` and `<!-- config:end -->`: a table of every config key
-  (section, key, default, the comment beside it in steer_heal/config.py), read from the
-  dataclasses of `steer_heal.config.RunConfig`, and the presets' overrides;
+  (section, key, default, the comment beside it in steer_heal/run/config.py), read from the
+  dataclasses of `steer_heal.run.config.RunConfig`, and the presets' overrides;
 - in README.md, between `<!-- families:begin -->` and `<!-- families:end -->`: the verified
-  family table of `steer_heal.architecture.FAMILIES` (the list the tests build tiny models of).
+  family table of `steer_heal.models.architecture.FAMILIES` (the list the tests build tiny models of).
 
     python docs/gen_cli_reference.py          # rewrite docs/usage.md in place
     python docs/gen_cli_reference.py --check  # exit 1 if usage.md is out of date
@@ -59,7 +59,7 @@ def cli_section() -> str:
 
 
 def families_section() -> str:
-    from steer_heal.architecture import FAMILIES
+    from steer_heal.models.architecture import FAMILIES
 
     lines = ["| model type | decoder blocks | residual writer | bake |", "|---|---|---|---|"]
     for name, family in FAMILIES.items():
@@ -96,7 +96,7 @@ def _default(value) -> str:
 
 
 def config_section() -> str:
-    from steer_heal.config import PRESETS, RunConfig
+    from steer_heal.run.config import PRESETS, RunConfig
 
     lines = ["| section | key | default | note |", "|---|---|---|---|"]
     defaults = RunConfig()

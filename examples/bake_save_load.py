@@ -21,7 +21,7 @@ import torch
 
 from steer_heal import SteeringVector, load_model
 from steer_heal.data import load_axis, load_contexts
-from steer_heal.model import chat_prompt
+from steer_heal.models import chat_prompt
 
 
 def logits(model, tok, text: str) -> torch.Tensor:

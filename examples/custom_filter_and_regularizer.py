@@ -26,11 +26,8 @@ import torch
 
 from steer_heal import Completion, SteeringVector, load_model
 from steer_heal.data import load_axis, load_contexts
-from steer_heal.dose import collect
-from steer_heal.filters import AllOf, Filter, Reason, Verdict, default_filter
-from steer_heal.heal import LoraSettings, TrainSettings, heal
-from steer_heal.history import History
-from steer_heal.regularizers import KLRev, Penalty, RegContext, Regularizer
+from steer_heal.filters import AllOf, Filter, Reason, Verdict, collect, default_filter
+from steer_heal.healing import History, KLRev, LoraSettings, Penalty, RegContext, Regularizer, TrainSettings, heal
 from steer_heal.sampling import Sampling
 
 

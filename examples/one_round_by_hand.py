@@ -22,12 +22,9 @@ import argparse
 
 from steer_heal import SteeringVector, load_model
 from steer_heal.data import load_axis, load_contexts
-from steer_heal.dose import collect, walk_dose
 from steer_heal.evaluate import Vignettes, load_vignettes, stage_table, stratified_subset
-from steer_heal.filters import default_filter
-from steer_heal.heal import LoraSettings, TrainSettings, heal
-from steer_heal.history import History
-from steer_heal.regularizers import KLRev
+from steer_heal.filters import collect, default_filter, walk_dose
+from steer_heal.healing import History, KLRev, LoraSettings, TrainSettings, heal
 from steer_heal.sampling import Sampling
 
 

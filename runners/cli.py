@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from steer_heal.config import PRESETS
 from steer_heal.errors import SteerHealError
+from steer_heal.run.config import PRESETS
 from steer_heal.vocab import Aggregation, ItemSet, Reference, RegName, SteerHow, choices
 
 from .options import device_options, parse_layers, placement, side_by_side
@@ -87,11 +87,11 @@ def extract(
 ) -> None:
     """Extract a mean-difference steering vector from a persona pair."""
     from steer_heal.data import load_axis, load_contexts
-    from steer_heal.devices import attention_backends
-    from steer_heal.extract import check_personas
-    from steer_heal.loading import load_model
-    from steer_heal.model import input_device
-    from steer_heal.vector import SteeringVector
+    from steer_heal.models.devices import attention_backends
+    from steer_heal.models.loading import load_model
+    from steer_heal.models.model import input_device
+    from steer_heal.steering.extract import check_personas
+    from steer_heal.steering.vector import SteeringVector
 
     persona = load_axis(axis)
     check_personas(pos or persona.pos, neg or persona.neg)  # before the model loads
@@ -145,13 +145,13 @@ def steer(
     writer,
 ) -> None:
     """Print unsteered and steered completions side by side."""
-    from steer_heal.devices import attention_backends
-    from steer_heal.generate import generate
-    from steer_heal.loading import load_model
-    from steer_heal.model import input_device
+    from steer_heal.models.devices import attention_backends
+    from steer_heal.models.loading import load_model
+    from steer_heal.models.model import input_device
     from steer_heal.sampling import Sampling
-    from steer_heal.steering import check_coeff
-    from steer_heal.vector import SteeringVector
+    from steer_heal.steering.generation import generate
+    from steer_heal.steering.hooks import check_coeff
+    from steer_heal.steering.vector import SteeringVector
 
     check_coeff(coeff)
     device, dtype = placement(device, dtype)
@@ -259,9 +259,9 @@ def run(
     writer,
 ) -> None:
     """Run the distill-and-heal loop and write a run directory."""
-    from steer_heal import config as cfg
-    from steer_heal import loop, plot
-    from steer_heal.runlog import RunDir, read_events, run_name
+    from steer_heal.run import config as cfg
+    from steer_heal.run import loop, plot
+    from steer_heal.run.runlog import RunDir, read_events, run_name
 
     overrides = _overrides(
         model=model,
@@ -320,7 +320,7 @@ def run(
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def plot(run_dir) -> None:
     """Re-render trajectory.png, stages.md and report.md from a run's events.jsonl."""
-    from steer_heal.plot import render
+    from steer_heal.run.plot import render
 
     for name, path in render(run_dir).items():
         click.echo(f"{name}: {path}")
@@ -386,18 +386,18 @@ def sweep(
     import json
     from dataclasses import replace
 
-    from steer_heal.config import EvalSection, RunConfig
     from steer_heal.data import load_axis
-    from steer_heal.devices import attention_backends
     from steer_heal.filters import calibrate_on_pool, default_filter
     from steer_heal.io import atomic_write_text
-    from steer_heal.loading import load_model
-    from steer_heal.loop import probes
-    from steer_heal.model import input_device
+    from steer_heal.models.devices import attention_backends
+    from steer_heal.models.loading import load_model
+    from steer_heal.models.model import input_device
+    from steer_heal.run.config import EvalSection, RunConfig
+    from steer_heal.run.loop import probes
+    from steer_heal.run.sweep import dose_sweep, sweep_report
     from steer_heal.sampling import Sampling
-    from steer_heal.steering import check_coeff
-    from steer_heal.sweep import dose_sweep, sweep_report
-    from steer_heal.vector import SteeringVector
+    from steer_heal.steering.hooks import check_coeff
+    from steer_heal.steering.vector import SteeringVector
 
     try:
         doses = [float(x) for x in coeffs.split(",") if x.strip()]
@@ -492,13 +492,13 @@ def evaluate(
     """Evaluate one configuration (model, optional adapter, optional steering) on the vignettes."""
     from contextlib import ExitStack
 
-    from steer_heal.devices import attention_backends
     from steer_heal.evaluate import Vignettes, load_mfv, load_vignettes, stratified_subset
-    from steer_heal.history import Adapter, History
-    from steer_heal.loading import load_model
-    from steer_heal.model import input_device
-    from steer_heal.steering import check_coeff
-    from steer_heal.vector import SteeringVector
+    from steer_heal.healing.history import Adapter, History
+    from steer_heal.models.devices import attention_backends
+    from steer_heal.models.loading import load_model
+    from steer_heal.models.model import input_device
+    from steer_heal.steering.hooks import check_coeff
+    from steer_heal.steering.vector import SteeringVector
 
     if items == "mfv" and not mfv_dir:
         raise click.UsageError("--items mfv needs --mfv-dir (the folder with the MFV JSONL files)")
@@ -542,7 +542,7 @@ def export() -> None:
 @device_options
 def export_merged(run_dir, out, overwrite, device, dtype, device_map, blocks, writer) -> None:
     """A run's student (base + every finished round) as a plain Hugging Face checkpoint."""
-    from steer_heal.export import check_target, export_merged
+    from steer_heal.run.export import check_target, export_merged
 
     check_target(out, overwrite)  # before the model loads
     device, dtype = placement(device, dtype)
@@ -559,7 +559,7 @@ def export_merged(run_dir, out, overwrite, device, dtype, device_map, blocks, wr
 @click.option("--overwrite", is_flag=True, help="replace an earlier export at --out")
 def export_adapters(run_dir, out, base, overwrite) -> None:
     """A run's round adapters as peft folders naming the real base model."""
-    from steer_heal.export import export_adapters
+    from steer_heal.run.export import export_adapters
 
     path = export_adapters(run_dir, out, overwrite, base=base, device="cpu", dtype="float32")
     click.echo(f"adapters -> {path} (load with AutoPeftModelForCausalLM.from_pretrained({str(path)!r}/round_0))")
@@ -577,10 +577,10 @@ def export_baked(
     vector_file, coeff, model_name, out, overwrite, allow_other_model, device, dtype, device_map, blocks, writer
 ) -> None:
     """A vector at one coefficient folded into the MLP output biases, saved as a plain checkpoint."""
-    from steer_heal.export import check_target, export_baked
-    from steer_heal.loading import load_model
-    from steer_heal.steering import check_coeff
-    from steer_heal.vector import SteeringVector
+    from steer_heal.models.loading import load_model
+    from steer_heal.run.export import check_target, export_baked
+    from steer_heal.steering.hooks import check_coeff
+    from steer_heal.steering.vector import SteeringVector
 
     check_coeff(coeff)
     check_target(out, overwrite)
@@ -599,8 +599,8 @@ def export_baked(
 def export_gguf(vector_file, out, coeff, overwrite) -> None:
     """A vector as a llama.cpp control vector (direction.N tensors; --control-vector-scaled FILE S)."""
     from steer_heal.errors import InputError
-    from steer_heal.steering import check_coeff
-    from steer_heal.vector import SteeringVector
+    from steer_heal.steering.hooks import check_coeff
+    from steer_heal.steering.vector import SteeringVector
 
     check_coeff(coeff)
     if Path(out).exists() and not overwrite:

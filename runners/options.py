@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from steer_heal.model import LayerSpec
+from steer_heal.models.model import LayerSpec
 
 
 def parse_layers(text: str) -> LayerSpec:
@@ -35,7 +35,7 @@ def side_by_side(left_title: str, left: str, right_title: str, right: str, width
 def device_options(command=None, *, default: str | None = "auto"):
     """--device, --dtype, --device-map, --blocks and --writer, shared by every command that
     loads a model. `default=None` (for `run`): not given means the config's value."""
-    from steer_heal.devices import DEVICE_NAMES, DTYPE_NAMES
+    from steer_heal.models.devices import DEVICE_NAMES, DTYPE_NAMES
 
     if command is None:
         return lambda f: device_options(f, default=default)
@@ -70,7 +70,7 @@ def device_options(command=None, *, default: str | None = "auto"):
 
 def placement(device: str, dtype: str) -> tuple[str, str]:
     """Check the names and say on stderr what `auto` chose, before any model loads."""
-    from steer_heal.devices import resolve
+    from steer_heal.models.devices import resolve
 
     chosen = resolve(device, dtype)
     click.echo(f"steer-heal: {chosen}", err=True)

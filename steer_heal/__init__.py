@@ -1,22 +1,18 @@
 """steer-heal: distil activation steering into LoRA adapters and heal the incoherence.
 
 Data flows one way: model -> vector -> completions -> verdicts -> adapter -> history ->
-evaluation -> events.
+evaluation -> events, and the rooms follow it: `models/` (load and reach into a model),
+`steering/` (vectors, hooks, steered generation), `filters/` (verdicts, dose control),
+`healing/` (LoRA distillation, regularisers, folded history), `evaluate/` (probes),
+`run/` (the loop, its config, run directory, figures and exports); `data/` holds our prompts.
 """
 
 from ._version import __version__
-from .dose import collect, walk_dose
-from .filters import AllOf, FilterReport, Reason, Verdict, default_filter
-from .generate import Completion, generate
-from .heal import TrainSettings, heal
-from .history import History
-from .loading import load_model
-from .lora import LoraSettings
-from .model import Depth
-from .regularizers import NLL, KLFwd, KLRev, SpectralNorm, WeightDecay
+from .filters import AllOf, FilterReport, Reason, Verdict, collect, default_filter, walk_dose
+from .healing import NLL, History, KLFwd, KLRev, LoraSettings, SpectralNorm, TrainSettings, WeightDecay, heal
+from .models import Depth, load_model
 from .sampling import Sampling
-from .slot import SteeringSlot
-from .vector import SteeringVector
+from .steering import Completion, SteeringSlot, SteeringVector, generate
 
 __all__ = [
     "AllOf",

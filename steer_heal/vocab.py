@@ -19,7 +19,7 @@ CalibrateOn = Literal["base", "student"]  # whose unsteered completions set the 
 SteerHow = Literal["hooks", "bias"]  # forward hooks or a baked bias
 ItemSet = Literal["bundled", "mfv", "both"]  # which vignettes the probes use
 Schedule = Literal["cosine", "linear", "constant"]  # heal's learning-rate decay
-DTypeName = Literal["auto", "float32", "bfloat16", "float16"]  # steer_heal.devices
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]  # steer_heal.models.devices
 DEVICE_NAMES = ("auto", "cpu", "cuda", "cuda:N", "mps")  # a device is not a closed list: cuda:N
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 

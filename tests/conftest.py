@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from steer_heal.tiny import FAMILY_NAMES, tiny_model
+from steer_heal.models.tiny import FAMILY_NAMES, tiny_model
 
 # STEER_HEAL_TEST_THREADS: `make test-kernels` runs the rounding-sensitive tests on one thread
 # (another reduction split) besides the default two

@@ -6,7 +6,7 @@ persona-pair vector (`hand_extracted`).
 
 import torch
 
-from steer_heal.model import chat_prompt, encode
+from steer_heal.models.model import chat_prompt, encode
 
 
 class HandVector(dict):

@@ -1,5 +1,5 @@
 """The house rules on the import drawing (docs/import_graph.py): no cycles, at most 7
-floors, primitives below the loop, the runner on top."""
+floors (a subpackage is one room), the pipeline's rooms below `run/`, the runner on top."""
 
 import importlib.util
 from pathlib import Path
@@ -20,18 +20,29 @@ def test_no_import_cycle_between_modules_or_rooms():
     assert g.cycles(g.rooms()) == []
 
 
-def test_at_most_seven_floors_loop_above_primitives_runner_on_top():
+def test_at_most_seven_floors_run_above_primitives_runner_on_top():
     g = drawing()
     floors = g.floors(g.rooms())
     assert max(floors.values()) <= 7, floors
     top = max(floors.values())
     assert [r for r, f in floors.items() if f == top] == ["runners.cli"]
-    library = [r for r in floors if r.startswith("steer_heal.") and r != "steer_heal.loop"]
-    assert all(floors[r] < floors["steer_heal.loop"] for r in library), {r: floors[r] for r in library}
+    library = [r for r in floors if r.startswith("steer_heal.") and r != "steer_heal.run"]
+    assert all(floors[r] < floors["steer_heal.run"] for r in library), {r: floors[r] for r in library}
 
 
-def test_the_library_never_imports_the_loop_or_the_runner():
+def test_the_pipeline_is_visible_in_the_tree():
+    """`ls steer_heal/` shows the stages as rooms and only shared plumbing as loose modules."""
+    g = drawing()
+    rooms = {r for r in g.rooms() if r.startswith("steer_heal.")}
+    stages = {"models", "steering", "filters", "healing", "evaluate", "run", "data"}
+    assert {f"steer_heal.{s}" for s in stages} <= rooms
+    loose = {r.removeprefix("steer_heal.") for r in rooms} - stages
+    assert loose <= {"_version", "errors", "io", "runtime", "sampling", "vocab"}, loose
+
+
+def test_the_library_never_imports_the_run_room_or_the_runner():
     g = drawing()
     for importer, targets in g.graph().items():
-        if importer.startswith("steer_heal") and importer != "steer_heal.loop":
-            assert not any(t.startswith("runners") or t == "steer_heal.loop" for t in targets), (importer, targets)
+        if importer.startswith("steer_heal") and g.room(importer) not in ("steer_heal", "steer_heal.run"):
+            bad = [t for t in targets if t.startswith("runners") or g.room(t) == "steer_heal.run"]
+            assert not bad, (importer, bad)

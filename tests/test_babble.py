@@ -4,7 +4,7 @@ import pytest
 
 from steer_heal.filters import reason_name
 from steer_heal.filters.babble import Babble, babble_scores
-from steer_heal.generate import Completion
+from steer_heal.steering.generation import Completion
 
 
 def verdict(text: str, **kwargs):

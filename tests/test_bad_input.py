@@ -23,22 +23,22 @@ import torch
 from click.testing import CliRunner
 
 from runners.cli import main, one_line
-from steer_heal import config as cfg
 from steer_heal.data import load_axis
-from steer_heal.dose import collect, walk_dose
 from steer_heal.errors import DoseError, SteerHealError
 from steer_heal.evaluate import AnswerLogOdds, AnswerPair
 from steer_heal.filters import Perplexity, calibrate
-from steer_heal.generate import Completion, generate
-from steer_heal.heal import HealDiverged, TrainSettings, heal
-from steer_heal.history import Adapter, History
-from steer_heal.loading import load_model
-from steer_heal.lora import LoraSettings
-from steer_heal.regularizers import NLL
-from steer_heal.runlog import RunDir
+from steer_heal.filters.dose import collect, walk_dose
+from steer_heal.healing.history import Adapter, History
+from steer_heal.healing.lora import LoraSettings
+from steer_heal.healing.regularizers import NLL
+from steer_heal.healing.train import HealDiverged, TrainSettings, heal
+from steer_heal.models.loading import load_model
+from steer_heal.models.tiny import tiny_model
+from steer_heal.run import config as cfg
+from steer_heal.run.runlog import RunDir
 from steer_heal.sampling import Sampling
-from steer_heal.tiny import tiny_model
-from steer_heal.vector import SteeringVector
+from steer_heal.steering.generation import Completion, generate
+from steer_heal.steering.vector import SteeringVector
 
 ROOT = Path(__file__).resolve().parents[1]
 AXIS = load_axis("authority")
@@ -520,8 +520,8 @@ def test_resume_dry_run_writes_nothing(tmp_path):
 
 HOLDER = """
 import sys, time
-from steer_heal import config as cfg
-from steer_heal.runlog import RunDir
+from steer_heal.run import config as cfg
+from steer_heal.run.runlog import RunDir
 run = RunDir.create(sys.argv[1], cfg.resolve("tiny"))
 print("locked", flush=True)
 time.sleep(600)

@@ -18,7 +18,7 @@ from steer_heal.evaluate import (
     stage_table,
     stratified_subset,
 )
-from steer_heal.model import hidden_size, n_layers
+from steer_heal.models.model import hidden_size, n_layers
 
 META = {"evaluator": "vignettes", "items": "abc", "think_tokens": "32", "protocol": "p1", "system": ""}
 

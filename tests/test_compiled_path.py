@@ -4,13 +4,13 @@ steering in fp32, and nothing left installed afterwards."""
 
 import torch
 
-from steer_heal import config as cfg
-from steer_heal import loop
-from steer_heal.dose import collect, walk_dose
 from steer_heal.filters import Verdict
-from steer_heal.model import decoder_blocks
+from steer_heal.filters.dose import collect, walk_dose
+from steer_heal.models.model import decoder_blocks
+from steer_heal.run import config as cfg
+from steer_heal.run import loop
 from steer_heal.sampling import Sampling
-from steer_heal.vector import SteeringVector
+from steer_heal.steering.vector import SteeringVector
 
 POOL = [f"Question {i}: should I follow the rule?" for i in range(6)]
 SAMPLING = Sampling(do_sample=False, max_new_tokens=4, batch_size=3)
@@ -51,8 +51,8 @@ def test_past_the_recompile_limit_new_shapes_decode_eager_with_one_warning(monke
     import torch._dynamo
 
     from steer_heal import generate
+    from steer_heal.models.tiny import tiny_model
     from steer_heal.sampling import Sampling
-    from steer_heal.tiny import tiny_model
 
     model, tok = tiny_model("llama")
     monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1, raising=False)

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from steer_heal import config as cfg
-from steer_heal.runlog import RunDir, atomic_write_text, read_events
+from steer_heal.run import config as cfg
+from steer_heal.run.runlog import RunDir, atomic_write_text, read_events
 
 
 def test_defaults_and_presets_validate():

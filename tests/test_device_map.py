@@ -11,13 +11,13 @@ from tolerance import approx_rounding, assert_close_rounding, forward_scale, mag
 from steer_heal import SteeringVector, generate
 from steer_heal.evaluate import Vignettes, load_vignettes, stratified_subset
 from steer_heal.filters import PPL, default_filter
-from steer_heal.heal import LoraSettings, TrainSettings, heal
-from steer_heal.history import History
-from steer_heal.model import chat_prompt, execution_device, input_device
-from steer_heal.regularizers import KLRev
+from steer_heal.healing.history import History
+from steer_heal.healing.regularizers import KLRev
+from steer_heal.healing.train import LoraSettings, TrainSettings, heal
+from steer_heal.models.model import chat_prompt, execution_device, input_device
+from steer_heal.models.tiny import tiny_model
 from steer_heal.sampling import Sampling
-from steer_heal.slot import SteeringSlot
-from steer_heal.tiny import tiny_model
+from steer_heal.steering.slot import SteeringSlot
 
 accelerate = pytest.importorskip("accelerate")
 

@@ -7,11 +7,10 @@ import math
 import pytest
 import torch
 
-from steer_heal import dose
-from steer_heal.dose import Collection, DoseError, DoseResult, bisection_levels, collect, walk_dose
-from steer_heal.filters import Verdict
+from steer_heal.filters import Verdict, dose
+from steer_heal.filters.dose import Collection, DoseError, DoseResult, bisection_levels, collect, walk_dose
 from steer_heal.sampling import Sampling
-from steer_heal.vector import SteeringVector
+from steer_heal.steering.vector import SteeringVector
 
 POOL = [f"Question number {i}: should I follow the rule?" for i in range(7)]
 FAST = dict(sampling=Sampling(do_sample=True, max_new_tokens=2, batch_size=4))

@@ -32,8 +32,8 @@ from steer_heal.evaluate import (
 )
 from steer_heal.evaluate.forced import think_and_answer
 from steer_heal.evaluate.vignettes import aggregate, label_bias
-from steer_heal.model import chat_prompt, encode, hidden_size, n_layers, stop_token_ids
-from steer_heal.tiny import tiny_model
+from steer_heal.models.model import chat_prompt, encode, hidden_size, n_layers, stop_token_ids
+from steer_heal.models.tiny import tiny_model
 
 MFV = Path(__file__).resolve().parents[2] / "shared" / "data" / "mfv"
 needs_mfv = pytest.mark.skipif(not MFV.exists(), reason=f"public MFV data not found at {MFV} (shared checkout only)")
@@ -220,7 +220,7 @@ def wide_window_gemma3():
     """Gemma3 whose sliding window (1024) holds the whole row: the shared-prefix path with sliding caches."""
     from transformers import AutoModelForCausalLM
 
-    from steer_heal.tiny import tiny_config, tiny_tokenizer
+    from steer_heal.models.tiny import tiny_config, tiny_tokenizer
 
     tok = tiny_tokenizer()
     config = tiny_config("gemma3", len(tok))

@@ -9,11 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from steer_heal import SteeringVector, loop
-from steer_heal import config as cfg
 from steer_heal.errors import InputError, ModelMismatch
-from steer_heal.export import MARKER, export_adapters, export_baked, export_merged, student
-from steer_heal.runlog import RunDir
-from steer_heal.tiny import tiny_model
+from steer_heal.models.tiny import tiny_model
+from steer_heal.run import config as cfg
+from steer_heal.run.export import MARKER, export_adapters, export_baked, export_merged, student
+from steer_heal.run.runlog import RunDir
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
 

@@ -3,9 +3,9 @@ from family_table import hand_extracted
 from tolerance import assert_close_rounding
 
 from steer_heal import SteeringVector, generate
-from steer_heal.extract import last_token_states, mean_difference
-from steer_heal.model import chat_prompt, decoder_blocks
+from steer_heal.models.model import chat_prompt, decoder_blocks
 from steer_heal.sampling import Sampling
+from steer_heal.steering.extract import last_token_states, mean_difference
 
 POS = "You are someone who looks after others' wellbeing even when it means defying authority."
 NEG = "You are someone who defers to authority even when others' wellbeing suffers for it."

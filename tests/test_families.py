@@ -11,7 +11,8 @@ from tolerance import assert_close_rounding
 from torch import nn
 
 from steer_heal import SteeringVector
-from steer_heal.architecture import (
+from steer_heal.errors import ModelLoadError
+from steer_heal.models.architecture import (
     FAMILIES,
     architecture,
     decoder_blocks,
@@ -21,10 +22,9 @@ from steer_heal.architecture import (
     register_family,
     set_architecture,
 )
-from steer_heal.errors import ModelLoadError
-from steer_heal.loading import load_model
-from steer_heal.model import chat_prompt, encode, end_of_turn_id
-from steer_heal.tiny import FAMILY_NAMES, tiny_model
+from steer_heal.models.loading import load_model
+from steer_heal.models.model import chat_prompt, encode, end_of_turn_id
+from steer_heal.models.tiny import FAMILY_NAMES, tiny_model
 
 POS = "You are someone who looks after others' wellbeing even when it means defying authority."
 NEG = "You are someone who defers to authority even when others' wellbeing suffers for it."
@@ -179,7 +179,7 @@ def test_bad_overrides_are_one_line_errors():
 
 
 def test_register_family_is_used_for_every_model_of_that_type():
-    from steer_heal import architecture as arch
+    from steer_heal.models import architecture as arch
 
     model = Wrapped()
     register_family("homebrew", "trunk.stack")
@@ -205,7 +205,7 @@ def test_load_model_refuses_a_non_causal_config_before_any_weights(tmp_path):
 
 
 def test_end_of_turn_comes_from_the_chat_template():
-    from steer_heal.tiny import tiny_tokenizer
+    from steer_heal.models.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     assert end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")

@@ -29,11 +29,11 @@ from steer_heal.filters import (
     repetition_scores,
     tail_perplexity,
 )
-from steer_heal.generate import Completion
-from steer_heal.model import chat_prompt, encode
-from steer_heal.slot import SteeringSlot
-from steer_heal.tiny import tiny_model
-from steer_heal.vector import SteeringVector
+from steer_heal.models.model import chat_prompt, encode
+from steer_heal.models.tiny import tiny_model
+from steer_heal.steering.generation import Completion
+from steer_heal.steering.slot import SteeringSlot
+from steer_heal.steering.vector import SteeringVector
 
 LABELS = Path(__file__).parent / "data" / "filter_labels.jsonl"
 
@@ -437,7 +437,7 @@ def test_real_calibrated_filter_on_real_smollm2_completions(smollm2):
     recall >= 0.9 (measured 0.91 / 0.91; the absolute tau = 50 gives 0.70 / 0.95 there)."""
     import sys
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "science"))
     from filter_labels import REAL_SALAD, calibrated_smollm2_filter, labelled_rows
 
     model, tok = smollm2

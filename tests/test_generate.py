@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from steer_heal import Completion, SteeringVector, generate
-from steer_heal.model import chat_prompt, encode, hidden_size, n_layers
+from steer_heal.models.model import chat_prompt, encode, hidden_size, n_layers
+from steer_heal.models.tiny import tiny_model
 from steer_heal.sampling import Sampling
-from steer_heal.tiny import tiny_model
 
 PROMPTS = ["hi", "tell me a story about the fox", "What matters more, rules or people?", "ok", "Please write a note."]
 

@@ -9,20 +9,20 @@ import pytest
 import torch
 from tolerance import assert_close_rounding, forward_scale
 
-from steer_heal.encoding import completion_nll, encode_completions
-from steer_heal.generate import Completion
-from steer_heal.heal import (
+from steer_heal.healing.encoding import completion_nll, encode_completions
+from steer_heal.healing.history import History
+from steer_heal.healing.regularizers import NLL, KLRev, Penalty, SpectralNorm, WeightDecay
+from steer_heal.healing.train import (
     HealDiverged,
     LoraSettings,
     TrainSettings,
     heal,
 )
-from steer_heal.history import History
-from steer_heal.logprobs import make_batch
-from steer_heal.logprobs import target_logprobs as completion_logprobs
-from steer_heal.model import chat_prompt, encode, end_of_turn_id, pad_id
-from steer_heal.regularizers import NLL, KLRev, Penalty, SpectralNorm, WeightDecay
-from steer_heal.tiny import tiny_model
+from steer_heal.models.logprobs import make_batch
+from steer_heal.models.logprobs import target_logprobs as completion_logprobs
+from steer_heal.models.model import chat_prompt, encode, end_of_turn_id, pad_id
+from steer_heal.models.tiny import tiny_model
+from steer_heal.steering.generation import Completion
 
 TEXTS = [
     "I think we should help them first, even if the boss decided otherwise.",

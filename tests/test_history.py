@@ -8,9 +8,9 @@ import pytest
 import torch
 from tolerance import assert_close_rounding, forward_scale
 
-from steer_heal.heal import LoraSettings
-from steer_heal.history import Adapter, History
-from steer_heal.tiny import tiny_model
+from steer_heal.healing.history import Adapter, History
+from steer_heal.healing.train import LoraSettings
+from steer_heal.models.tiny import tiny_model
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [20, 21, 22, 23, 24, 25, 26, 27]])
 

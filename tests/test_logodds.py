@@ -10,13 +10,13 @@ import pytest
 import torch
 from tolerance import approx_rounding, assert_close_rounding, forward_scale
 
-from steer_heal import config as cfg
-from steer_heal import loop
 from steer_heal.data import load_axis
 from steer_heal.errors import ConfigError
 from steer_heal.evaluate import AnswerLogOdds, AnswerPair, EvalResult, OffAxisPair, retain, shift, shift_table
 from steer_heal.evaluate.logodds import per_scenario
-from steer_heal.model import chat_prompt, encode
+from steer_heal.models.model import chat_prompt, encode
+from steer_heal.run import config as cfg
+from steer_heal.run import loop
 
 PAIRS = [AnswerPair(f"P{k}", f"N{k}", f"Pn{k}", f"Np{k}") for k in range(4)]
 OFF = [OffAxisPair("tea", "coffee")]
@@ -141,7 +141,7 @@ def test_eval_prompts_are_held_out_of_the_generation_pool():
 @pytest.mark.real
 @pytest.mark.slow
 def test_positive_controls_on_the_embedded_model(smollm2):
-    """The controls that hold with our pairs (benchmarks/instruments.py, docs/results.md):
+    """The controls that hold with our pairs (benchmarks/science/instruments.py, docs/results.md):
     the love persona prompts differ in stance (pos minus neg), and the authority vector's
     wording effect shows in the wording part. 16 of the 32 scenarios, to keep CPU time down."""
     from steer_heal import SteeringVector

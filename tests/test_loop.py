@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from steer_heal import config as cfg
-from steer_heal import loop
-from steer_heal.plot import render
-from steer_heal.runlog import RunDir, read_events
+from steer_heal.run import config as cfg
+from steer_heal.run import loop
+from steer_heal.run.plot import render
+from steer_heal.run.runlog import RunDir, read_events
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,7 +183,7 @@ def test_dry_run_prints_config_and_plan():
 def test_disk_failure_mid_round_leaves_the_run_resumable(tmp_path, monkeypatch):
     """A write that fails while round 0 saves its adapter: the run stops with the OS error,
     and resuming redoes round 0 from the base checkpoint, with no duplicated stages."""
-    from steer_heal.history import History
+    from steer_heal.healing.history import History
 
     config = cfg.resolve("tiny")
     run = RunDir.create(tmp_path / "run", config)
@@ -268,7 +268,7 @@ def test_the_filter_calibrates_on_the_student_when_asked():
     from test_history import random_round
 
     from steer_heal.filters import calibrate
-    from steer_heal.generate import generate
+    from steer_heal.steering.generation import generate
 
     config = cfg.resolve("tiny", overrides={"filter": {"calibrate": True, "calibration_n": 8}})
     s = loop.setup(config)

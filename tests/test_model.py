@@ -3,7 +3,7 @@ import torch
 from tolerance import assert_close_rounding, forward_scale
 from torch import nn
 
-from steer_heal.model import (
+from steer_heal.models.model import (
     chat_prompt,
     decoder_blocks,
     encode,
@@ -12,7 +12,7 @@ from steer_heal.model import (
     resolve_layers,
     stop_token_ids,
 )
-from steer_heal.tiny import tiny_model, tiny_tokenizer
+from steer_heal.models.tiny import tiny_model, tiny_tokenizer
 
 
 class _Unknown(nn.Module):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from tolerance import assert_close_rounding, magnitude
 
-from steer_heal.regularizers import (
+from steer_heal.healing.regularizers import (
     NLL,
     KLFwd,
     KLRev,
@@ -192,7 +192,7 @@ def test_top_singular_matches_svd():
 def test_spectral_norm_on_peft_modules():
     from peft import LoraConfig, get_peft_model
 
-    from steer_heal.tiny import tiny_model
+    from steer_heal.models.tiny import tiny_model
 
     model, _ = tiny_model("llama")
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from steer_heal import SteeringVector, generate
-from steer_heal.model import decoder_blocks
+from steer_heal.models.model import decoder_blocks
 from steer_heal.sampling import Sampling
-from steer_heal.slot import SteeringSlot
+from steer_heal.steering.slot import SteeringSlot
 
 PROMPTS = ["hi", "tell me a story about the fox", "What matters more, rules or people?"]
 

@@ -9,8 +9,8 @@ from runners.cli import main
 from steer_heal import SteeringVector
 from steer_heal.evaluate import EvalResult, Vignettes, load_vignettes, stratified_subset
 from steer_heal.filters import default_text_filter
+from steer_heal.run.sweep import SweepPoint, dose_sweep, operating_dose, sweep_report
 from steer_heal.sampling import Sampling
-from steer_heal.sweep import SweepPoint, dose_sweep, operating_dose, sweep_report
 
 
 def probe():

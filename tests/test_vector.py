@@ -6,8 +6,8 @@ from family_table import EXPECTED
 from tolerance import assert_close_rounding, forward_scale, magnitude
 
 from steer_heal import SteeringVector
-from steer_heal.model import chat_prompt, decoder_blocks, encode, hidden_size, model_id, n_layers
-from steer_heal.tiny import tiny_model
+from steer_heal.models.model import chat_prompt, decoder_blocks, encode, hidden_size, model_id, n_layers
+from steer_heal.models.tiny import tiny_model
 
 
 def random_vector(model, layers=(1, 2), scale=1.0, seed=0) -> SteeringVector:
@@ -217,7 +217,7 @@ def test_wrong_shape_and_layer_rejected():
 
 
 def test_steer_rejects_unknown_mode(llama):
-    from steer_heal.vector import steer
+    from steer_heal.steering.vector import steer
 
     model, _ = llama
     with pytest.raises(ValueError, match="steering mode must be 'hooks' or 'bias'"):

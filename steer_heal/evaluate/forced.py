@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
-from ..model import unwrap
+from ..models.model import unwrap
 
 
 def common_prefix(seqs: Sequence[Sequence[int]]) -> int:

@@ -176,7 +176,7 @@ class TraitJudge:
         return {"score": float(np.mean(values)), "ci_low": low, "ci_high": high, "n": float(len(values))}
 
     def __call__(self, model: nn.Module, tok: Any) -> EvalResult:
-        from ..generate import generate
+        from ..steering.generation import generate
 
         if not self.prompts:
             raise ValueError(f"judge axis {self.axis!r} has no prompts; pass prompts=[...]")

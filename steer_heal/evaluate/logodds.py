@@ -24,7 +24,7 @@ An evaluation is `EvalResult` metrics (means over scenarios) plus one row per sc
 `shift` compares two results paired by scenario (mean difference, its standard error and a
 bootstrap 95% interval) and `retain` is a healed shift over a steered shift, with its
 paired bootstrap interval. Scoring is one batched forward per (answer, system) over all
-scenarios, with only the answer positions reaching the output head (`steer_heal.logprobs`).
+scenarios, with only the answer positions reaching the output head (`steer_heal.models.logprobs`).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from ..data import CROSSED_KEYS, MIN_PAIRS
-from ..logprobs import Example, nll_per_example
-from ..model import chat_prompt, encode, input_device, pad_id
+from ..models.logprobs import Example, nll_per_example
+from ..models.model import chat_prompt, encode, input_device, pad_id
 from ..runtime import eval_mode
 from .base import EvalResult
 from .forced import _forward, _sliding_window

@@ -4,7 +4,7 @@
 it adds one, no chat template), truncated to `max_tokens`; the NLL of every token after the
 first given its prefix is summed over all texts, and `perplexity = exp(total NLL / total
 predicted tokens)` (token-weighted, so long paragraphs count by their length). The NLLs come
-from the one log-prob engine (`steer_heal.logprobs`). `nll` is the same per-token mean in
+from the one log-prob engine (`steer_heal.models.logprobs`). `nll` is the same per-token mean in
 nats. (Not to be confused with the filter `steer_heal.filters.Perplexity`, which scores a
 completion's tail.)
 
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..data import data_path
-from ..logprobs import Example, nll_per_example
-from ..model import pad_id
+from ..models.logprobs import Example, nll_per_example
+from ..models.model import pad_id
 from ..sampling import Sampling
 from .base import EvalResult, eval_mode
 
@@ -89,7 +89,7 @@ class Samples:
         self.name = "samples"
 
     def __call__(self, model: nn.Module, tok: Any) -> EvalResult:
-        from ..generate import generate
+        from ..steering.generation import generate
 
         sampling = Sampling(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)  # greedy
         with eval_mode(model):

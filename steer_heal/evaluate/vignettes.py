@@ -20,7 +20,7 @@ a change in first- versus last-label preference moves Care and Social Norms toge
 `orders="cyclic"` puts every foundation at every position once (3.5x the rows) and cancels
 any position bias; `label_bias` shows how much of the answer is position, not content.
 
-Defaults (measured on SmolLM2-135M, benchmarks/vignette_sweep.py): with reversed orders a
+Defaults (measured on SmolLM2-135M, benchmarks/science/vignette_sweep.py): with reversed orders a
 care-vs-authority vector at coeff 2 moved Care +0.40 nats, and with cyclic orders on the
 same items +0.03: the reversed-order shift was a change of label preference (label_bias
 0.10 -> 0.15 under both). A 32-token think budget cost coherence (0.89 -> 0.84, under the
@@ -60,7 +60,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..model import chat_prompt, encode, input_device, pad_id, stop_token_ids
+from ..models.model import chat_prompt, encode, input_device, pad_id, stop_token_ids
 from .base import EvalResult, eval_mode
 from .forced import think_and_answer
 from .items import FOUNDATIONS, Vignette, fingerprint, foundation_key, load_vignettes

@@ -6,7 +6,8 @@
 - `perplexity`: `Perplexity`, tail perplexity under the original model, absolute threshold;
 - `calibrated`: `Calibrated` and `calibrate`, tail perplexity and token surprise under the
   original model, with thresholds measured on its own unsteered completions;
-- `report`: `FilterReport`, what a filter kept and dropped per steering coefficient.
+- `report`: `FilterReport`, what a filter kept and dropped per steering coefficient;
+- `dose`: `walk_dose`, the largest steering dose whose kept share meets a target, and `collect` at it.
 
 `default_text_filter`, `calibrated_filter` and `default_filter` below are the combinations
 the loop and the sweep use.
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..generate import generate
 from ..sampling import SAMPLED, Sampling
+from ..steering.generation import generate
 from ..vocab import Number
 from .babble import Babble, babble_scores
 from .base import AllOf, Filter, FilterLike, Reason, Verdict, reason_name
 from .calibrated import SURPRISE, Calibrated, Calibration, calibrate
+from .dose import Collection, DoseResult, collect, walk_dose
 from .perplexity import PPL, BaseModel, Perplexity, base_context, tail_perplexity
 from .report import CoeffStats, FilterReport
 from .text import (
@@ -35,6 +37,10 @@ from .text import (
 )
 
 __all__ = [
+    "Collection",
+    "DoseResult",
+    "collect",
+    "walk_dose",
     "SURPRISE",
     "Calibrated",
     "Calibration",

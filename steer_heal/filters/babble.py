@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from ..generate import Completion
+from ..steering.generation import Completion
 from .base import Reason, Verdict, check_nonempty
 
 DETERMINERS = frozenset("the a an every each my your our their".split())

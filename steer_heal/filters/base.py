@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from ..generate import Completion
+from ..steering.generation import Completion
 from ..vocab import Number
 
 
@@ -77,7 +77,7 @@ FilterLike = Filter | Callable[[Sequence[Completion]], list[Verdict]]
 
 def check_nonempty(completions: Sequence[Completion]) -> None:
     if len(completions) == 0:
-        raise ValueError("no completions to filter; generate some first (steer_heal.generate)")
+        raise ValueError("no completions to filter; generate some first (steer_heal.steering.generation)")
 
 
 def check_positive(name: str, value: Number) -> float:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from torch import nn
 
-from ..generate import Completion
+from ..steering.generation import Completion
 from ..vocab import Number
 from .base import Reason, Verdict, check_fraction, check_nonempty, check_positive
 from .perplexity import PPL, BaseModel, completion_logprobs, original_model, tail_ppl

@@ -7,7 +7,7 @@ boundary), and k = max(1, ceil(tail * n)):
     ppl = exp( -1/k * sum_{t = n-k}^{n-1} log p_theta(y_t | p, y_<t) )
 
 under the original model (no steering, no adapters), computed by the one log-prob engine
-(`steer_heal.logprobs`: only completion positions reach the output head). Loops have LOW
+(`steer_heal.models.logprobs`: only completion positions reach the output head). Loops have LOW
 perplexity and pass this test; babble has high perplexity. Empty completion: ppl = inf
 (dropped).
 """
@@ -21,11 +21,11 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import numpy as np
 from torch import nn
 
-from ..generate import Completion
-from ..logprobs import Example, token_nlls
-from ..model import encode, pad_id
+from ..models.logprobs import Example, token_nlls
+from ..models.model import encode, pad_id
 from ..runtime import eval_mode
-from ..steering import active_steering
+from ..steering.generation import Completion
+from ..steering.hooks import active_steering
 from ..vocab import Number
 from .base import Reason, Verdict, check_fraction, check_nonempty, check_positive
 

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from ..generate import Completion
+from ..steering.generation import Completion
 from ..vocab import Number
 from .base import Verdict
 from .calibrated import Calibration

@@ -23,7 +23,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-from ..generate import Completion
+from ..steering.generation import Completion
 from ..vocab import Number
 from .base import Reason, Verdict, check_fraction, check_nonempty, check_positive
 

@@ -1,0 +1,122 @@
+"""Mean-difference extraction of a steering vector from a persona pair.
+
+For each context x (a user message) and layer l, read the block output at the last prompt
+token (the assistant tag after the generation prompt) with the system persona `pos` and
+with `neg`:
+
+    v_l = mean_x [ h_l(pos, x)[-1] - h_l(neg, x)[-1] ]
+
+No normalisation: the scale is the persona's natural shift, so coeff 1.0 is "as strong as
+the prompt". Pairs should be direct opposites without negation, so the difference isolates
+the axis rather than "having a persona".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..models.model import (
+    Depth,
+    LayerSpec,
+    chat_prompt,
+    decoder_blocks,
+    encode,
+    hidden_size,
+    input_device,
+    left_pad,
+    n_layers,
+    pad_id,
+    resolve_layers,
+)
+
+
+class _Enough(Exception):
+    """Raised by the deepest hook: later blocks and the LM head are not needed."""
+
+
+@torch.inference_mode()
+def last_token_states(
+    model: nn.Module,
+    tok,
+    texts: Sequence[str],
+    layers: Sequence[int],
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[int, Float[Tensor, "n hidden"]]:
+    """Block outputs at the last token of each (already formatted) text, fp32 on CPU.
+
+    Batched with left padding, so the last column is every row's last real token. The
+    forward stops after the deepest requested block.
+    """
+    if not texts:
+        raise ValueError("no texts to read hidden states from")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    blocks = decoder_blocks(model)
+    layers = sorted(set(layers))
+    token_lists = [encode(tok, text) for text in texts]
+    order = sorted(range(len(texts)), key=lambda i: len(token_lists[i]))  # less padding per batch
+    out = {layer: torch.empty(len(texts), hidden_size(model)) for layer in layers}
+    captured: dict[int, Tensor] = {}
+
+    def reader(layer: int):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            captured[layer] = hidden[:, -1, :].float().cpu()
+            if layer == layers[-1]:
+                raise _Enough
+
+        return hook
+
+    handles = [blocks[layer].register_forward_hook(reader(layer)) for layer in layers]
+    device = input_device(model)
+    try:
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="hidden states", disable=not progress, leave=False):
+            rows = order[start : start + batch_size]
+            ids, mask, positions = left_pad([token_lists[i] for i in rows], pad_id(tok), device)
+            captured.clear()
+            try:
+                model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+            except _Enough:
+                pass
+            for layer in layers:
+                out[layer][rows] = captured[layer]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return out
+
+
+def check_personas(pos: str, neg: str) -> None:
+    if pos.strip() == neg.strip():
+        raise ValueError("pos and neg personas are identical; the difference would be zero")
+
+
+def mean_difference(
+    model: nn.Module,
+    tok,
+    pos: str,
+    neg: str,
+    contexts: Sequence[str],
+    layers: LayerSpec = Depth(0.45, 0.55),
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[int, Float[Tensor, " hidden"]]:
+    """The directions `mean(h(pos) - h(neg))` at the last prompt token, per layer (fp32, CPU).
+
+    `SteeringVector.from_persona_pair` wraps them with their provenance.
+    """
+    if not contexts:
+        raise ValueError("contexts is empty; pass a few hundred diverse user messages")
+    check_personas(pos, neg)
+    chosen = resolve_layers(layers, n_layers(model))
+    texts = [chat_prompt(tok, context, system=persona) for persona in (pos, neg) for context in contexts]
+    states = last_token_states(model, tok, texts, chosen, batch_size=batch_size, progress=progress)
+    n = len(contexts)
+    return {layer: (h[:n].double().mean(0) - h[n:].double().mean(0)).float() for layer, h in states.items()}
