@@ -10,7 +10,7 @@ import click
 
 from steer_heal.errors import SteerHealError
 from steer_heal.run.config import PRESETS
-from steer_heal.vocab import Aggregation, ItemSet, Reference, RegName, SteerHow, choices
+from steer_heal.vocab import Aggregation, AnchorName, ItemSet, Reference, RegName, SteerHow, choices
 
 from .options import device_options, parse_layers, placement, side_by_side
 
@@ -190,6 +190,10 @@ def _overrides(**options) -> dict[str, dict]:
         "tau": "heal",
         "agg": "heal",
         "reference": "heal",
+        "anchor": "heal",
+        "anchor_lam": "heal",
+        "max_auc": "drift",
+        "max_kl": "drift",
         "coherence_floor": "eval",
         "device": "run",
         "dtype": "run",
@@ -215,6 +219,15 @@ def _overrides(**options) -> dict[str, dict]:
 @click.option("--tau", type=float, default=None)
 @click.option("--agg", type=click.Choice(choices(Aggregation)), default=None)
 @click.option("--reference", type=click.Choice(choices(Reference)), default=None)
+@click.option(
+    "--anchor",
+    type=click.Choice(choices(AnchorName)),
+    default=None,
+    help="hold the register: a divergence to the base on its own neutral completions, every heal step",
+)
+@click.option("--anchor-lam", type=float, default=None, help="the anchor's weight (> 0)")
+@click.option("--max-auc", type=float, default=None, help="stop when the register-shift AUC exceeds this (0 never)")
+@click.option("--max-kl", type=float, default=None, help="stop when NeutralKL exceeds this, nats/token (0 never)")
 @click.option("--seed", type=int, default=None)
 @click.option(
     "--coherence-floor",
@@ -230,7 +243,7 @@ def _overrides(**options) -> dict[str, dict]:
     "resume_dir",
     type=click.Path(exists=True, file_okay=False),
     default=None,
-    help="continue a run after its last finished round (--rounds / --coherence-floor may change)",
+    help="continue a run after its last finished round (--rounds, --coherence-floor, --max-auc, --max-kl may change)",
 )
 @click.option("--overwrite", is_flag=True, help="replace an existing --out directory")
 @click.option("--dry-run", is_flag=True, help="print the resolved config and the planned work, run nothing")
@@ -246,6 +259,10 @@ def run(
     tau,
     agg,
     reference,
+    anchor,
+    anchor_lam,
+    max_auc,
+    max_kl,
     seed,
     coherence_floor,
     out,
@@ -272,6 +289,10 @@ def run(
         tau=tau,
         agg=agg,
         reference=reference,
+        anchor=anchor,
+        anchor_lam=anchor_lam,
+        max_auc=max_auc,
+        max_kl=max_kl,
         seed=seed,
         coherence_floor=coherence_floor,
         device=device,
@@ -297,7 +318,10 @@ def run(
         click.echo(
             f"# plan: base + prompted evaluation, then {config.run.rounds} round(s) of extract -> dose search "
             f"({config.dose.steps + 2} probes max) -> collect {config.collect.n_keep} -> heal ({config.heal.reg}, "
-            f"{config.heal.epochs} epochs, reference {config.heal.reference}) -> evaluate"
+            f"{config.heal.epochs} epochs, reference {config.heal.reference}"
+            + (f", anchor {config.heal.anchor} lam {config.heal.anchor_lam:g}" if config.heal.anchor != "none" else "")
+            + ") -> evaluate"
+            + (" -> drift on held-out neutral prompts" if config.drift.enabled else "")
         )
         return
     setup = loop.setup(config)  # loads the model and data: a failure here leaves nothing on disk

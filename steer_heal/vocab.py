@@ -15,6 +15,7 @@ Number = float | int  # beartype, unlike PEP 484, does not let an int pass as a 
 RegName = Literal["klrev", "klfwd", "nll", "spectral"]  # the loop's main regulariser
 Aggregation = Literal["mean", "rmse", "p95", "max"]  # per-completion divergence -> one number
 Reference = Literal["base", "prev", "last_good"]  # which folded state heal is anchored to
+AnchorName = Literal["none", "klrev", "klfwd"]  # the heal's anchor on the base's neutral text, or none
 CalibrateOn = Literal["base", "student"]  # whose unsteered completions set the filter's thresholds
 SteerHow = Literal["hooks", "bias"]  # forward hooks or a baked bias
 ItemSet = Literal["bundled", "mfv", "both"]  # which vignettes the probes use

@@ -8,10 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from steer_heal import SteeringVector, loop
+from steer_heal import SteeringVector
 from steer_heal.errors import InputError, ModelMismatch
 from steer_heal.models.tiny import tiny_model
 from steer_heal.run import config as cfg
+from steer_heal.run import loop
 from steer_heal.run.export import MARKER, export_adapters, export_baked, export_merged, student
 from steer_heal.run.runlog import RunDir
 

@@ -90,7 +90,7 @@ def test_coherence_floor_is_relative_to_the_base(tmp_path):
     if healed < base:
         assert (
             rounds == [0]
-            and result["stopped"] == f"coherence {healed:.3f} < 1.0 x base coherence = {base:.3f} after round 0"
+            and result["stopped"] == f"coherence: {healed:.3f} < 1.0 x base coherence = {base:.3f} after round 0"
         )
     else:
         assert rounds == [0, 1] and (result["stopped"] is None or "after round 1" in result["stopped"])
@@ -251,7 +251,7 @@ def test_a_later_round_without_a_passing_dose_stops_the_loop_with_the_reason(tmp
     with RunDir.create(tmp_path / "run", config) as run:
         result = loop.run(config, run, progress=False)
         events = run.events()
-    assert result["stopped"] == "round 1: no dose passes: at c_min=0.25 only 0/4 completions were kept"
+    assert result["stopped"] == "filter: round 1: no dose passes: at c_min=0.25 only 0/4 completions were kept"
     assert [e["round"] for e in events if e["event"] == "checkpoint"] == [-1, 0]
     assert [e["reason"] for e in events if e["event"] == "stop"] == [result["stopped"]]
     # round 0 failing is a configuration error, not a result: it still raises

@@ -27,10 +27,11 @@ from pathlib import Path
 
 import torch
 
-from steer_heal import SteeringVector, load_model, loop, plot
+from steer_heal import SteeringVector, load_model
 from steer_heal.data import load_axis, load_contexts
 from steer_heal.evaluate import AnswerLogOdds, Vignettes, load_vignettes, shift, stratified_subset
 from steer_heal.run import config as cfg
+from steer_heal.run import loop, plot
 from steer_heal.run.runlog import RunDir
 from steer_heal.sampling import Sampling
 from steer_heal.steering.generation import generate

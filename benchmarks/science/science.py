@@ -383,15 +383,29 @@ def loop_phase(
 ) -> None:
     """Q2/Q3: the library's loop, 5 rounds, reference prev with lambda decay, KLRev vs NLL. The dose
     walk's probe is 16 completions (the preset's 8 ended a KLRev loop on one completion in eight).
-    `calibrate_on`: whose unsteered text sets the filter's thresholds (filter.calibrate_on)."""
+    `calibrate_on`: whose unsteered text sets the filter's thresholds (filter.calibrate_on).
+
+    A reg written `<reg>+a<lam>` (e.g. `klrev+a1`) also heals with the anchor (issue 25): reverse KL
+    to the base on its own completions of the anchor prompts, weight lam. Every run logs the drift
+    instruments (NeutralKL, register-shift AUC, the base's perplexity of the student's samples) each
+    round and the register shift's controls once.
+
+    Issue 25's rules, written before the runs: an arm "lasts" on a seed when it makes 5 rounds with
+    the default (base-calibrated) filter, its stance at round 4 is not below round 0's beyond their
+    95% intervals, its register AUC stays <= 0.7 and its 7-way coherence >= 0.95 x base at every
+    round. The anchor's lam is the one of the seed-0 sweep (0.3, 1, 3 with KLRev) that lasts with the
+    smallest AUC; ties go to the smaller lam (less pull on the trait). An AUC read while the register
+    shift's controls failed is reported as the instrument failing, not as no drift."""
     from steer_heal.run import config as cfg
     from steer_heal.run import loop
     from steer_heal.run.runlog import RunDir
 
     out["runs"] = {}
     for seed in seeds:
-        for reg in regs:
-            name = f"{axis_name} {reg} seed={seed}" + (
+        for arm in regs:
+            reg, _, anchor_lam = arm.partition("+a")
+            anchor = {"anchor": "klrev", "anchor_lam": float(anchor_lam)} if anchor_lam else {"anchor": "none"}
+            name = f"{axis_name} {arm} seed={seed}" + (
                 "" if calibrate_on == "base" else f" calibrate_on={calibrate_on}"
             )
             per_round = out.get("round_s", 60.0)
@@ -404,7 +418,7 @@ def loop_phase(
                     "run": {"rounds": 5, "seed": seed, "axis": axis_name, "device": "cuda", "dtype": "float32"},
                     "dose": {"probe_size": probe_size},
                     "filter": {"calibrate_on": calibrate_on},
-                    "heal": {"reg": reg, "reference": "prev", "batch_size": 8, "lr": 2e-4},
+                    "heal": {"reg": reg, "reference": "prev", "batch_size": 8, "lr": 2e-4, **anchor},
                     "eval": {"n_items": 42, "think_tokens": 0, "sample_tokens": 16, "coherence_floor": 0.0},
                 },
             )

@@ -32,6 +32,35 @@ def load_contexts(path: str | Path | None = None) -> list[str]:
     return contexts
 
 
+def load_neutral_prompts(path: str | Path | None = None) -> list[str]:
+    """Held-out neutral user messages for the drift instruments (bundled set by default)."""
+    prompts = read_lines(path or data_path("neutral_prompts.txt"))
+    if not prompts:
+        raise ValueError(f"{path} holds no neutral prompts; one user message per line")
+    return prompts
+
+
+def load_anchor_prompts(path: str | Path | None = None) -> list[str]:
+    """Neutral user messages whose base completions anchor the heal (bundled set by default)."""
+    prompts = read_lines(path or data_path("anchor_prompts.txt"))
+    if not prompts:
+        raise ValueError(f"{path} holds no anchor prompts; one user message per line")
+    return prompts
+
+
+def check_disjoint(name: str, prompts: list[str], others: dict[str, list[str]]) -> None:
+    """Refuse, in one line naming both sets, a prompt set that shares a message with another
+    (a drift reading on prompts the model trained or was steered on would not be held out)."""
+    mine = {p.strip().casefold() for p in prompts}
+    for other, texts in others.items():
+        shared = sorted(mine & {t.strip().casefold() for t in texts})
+        if shared:
+            raise ValueError(
+                f"the {name} prompts share {len(shared)} message(s) with the {other} (e.g. {shared[0][:60]!r}); "
+                "use disjoint prompt sets"
+            )
+
+
 @dataclass(frozen=True)
 class Axis:
     """A persona pair and the prompts that let its trait show."""

@@ -5,6 +5,8 @@
 - `Vignettes`: forced-choice moral-foundations probe (nats per foundation + coherence);
 - `TraitJudge`: the trait in free text, scored with a small sentence-embedding model;
 - `HeldOutPerplexity`, `Samples`: fluency on neutral text and greedy samples for the report;
+- `NeutralDrift`: how far a student drifted from the base on neutral prompts (NeutralKL,
+  RegisterShift AUC, the base's perplexity of the student's text), with `DriftControls`;
 - `compare`, `stage_table`: paired deltas and a verdict that checks coherence first.
 
 Evaluators run the model they are given; steer or bake around the call.
@@ -12,6 +14,7 @@ Evaluators run the model they are given; steer or bake around the call.
 
 from .base import EvalResult, Evaluator, min_coherence
 from .compare import BROKEN_BELOW, Comparison, compare, stage_table
+from .drift import NEGATIVE_AUC, POSITIVE_AUC, DriftControls, NeutralDrift, neutral_kl, register_shift
 from .items import (
     FOUNDATIONS,
     Vignette,
@@ -28,6 +31,12 @@ from .text import HeldOutPerplexity, Samples, load_paragraphs
 from .vignettes import LABELS, WORDINGS, Vignettes, Wording, option_token_ids
 
 __all__ = [
+    "NEGATIVE_AUC",
+    "POSITIVE_AUC",
+    "DriftControls",
+    "NeutralDrift",
+    "neutral_kl",
+    "register_shift",
     "AnswerLogOdds",
     "AnswerPair",
     "OffAxisPair",

@@ -39,7 +39,7 @@ def minilm_folder(package: str = _PACKAGE) -> Path:
     """The bundled all-MiniLM-L6-v2 folder, found without importing its package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"TraitJudge needs the sentence-embedding model: {INSTALL_HINT}")
+        raise ModuleNotFoundError(f"the sentence-embedding model all-MiniLM-L6-v2 is not installed: {INSTALL_HINT}")
     folder = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} has no model files; reinstall: {INSTALL_HINT}")

@@ -20,6 +20,9 @@ full-vocabulary log-softmax, so no `[batch, seq, vocab]` tensor exists for paddi
   modules m, sigma_max by power iteration on `W^T W` without forming `W`, warm-started
   from the previous call; `sigma = ||W v||` with the iterate `v` held fixed, so the gradient
   `u v^T` (u = Wv/|Wv|) flows into A and B.
+- `Anchor(lam, div)`: `lam * mean_i D_i` on a second batch, the base model's own completions
+  of neutral prompts, with `D_i` the mean KL (rev or fwd) to the base: holds the register
+  of text that has nothing to do with the trait (see its docstring).
 - `WeightDecay(wd)`: no loss term; decoupled (AdamW-style) decay `theta <- theta - lr*wd*theta`
   on the adapter parameters, applied by the optimiser, so it composes with any of the above.
 
@@ -39,7 +42,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-from ..vocab import Aggregation, Number, choices
+from ..vocab import Aggregation, AnchorName, Number, choices
 
 AGGREGATIONS: tuple[str, ...] = choices(Aggregation)
 RMSE_EPS = 1e-6
@@ -255,6 +258,56 @@ class KLFwd(_KLBarrier):
 
     def divergence(self, ctx: RegContext) -> Float[Tensor, " n"]:
         return kl_fwd(ctx.student, ctx.reference)
+
+
+ANCHOR_DIVERGENCES = tuple(name for name in choices(AnchorName) if name != "none")
+MIN_ANCHOR = 8  # anchor completions heal needs: fewer would revisit the same few texts every step
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """Hold the register: a divergence to the *base* on the base's own neutral completions.
+
+    Every heal step also runs a batch of anchor examples (the base model's own sampled
+    completions of neutral prompts, `data/anchor_prompts.txt`, made once per run) through
+    the student and the base, and adds `lam * mean_i D_i`, with `D_i` the mean over anchor
+    completion i's positions of `KL(student || base)` (`div = "klrev"`) or `KL(base || student)`
+    (`"klfwd"`): the KLRev / KLFwd barrier with `tau = 0`, mean aggregation and no decay over
+    rounds. It composes with any other regulariser: they see the trait batch, it sees the
+    anchor batch.
+
+    The reference is always the base, whatever `heal(reference=...)` says: against the previous
+    student, each round would only be held to the last one, so drift that accumulates a little
+    per round is never pulled back (tests/test_heal.py shows it on a folded, drifted round).
+    """
+
+    lam: Number = 1.0
+    div: str = "klrev"
+    name: str = field(default="anchor", init=False)
+    needs_reference: bool = field(default=False, init=False)  # for the trait batch: it brings its own
+    weight_decay: float = field(default=0.0, init=False)
+    on_anchor: bool = field(default=True, init=False)  # heal hands it the anchor batch's context
+
+    def __post_init__(self) -> None:
+        lam = float(self.lam)
+        if not math.isfinite(lam) or lam <= 0:
+            raise ValueError(
+                f"Anchor lam must be a finite number > 0, got {self.lam}; leave the anchor out to turn it off"
+            )
+        object.__setattr__(self, "lam", lam)
+        if self.div not in ANCHOR_DIVERGENCES:
+            raise ValueError(f"Anchor div must be one of {', '.join(ANCHOR_DIVERGENCES)}, got {self.div!r}")
+
+    def __call__(self, ctx: RegContext) -> Penalty:
+        inner = (KLRev if self.div == "klrev" else KLFwd)(lam=self.lam, tau=0.0, agg="mean", lam_round_pow=0.0)
+        penalty = inner(ctx)
+        logs = {"divergence": penalty.logs["divergence"], "divergence_max": penalty.logs["divergence_max"]}
+        return Penalty(penalty.loss, logs, active=penalty.active)
+
+
+def on_anchor(reg: Regularizer) -> bool:
+    """Whether a regulariser reads the anchor batch (`Anchor`) rather than the trait batch."""
+    return bool(getattr(reg, "on_anchor", False))
 
 
 # ---------------------------------------------------------------- the others

@@ -44,7 +44,7 @@ from ..vocab import Number, Reference, Schedule, check_choice, choices
 from .encoding import context_length, encode_completions
 from .history import Adapter, History, TrainSlot
 from .lora import LoraSettings
-from .regularizers import KLRev, Penalty, RegContext, Regularizer
+from .regularizers import MIN_ANCHOR, KLRev, Penalty, RegContext, Regularizer, on_anchor
 
 __all__ = ["EpochLog", "HealDiverged", "HealResult", "LoraSettings", "StepLog", "TrainSettings", "heal"]
 
@@ -179,13 +179,16 @@ def heal(
     train: TrainSettings = TrainSettings(),
     round: int | None = None,
     progress: bool | None = None,
+    anchor: Sequence[Completion] = (),
 ) -> HealResult:
     """Train one round's adapter on `completions`; the model is left as it was.
 
     `target` is a `History`: the adapter trains on top of its folded rounds and the
     reference is taken from it; fold the result with `history.fold(result)`. Or a plain
     model: then `prev` and `last_good` are the base model. `round` (default: rounds folded
-    so far) drives the barrier's lambda decay.
+    so far) drives the barrier's lambda decay. `anchor`: the base model's own completions of
+    neutral prompts, which an `Anchor` regulariser holds the student to (at least 8; every
+    step draws a batch of them, in a seeded order that cycles through all).
     """
     completions = list(completions)
     if not completions:
@@ -196,6 +199,14 @@ def heal(
             raise ValueError(f"{reg!r} is not a Regularizer (needs name, needs_reference, weight_decay and __call__)")
     if reference not in choices(Reference):
         raise ValueError(f"unknown reference {reference!r}; choose one of {', '.join(choices(Reference))}")
+    anchored = [reg for reg in regs if on_anchor(reg)]
+    if anchored and len(anchor) < MIN_ANCHOR:
+        raise ValueError(
+            f"the Anchor regulariser needs at least {MIN_ANCHOR} anchor completions (the base's own completions of "
+            f"neutral prompts), got {len(anchor)}; pass heal(..., anchor=...)"
+        )
+    if anchor and not anchored:
+        raise ValueError("anchor completions were given but no Anchor regulariser reads them; add Anchor(lam=...)")
     history = target if isinstance(target, History) else None
     r = (len(history) if history is not None else 0) if round is None else round
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
@@ -208,6 +219,9 @@ def heal(
         )
     max_len = context_length(model, train.max_len)
     examples, truncated = encode_completions(tok, completions, max_len)
+    anchor_examples, _ = encode_completions(tok, list(anchor), max_len)
+    if anchored and len(anchor_examples) < MIN_ANCHOR:
+        raise ValueError(f"only {len(anchor_examples)} anchor completions have tokens; Anchor needs {MIN_ANCHOR}")
     if not examples:
         raise ValueError("every completion is empty and was cut at the token limit: nothing to train on")
     if len(examples) < len(completions):
@@ -227,14 +241,36 @@ def heal(
             config = lora.config(student)
             # enable_grad: a caller inside torch.no_grad() still gets a trained adapter
             with hist.train_adapter(config) as slot, torch.enable_grad():
-                return _train(hist, slot, tok, examples, regs, reference, train, r, truncated, progress)
+                return _train(
+                    hist, slot, tok, examples, anchor_examples, regs, reference, train, r, truncated, progress
+                )
     finally:
         if history is None:
             hist.close()
 
 
+def _anchor_batches(examples: Sequence[Example], size: int, seed: int):
+    """Endless anchor micro-batches: seeded permutations, one after another, so every anchor
+    completion is seen before any is seen twice."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(len(examples), generator=gen).tolist()
+        for a in range(0, len(order), size):
+            yield [examples[i] for i in order[a : a + size]]
+
+
 def _train(
-    hist: History, slot: TrainSlot, tok, examples, regs, reference, train: TrainSettings, r, truncated, progress
+    hist: History,
+    slot: TrainSlot,
+    tok,
+    examples,
+    anchor_examples,
+    regs,
+    reference,
+    train: TrainSettings,
+    r,
+    truncated,
+    progress,
 ) -> HealResult:
     started = time.perf_counter()
     model, pad, device = hist.model, pad_id(tok), input_device(hist.model)
@@ -248,7 +284,8 @@ def _train(
     weight_decay = sum(float(reg.weight_decay) for reg in regs)
     opt = torch.optim.AdamW(slot.params, lr=train.lr, betas=train.betas, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: train.lr_factor(step, total))
-    need_ref = any(reg.needs_reference for reg in regs)
+    need_ref = any(reg.needs_reference for reg in regs if not on_anchor(reg))
+    anchors = _anchor_batches(anchor_examples, train.batch_size, train.seed + 1) if anchor_examples else None
     steps: list[StepLog] = []
     epochs: list[EpochLog] = []
     val_start = _val_nll(model, val, pad, train.batch_size)
@@ -304,6 +341,7 @@ def _train(
                     regs,
                     reference,
                     need_ref,
+                    anchors,
                     train,
                     r,
                     pad,
@@ -375,7 +413,18 @@ def _val_nll(model: nn.Module, val: Sequence[Example], pad: int, batch_size: int
     return mean_nll(model, val, pad, batch_size)
 
 
-def _step(hist, slot, group, regs, reference, need_ref, train, r, pad, device, step, epoch, opt, sched) -> StepLog:
+def _anchor_context(hist, slot, examples, r, pad, device) -> RegContext:
+    """The anchor batch under the student (with grad) and under the base (its reference, always)."""
+    batch = make_batch(examples, pad, device)
+    with torch.no_grad(), hist.reference("base"):
+        base = target_logprobs(hist.model, batch)
+    logp = target_logprobs(hist.model, batch)
+    return RegContext(logp, base, batch.targets, batch.rows, batch.mask, r, slot.name, slot.modules, slot.params)
+
+
+def _step(
+    hist, slot, group, regs, reference, need_ref, anchors, train, r, pad, device, step, epoch, opt, sched
+) -> StepLog:
     model, params = hist.model, slot.params
     sft: list[Tensor | None] = [None] * len(params)
     reg_grads: list[Tensor | None] = [None] * len(params)
@@ -390,7 +439,8 @@ def _step(hist, slot, group, regs, reference, need_ref, train, r, pad, device, s
         logp = target_logprobs(model, batch)
         nll = -logp.gather(1, batch.targets[:, None]).mean()
         ctx = RegContext(logp, ref, batch.targets, batch.rows, batch.mask, r, slot.name, slot.modules, params)
-        penalties: list[Penalty] = [reg(ctx) for reg in regs]
+        anchor_ctx = _anchor_context(hist, slot, next(anchors), r, pad, device) if anchors is not None else None
+        penalties: list[Penalty] = [reg(anchor_ctx if on_anchor(reg) else ctx) for reg in regs]
         reg_loss = sum((p.loss for p in penalties), logp.new_zeros(()))
         # only active terms are differentiated; an idle barrier's gradient is exactly zero
         reg_grad_loss = sum((p.loss for p in penalties if p.active), logp.new_zeros(()))
@@ -400,7 +450,10 @@ def _step(hist, slot, group, regs, reference, need_ref, train, r, pad, device, s
             for key, value in pen.logs.items():
                 extra[f"{reg.name}.{key}"] = extra.get(f"{reg.name}.{key}", 0.0) + value / len(group)
         # the headline divergence is the first divergence regulariser's
-        first = next((pen.logs["divergence"] for pen in penalties if "divergence" in pen.logs), None)
+        # (the anchor's divergence is on other text: it is logged as anchor.divergence only)
+        first = next(
+            (p.logs["divergence"] for g, p in zip(regs, penalties) if "divergence" in p.logs and not on_anchor(g)), None
+        )
         if first is not None:
             divergence = (divergence or 0.0) + first / len(group)
         scale = 1.0 / len(group)

@@ -20,6 +20,7 @@ from ..vocab import (
     DEVICE_NAMES,
     DEVICE_PATTERN,
     Aggregation,
+    AnchorName,
     CalibrateOn,
     DTypeName,
     ItemSet,
@@ -111,6 +112,23 @@ class HealSection:
     epochs: int = 6
     batch_size: int = 4
     lr: float = 1e-4
+    # hold the register: a divergence to the base on the base's own completions of neutral prompts
+    # (data/anchor_prompts.txt), every step beside the trait batch (`healing.Anchor`); none | klrev | klfwd
+    anchor: str = "none"
+    anchor_lam: float = 1.0
+    anchor_n: int = 64  # anchor prompts the base completes once per run (at least 8)
+
+
+@dataclass(frozen=True)
+class DriftSection:
+    """The student's drift from the base on held-out neutral prompts, every round (evaluate.drift)."""
+
+    enabled: bool = True  # NeutralKL and RegisterShift after every heal (needs the bundled MiniLM)
+    n_prompts: int = 64  # held-out neutral prompts (data/neutral_prompts.txt); 0: all
+    max_new_tokens: int = 48  # tokens per neutral (and anchor) completion
+    controls: bool = True  # the register shift's positive and negative controls, once per run
+    max_auc: float = 0.0  # stop when the register-shift AUC exceeds this (0: never)
+    max_kl: float = 0.0  # stop when NeutralKL(student || base) exceeds this many nats per token (0: never)
 
 
 @dataclass(frozen=True)
@@ -135,6 +153,7 @@ class RunConfig:
     filter: FilterSection = field(default_factory=FilterSection)
     heal: HealSection = field(default_factory=HealSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    drift: DriftSection = field(default_factory=DriftSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return asdict(self)
@@ -142,6 +161,7 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Every key's range and every cross-key rule, as one-line `ConfigError`s."""
         r, x, d, c, f, h, e = self.run, self.extract, self.dose, self.collect, self.filter, self.heal, self.eval
+        n = self.drift
         checks = [
             (bool(r.model.strip()), "run.model is empty; name an HF model id, a local path or 'smollm2-135m'"),
             (bool(r.axis.strip()), "run.axis is empty; name a bundled axis (authority, love) or an axis .toml file"),
@@ -224,6 +244,27 @@ class RunConfig:
             (h.epochs >= 1, f"heal.epochs must be >= 1, got {h.epochs}"),
             (h.batch_size >= 1, f"heal.batch_size must be >= 1, got {h.batch_size}"),
             (h.lr > 0, f"heal.lr must be > 0, got {h.lr}"),
+            (
+                h.anchor in choices(AnchorName),
+                f"heal.anchor must be {'|'.join(choices(AnchorName))}, got {h.anchor!r}",
+            ),
+            (
+                h.anchor == "none" or (_is_number(h.anchor_lam) and h.anchor_lam > 0),
+                f"heal.anchor_lam must be a number > 0 with heal.anchor = {h.anchor!r}, got {h.anchor_lam}; "
+                "set heal.anchor = 'none' to turn the anchor off",
+            ),
+            (
+                h.anchor == "none" or h.anchor_n >= 8,
+                f"heal.anchor_n must be >= 8 anchor completions, got {h.anchor_n}",
+            ),
+            (n.n_prompts == 0 or n.n_prompts >= 10, f"drift.n_prompts must be 0 (all) or >= 10, got {n.n_prompts}"),
+            (n.max_new_tokens >= 1, f"drift.max_new_tokens must be >= 1, got {n.max_new_tokens}"),
+            (0 <= n.max_auc <= 1, f"drift.max_auc is an AUC in [0, 1] (0: no stop), got {n.max_auc}"),
+            (n.max_kl >= 0, f"drift.max_kl must be >= 0 nats (0: no stop), got {n.max_kl}"),
+            (
+                n.enabled or (n.max_auc == 0 and n.max_kl == 0),
+                "drift.max_auc and drift.max_kl stop on the drift instruments; set drift.enabled = true",
+            ),
             (e.items in choices(ItemSet), f"eval.items must be {'|'.join(choices(ItemSet))}, got {e.items!r}"),
             (e.batch_size >= 1, f"eval.batch_size must be >= 1, got {e.batch_size}"),
             (e.n_items >= 0, f"eval.n_items must be >= 0 (0: all items), got {e.n_items}"),
@@ -276,6 +317,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "filter": {"calibrate": False, "ppl_tau": 1e9},
         "heal": {"rank": 4, "alpha": 8, "epochs": 1, "batch_size": 4},
         "eval": {"n_items": 14, "think_tokens": 2, "sample_tokens": 8, "coherence_floor": 0.0},
+        "drift": {"n_prompts": 10, "max_new_tokens": 8},
     },
     # the embedded SmolLM2-135M, one round sized for ~6 minutes on 2 CPU cores
     # both SmolLM2 presets use the love axis: its vector's stance part carries (its probe's positive
@@ -293,6 +335,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "heal": {"reg": "nll", "epochs": 2, "rank": 8, "alpha": 16, "lr": 5e-4},
         # 16 of the 32 held-out scenarios: the log-odds probe is the demo's slowest stage on 2 CPU cores
         "eval": {"n_items": 21, "think_tokens": 0, "sample_tokens": 32, "logodds_scenarios": 16},
+        # half the neutral prompts, shorter: the drift instruments and their controls in about a minute
+        "drift": {"n_prompts": 32, "max_new_tokens": 32},
     },
     "full": {
         "run": {"model": "smollm2-135m", "rounds": 3, "axis": "love"},
@@ -396,7 +440,7 @@ def load(path: str | Path) -> RunConfig:
 
 
 # keys a resumed run may change: they decide how far the loop goes, not what a finished round computed
-RESUMABLE = ("run.rounds", "eval.coherence_floor")
+RESUMABLE = ("run.rounds", "eval.coherence_floor", "drift.max_auc", "drift.max_kl")
 
 
 def override(config: RunConfig, overrides: dict[str, dict[str, Any]], where: str = "options") -> RunConfig:

@@ -9,7 +9,12 @@
         adapter  = heal(student, kept, reference)         # LoRA, NLL + divergence barrier
         history.fold(adapter)                             # the student absorbs the round
         healed   = evaluate(student)
-        record cos(v_r, v_0), cos(v_student, v_r); stop if healed coherence < floor * base coherence
+        drift    = NeutralKL, RegisterShift(student vs base on held-out neutral prompts)
+        record cos(v_r, v_0), cos(v_student, v_r)
+        stop if healed coherence < floor * base coherence, or drift past drift.max_auc / max_kl
+
+With `heal.anchor` the heal also holds the student to the base on the base's own completions
+of neutral anchor prompts (`healing.Anchor`); those and the drift set come from `run/neutral.py`.
 
 The filter scores perplexity under the base model (`history.base`), never the steered
 student. Every stage is logged to the run directory; each round ends with a checkpoint
@@ -26,7 +31,7 @@ import torch
 from torch import nn
 
 from ..data import Axis, load_axis, load_contexts
-from ..errors import DoseError
+from ..errors import ConfigError, DoseError
 from ..evaluate import (
     AnswerLogOdds,
     EvalResult,
@@ -37,11 +42,12 @@ from ..evaluate import (
     min_coherence,
     stratified_subset,
 )
+from ..evaluate.judge import minilm_folder
 from ..filters import Calibration, calibrate_on_pool, default_filter
 from ..filters.dose import collect, walk_dose
 from ..healing.history import Adapter, History
 from ..healing.lora import LoraSettings
-from ..healing.regularizers import NLL, KLFwd, KLRev, Regularizer, SpectralNorm, WeightDecay
+from ..healing.regularizers import NLL, Anchor, KLFwd, KLRev, Regularizer, SpectralNorm, WeightDecay
 from ..healing.train import TrainSettings, heal
 from ..models.devices import attention_backends
 from ..models.loading import load_model
@@ -51,6 +57,7 @@ from ..steering.generation import compiled_graphs
 from ..steering.vector import SteeringVector
 from ..vocab import RegName
 from .config import RunConfig
+from .neutral import Neutral, neutral_stage, prompt_sets
 from .runlog import RunDir
 
 
@@ -63,6 +70,7 @@ class Setup:
     axis: Axis
     contexts: list[str]
     probes: dict[str, Any]  # name -> Evaluator (AnswerLogOdds, Vignettes)
+    neutral: Neutral | None = None  # the run's neutral text and drift instruments (`neutral_stage`)
 
     @property
     def model(self) -> nn.Module:
@@ -79,7 +87,9 @@ def regularizers(config: RunConfig) -> list[Regularizer]:
         "nll": NLL,
     }
     main = registry[h.reg]()
-    return [main] + ([WeightDecay(wd=h.weight_decay)] if h.weight_decay > 0 else [])
+    decay = [WeightDecay(wd=h.weight_decay)] if h.weight_decay > 0 else []
+    anchor = [Anchor(lam=h.anchor_lam, div=h.anchor)] if h.anchor != "none" else []
+    return [main, *decay, *anchor]
 
 
 def probes(config: RunConfig, seed: int, axis: Axis | None = None) -> dict[str, Any]:
@@ -114,6 +124,12 @@ def setup(config: RunConfig) -> Setup:
     axis = load_axis(config.run.axis)
     contexts = load_contexts()[: config.extract.n_contexts]
     chosen = probes(config, config.run.seed, axis)
+    prompt_sets(config, axis)  # neutral and anchor prompts disjoint from the axis's, before the model loads
+    if config.drift.enabled:
+        try:  # the register shift's embedder
+            minilm_folder()
+        except (ModuleNotFoundError, FileNotFoundError) as exc:
+            raise ConfigError(f"{exc}, or set drift.enabled = false") from None
     model, tok = load_model(
         config.run.model,
         dtype=config.run.dtype,
@@ -322,6 +338,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
         lora=LoraSettings(r=h.rank, alpha=h.alpha, layers=tuple(h.lora_layers)),
         train=TrainSettings(epochs=h.epochs, batch_size=h.batch_size, lr=h.lr, seed=seed + 70),
         round=r,
+        anchor=s.neutral.anchor if s.neutral is not None else (),
     )
     run.log(
         "heal",
@@ -353,6 +370,12 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
         "norms": vec.norms(),
     }
     timings["healed_eval"] = time.perf_counter() - t0
+    if s.neutral is not None and s.neutral.drift is not None:
+        t0 = time.perf_counter()
+        drift = s.neutral.drift(s.model, s.tok)
+        run.log("drift", r, result=drift.to_dict(rows=True))
+        summary["drift"] = {k: drift.metrics[k] for k in ("kl_rev", "kl_fwd", "auc", "student_base_ppl")}
+        timings["drift"] = time.perf_counter() - t0
     out_dir = run.round_dir(r)
     vec.save(out_dir / "vector.safetensors")
     s.history.save_round(r, out_dir / "adapter")
@@ -374,8 +397,19 @@ def restore(config: RunConfig, s: Setup, run: RunDir) -> tuple[int, SteeringVect
     return last + 1, SteeringVector.load(run.round_dir(0) / "vector.safetensors")
 
 
-def stop_reason(coherence: float, fraction: float, floor: float, r: int) -> str:
-    return f"coherence {coherence:.3f} < {fraction} x base coherence = {floor:.3f} after round {r}"
+def stop_reason(config: RunConfig, summary: dict[str, Any], floor: float, r: int) -> str | None:
+    """Why the loop ends after round r (one line naming the instrument), or None to go on."""
+    if summary["coherence"] < floor:
+        return (
+            f"coherence: {summary['coherence']:.3f} < {config.eval.coherence_floor} x base coherence = {floor:.3f} "
+            f"after round {r}"
+        )
+    drift, n = summary.get("drift"), config.drift
+    if drift is not None and n.max_auc and drift["auc"] > n.max_auc:
+        return f"drift: register-shift AUC {drift['auc']:.3f} > drift.max_auc = {n.max_auc:g} after round {r}"
+    if drift is not None and n.max_kl and drift["kl_rev"] > n.max_kl:
+        return f"drift: NeutralKL {drift['kl_rev']:.4f} nats/token > drift.max_kl = {n.max_kl:g} after round {r}"
+    return None
 
 
 def run(config: RunConfig, run_dir: RunDir, s: Setup | None = None, progress: bool = True) -> dict[str, Any]:
@@ -391,14 +425,18 @@ def _run(config: RunConfig, run_dir: RunDir, s: Setup, progress: bool) -> dict[s
     if start == -1:
         base_stage(config, s, run_dir)
         start = 0
+    s.neutral = neutral_stage(config, s, run_dir)
+    if s.neutral.controls is not None and progress:
+        print(s.neutral.controls.verdict(), flush=True)
     stopped = None
     floor = config.eval.coherence_floor * base_coherence(run_dir)
     finished = [e for e in run_dir.events() if e["event"] == "round"]
-    if finished and finished[-1]["coherence"] < floor:  # a resumed run that had stopped stays stopped
+    if finished:  # a resumed run that had stopped stays stopped
         r = finished[-1]["round"]
-        stopped = stop_reason(finished[-1]["coherence"], config.eval.coherence_floor, floor, r)
-        run_dir.log("stop", r, reason=stopped)
-        return {"run_dir": str(run_dir.path), "stopped": stopped}
+        stopped = stop_reason(config, finished[-1], floor, r)
+        if stopped:
+            run_dir.log("stop", r, reason=stopped)
+            return {"run_dir": str(run_dir.path), "stopped": stopped}
     for r in range(start, config.run.rounds):
         try:
             summary = one_round(config, s, run_dir, r, v0)
@@ -407,18 +445,21 @@ def _run(config: RunConfig, run_dir: RunDir, s: Setup, progress: bool) -> dict[s
                 raise  # no round could run: the dose or filter settings are wrong, not a result
             # the student can no longer be steered coherently at any dose: the loop ends here,
             # after its last finished round (a result, logged like a coherence stop)
-            stopped = f"round {r}: {exc}"
+            stopped = f"filter: round {r}: {exc}"
             run_dir.log("stop", r, reason=stopped)
             break
         v0 = v0 or summary["vector"]
         if progress:
+            drift = summary.get("drift")
+            drift_line = f", drift AUC {drift['auc']:.2f} KL {drift['kl_rev']:.4f}" if drift else ""
             print(
                 f"round {r}: coeff {summary['coeff']:.3g}, kept {summary['n_kept']}, coherence {summary['coherence']:.3f}, "
-                f"cos(v_r, v_0) {summary['cos_v0']:.3f}, cos(v_student, v_r) {summary['cos_student_teacher']:.3f}",
+                f"cos(v_r, v_0) {summary['cos_v0']:.3f}, cos(v_student, v_r) {summary['cos_student_teacher']:.3f}"
+                f"{drift_line}",
                 flush=True,
             )
-        if summary["coherence"] < floor:
-            stopped = stop_reason(summary["coherence"], config.eval.coherence_floor, floor, r)
+        stopped = stop_reason(config, summary, floor, r)
+        if stopped:
             run_dir.log("stop", r, reason=stopped)
             break
     return {"run_dir": str(run_dir.path), "stopped": stopped}

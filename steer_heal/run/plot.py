@@ -141,7 +141,33 @@ def summary(events: list[dict[str, Any]]) -> str:
                 f"The persona prompt moved the stance by {_said(p)}; the healed model {verdict} it "
                 f"{'at equal or better' if equal else 'at lower'} coherence."
             )
-    return " ".join(out)
+    return " ".join(out + drift_sentences(events))
+
+
+def drift_sentences(events: list[dict[str, Any]]) -> list[str]:
+    """The drift line (controls first, then the last round's instruments) and the stop reason."""
+    out = []
+    neutral = next((e for e in events if e["event"] == "neutral"), None)
+    drifts = [e for e in events if e["event"] == "drift"]
+    controls = neutral.get("controls") if neutral else None
+    if drifts:
+        m, r = drifts[-1]["result"]["metrics"], drifts[-1]["round"]
+        if controls is None:
+            trust = "Its controls were not run, so the AUC is read with care."
+        elif controls["passed"]:
+            trust = "It passed its controls" + f" ({neutral['verdict'].split(': ', 1)[1]})."
+        else:
+            trust = f"It FAILED its controls ({neutral['verdict'].split(': ', 1)[1]}), so its AUC is not read as drift."
+        out.append(
+            f"Drift on held-out neutral prompts after round {r}: NeutralKL {m['kl_rev']:.3g} nats/token "
+            f"(reverse; forward {m['kl_fwd']:.3g}), register-shift AUC {m['auc']:.2f} (0.5: the student's text "
+            f"cannot be told from the base's), base perplexity of the student's text {m['student_base_ppl']:.1f} "
+            f"(of the base's own {m['base_base_ppl']:.1f}). {trust}"
+        )
+    stop = next((e for e in reversed(events) if e["event"] == "stop"), None)
+    if stop is not None:
+        out.append(f"The loop stopped: {stop['reason']}.")
+    return out
 
 
 def trajectory(events: list[dict[str, Any]], target: str, path: Path) -> None:
@@ -159,7 +185,7 @@ def trajectory(events: list[dict[str, Any]], target: str, path: Path) -> None:
     logodds = stages.get(LOGODDS)
     labels = list((logodds or next(iter(vignettes.values()))).keys())
     xs = range(len(labels))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     if logodds and "base" in logodds:
         for offset, (component, colour) in enumerate(
             (("stance", "#c0392b"), ("wording", "#16a085"), ("off_axis", "#7f8c8d"))
@@ -187,8 +213,9 @@ def trajectory(events: list[dict[str, Any]], target: str, path: Path) -> None:
         colours = [COLOURS[labels[x].split()[0]] for x, _ in points]
         axes[2].plot([x for x, _ in points], [r.metrics[key] for _, r in points], color="#bbbbbb", zorder=1)
         axes[2].scatter([x for x, _ in points], [r.metrics[key] for _, r in points], c=colours, zorder=2)
-    for ax in axes:
+    for ax in axes[:3]:
         ax.set_xticks(list(xs), labels, rotation=45, ha="right", fontsize=8)
+    drift_panel(events, axes[3])
     axes[1].set_title("1 - coherence (7-way probe; log, lower is better)")
     axes[1].legend(title="probe", fontsize=8)
     axes[2].set_title(f"{target} (7-way probe, nats)")
@@ -201,17 +228,41 @@ def trajectory(events: list[dict[str, Any]], target: str, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def drift_panel(events: list[dict[str, Any]], ax: Any) -> None:
+    """Register-shift AUC (left axis) and NeutralKL (right axis) per round."""
+    drifts = [(e["round"], e["result"]["metrics"]) for e in events if e["event"] == "drift"]
+    if not drifts:
+        ax.set_title("no drift instruments in this run")
+        return
+    rounds = [r for r, _ in drifts]
+    ax.plot(rounds, [m["auc"] for _, m in drifts], marker="o", color="#8e44ad", label="register AUC")
+    ax.axhline(0.5, color="#999999", lw=0.8)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("round")
+    ax.set_ylabel("register-shift AUC (0.5 = no shift)")
+    other = ax.twinx()
+    other.plot(rounds, [m["kl_rev"] for _, m in drifts], marker="s", color="#d35400", label="NeutralKL")
+    other.set_ylabel("NeutralKL(student || base), nats/token")
+    ax.set_xticks(rounds)
+    ax.set_title("drift on held-out neutral prompts")
+    ax.legend(loc="upper left", fontsize=8)
+    other.legend(loc="lower right", fontsize=8)
+
+
 def rounds_table(events: list[dict[str, Any]]) -> str:
     lines = [
-        "| round | dose | kept | coherence | cos(v_r, v_0) | cos(v_student, v_r) | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| round | dose | kept | coherence | cos(v_r, v_0) | cos(v_student, v_r) | NeutralKL | register AUC "
+        "| student ppl (base) | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for e in events:
         if e["event"] == "round":
             seconds = sum(e.get("timings", {}).values())
+            d = e.get("drift")
+            drift = f"{d['kl_rev']:.3g} | {d['auc']:.2f} | {d['student_base_ppl']:.1f}" if d else " |  | "
             lines.append(
                 f"| {e['round']} | {e['coeff']:.3g} | {e['n_kept']} | {e['coherence']:.3f} | {e['cos_v0']:.3f} "
-                f"| {e['cos_student_teacher']:.3f} | {seconds:.0f} |"
+                f"| {e['cos_student_teacher']:.3f} | {drift} | {seconds:.0f} |"
             )
     return "\n".join(lines)
 
