@@ -380,6 +380,8 @@ def loop_phase(
     regs=("klrev", "nll"),
     probe_size: int = 16,
     calibrate_on: str = "base",
+    device: str = "cuda",
+    model_name: str = "smollm2-135m",
 ) -> None:
     """Q2/Q3: the library's loop, 5 rounds, reference prev with lambda decay, KLRev vs NLL. The dose
     walk's probe is 16 completions (the preset's 8 ended a KLRev loop on one completion in eight).
@@ -415,7 +417,14 @@ def loop_phase(
             config = cfg.resolve(
                 "full",
                 overrides={
-                    "run": {"rounds": 5, "seed": seed, "axis": axis_name, "device": "cuda", "dtype": "float32"},
+                    "run": {
+                        "rounds": 5,
+                        "seed": seed,
+                        "axis": axis_name,
+                        "device": device,
+                        "dtype": "float32",
+                        "model": model_name,
+                    },
                     "dose": {"probe_size": probe_size},
                     "filter": {"calibrate_on": calibrate_on},
                     "heal": {"reg": reg, "reference": "prev", "batch_size": 8, "lr": 2e-4, **anchor},
@@ -492,6 +501,8 @@ def main() -> None:
             Path(args.out) / "runs",
             regs,
             calibrate_on=args.calibrate_on,
+            device=args.device,
+            model_name=args.model,
         )
     elif args.phase == "q1":
         band = tuple(float(x) for x in args.band.split(","))
