@@ -76,6 +76,21 @@ def test_cv_auc_sees_a_shift_and_not_a_resample():
         cv_auc(a[:3], b)
 
 
+def test_paired_sets_keep_each_prompts_answers_in_one_fold():
+    """Two answers per prompt, one per set, with nothing but the topic in common: a resample.
+    Folds that split a pair apart leave the held-out answer's twin (other label, same topic) in
+    training and read far below 0.5; grouped folds read about 0.5, and still see a real shift."""
+    rng = np.random.default_rng(0)
+    topics = rng.normal(size=(40, 8)) * 3.0
+    a, b = topics + rng.normal(size=(40, 8)), topics + rng.normal(size=(40, 8))
+    split, _ = cv_auc(a, b, seed=0, paired=False)
+    grouped, _ = cv_auc(a, b, seed=0, paired=True)
+    shifted, _ = cv_auc(a + np.array([4.0] + [0.0] * 7), b, seed=0, paired=True)
+    assert split < 0.35 and 0.35 <= grouped <= 0.65 and shifted >= 0.8, (split, grouped, shifted)
+    with pytest.raises(ValueError, match="paired sets need one row per prompt"):
+        cv_auc(a, b[:30], paired=True)
+
+
 def letters(texts):
     """A stand-in embedder: the share of each of a few characters (no model needed)."""
     keys = "aeiou !.,XYZ"
@@ -276,7 +291,8 @@ def test_tiny_loop_logs_drift_and_stops_on_it_with_the_anchor(tmp_path):
         events = run.events()
     neutral = [e for e in events if e["event"] == "neutral"]
     assert len(neutral) == 1 and len(neutral[0]["drift_base"]) == 10 and len(neutral[0]["anchor"]) == 8
-    assert set(neutral[0]["controls"]) == {"positive_auc", "negative_auc", "passed"}
+    controls = neutral[0]["controls"]
+    assert {"positive_auc", "negative_auc", "passed"} <= set(controls) and len(controls["negative_texts"]) == 10
     drift = [e for e in events if e["event"] == "drift"]
     rounds = [e for e in events if e["event"] == "round"]
     assert [e["round"] for e in drift] == [0] and rounds[0]["drift"]["kl_rev"] > 0

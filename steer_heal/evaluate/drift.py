@@ -17,7 +17,10 @@ each embedded with all-MiniLM-L6-v2 (mean pooled, L2-normalised; `evaluate.judge
 linear two-sample classifier (logistic regression with an L2 penalty `l2` on the weights, fitted
 by Newton's method, deterministic) is trained on k - 1 folds and scored on the held-out fold;
 the shift is the mean over the k folds of the held-out ROC AUC (0.5: the two sets cannot be told
-apart; 1: always told apart). Folds are stratified and seeded. Beside it, the base model's
+apart; 1: always told apart). Folds are seeded and keep the two answers to one prompt together
+(grouped by prompt): split apart, the held-out answer's same-topic twin of the other label would
+sit in training and turn the classifier against topics (measured on SmolLM2: a resample of the
+base read AUC 0.09 with ungrouped folds). Beside it, the base model's
 perplexity of each sample set (`base_ppl`), the register in the base's eyes.
 
 Controls, measured once per run by the loop before any round (`DriftControls`): the base prompted
@@ -32,7 +35,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -126,14 +129,30 @@ def fit_logistic(
 
 
 def cv_auc(
-    a: Float[np.ndarray, "n dim"], b: Float[np.ndarray, "m dim"], folds: int = 5, seed: int = 0, l2: float = 1.0
+    a: Float[np.ndarray, "n dim"],
+    b: Float[np.ndarray, "m dim"],
+    folds: int = 5,
+    seed: int = 0,
+    l2: float = 1.0,
+    paired: bool = False,
 ) -> tuple[float, list[float]]:
     """Mean held-out AUC of a linear classifier telling rows of `a` (label 1) from rows of `b`
-    (label 0), over `folds` stratified, seeded folds; and the per-fold AUCs."""
+    (label 0), over `folds` stratified, seeded folds; and the per-fold AUCs.
+
+    `paired`: row i of `a` and row i of `b` answer the same prompt. Then both go to the same fold:
+    otherwise the held-out answer's twin, of the other label and on the same topic, sits in the
+    training folds, and the classifier learns to call each topic the other class (on SmolLM2's
+    neutral samples that drove a resample's AUC to 0.09, not 0.5)."""
     if min(len(a), len(b)) < folds:
         raise ValueError(f"cross-validated AUC needs at least {folds} rows per set, got {len(a)} and {len(b)}")
+    if paired and len(a) != len(b):
+        raise ValueError(f"paired sets need one row per prompt in each, got {len(a)} and {len(b)}")
     rng = np.random.default_rng(seed)
-    fold_of = [rng.permutation(np.arange(len(rows)) % folds) for rows in (a, b)]
+    if paired:
+        shared = rng.permutation(np.arange(len(a)) % folds)
+        fold_of = [shared, shared]
+    else:
+        fold_of = [rng.permutation(np.arange(len(rows)) % folds) for rows in (a, b)]
     x = np.vstack([a, b]).astype(np.float64)
     y = np.concatenate([np.ones(len(a)), np.zeros(len(b))])
     assignment = np.concatenate(fold_of)
@@ -152,11 +171,13 @@ def register_shift(
     base_texts: Sequence[str],
     folds: int = 5,
     seed: int = 0,
+    paired: bool = True,
 ) -> dict[str, float]:
-    """How well a linear classifier on sentence embeddings tells the student's texts from the base's."""
+    """How well a linear classifier on sentence embeddings tells the student's texts from the base's
+    (`paired`: text i of each set answers the same prompt, and the folds keep such pairs together)."""
     a = embed(list(student_texts)).double().cpu().numpy()
     b = embed(list(base_texts)).double().cpu().numpy()
-    mean, per_fold = cv_auc(a, b, folds=folds, seed=seed)
+    mean, per_fold = cv_auc(a, b, folds=folds, seed=seed, paired=paired)
     return {"auc": mean, "auc_fold_min": min(per_fold), "auc_fold_max": max(per_fold)}
 
 
@@ -166,6 +187,8 @@ class DriftControls:
 
     positive_auc: float  # the base under POSITIVE_SYSTEM against the base
     negative_auc: float  # the base against itself with another sampling seed
+    positive_texts: list[str] = field(default_factory=list)  # the samples each AUC read, kept so the
+    negative_texts: list[str] = field(default_factory=list)  # controls can be re-read from a run's events
 
     @property
     def passed(self) -> bool:
@@ -180,7 +203,13 @@ class DriftControls:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"positive_auc": self.positive_auc, "negative_auc": self.negative_auc, "passed": self.passed}
+        return {
+            "positive_auc": self.positive_auc,
+            "negative_auc": self.negative_auc,
+            "passed": self.passed,
+            "positive_texts": list(self.positive_texts),
+            "negative_texts": list(self.negative_texts),
+        }
 
 
 @dataclass
@@ -222,7 +251,7 @@ class NeutralDrift:
         base_texts = [c.text for c in self.base_completions]
         positive = register_shift(self.embed, [c.text for c in prompted], base_texts, seed=self.seed)
         negative = register_shift(self.embed, [c.text for c in again], base_texts, seed=self.seed)
-        return DriftControls(positive["auc"], negative["auc"])
+        return DriftControls(positive["auc"], negative["auc"], [c.text for c in prompted], [c.text for c in again])
 
     def __call__(self, model: nn.Module, tok: Any) -> EvalResult:
         kl = neutral_kl(model, tok, self.base_completions, self.reference, self.batch_size)
