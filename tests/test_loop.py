@@ -31,6 +31,7 @@ def final_numbers(run_dir: Path) -> list:
     return out
 
 
+@pytest.mark.slow
 def test_tiny_run_writes_everything(tmp_path):
     config = cfg.resolve("tiny")
     run = RunDir.create(tmp_path / "run", config)
@@ -54,6 +55,7 @@ def test_tiny_run_writes_everything(tmp_path):
     assert "round 0: extract" in files["report"].read_text() and "base eval" in files["report"].read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("speculative", ["false", "true"])
 def test_tiny_run_with_the_calibrated_filter(tmp_path, speculative):
     """The loop's default filter path: calibrated on the base model's own completions, logged,
@@ -79,6 +81,7 @@ def test_tiny_run_with_the_calibrated_filter(tmp_path, speculative):
     assert "round 0: calibrated on 8 unsteered completions" in render(run.path)["report"].read_text()
 
 
+@pytest.mark.slow
 def test_coherence_floor_is_relative_to_the_base(tmp_path):
     """floor 1.0 stops exactly when round 0's coherence is below the base's, and says by how much."""
     config = cfg.resolve("tiny", overrides={"run": {"rounds": 2}, "eval": {"coherence_floor": 1.0}})
@@ -180,6 +183,7 @@ def test_dry_run_prints_config_and_plan():
     assert "lam = 2.0" in result.output and "# plan:" in result.output
 
 
+@pytest.mark.slow
 def test_disk_failure_mid_round_leaves_the_run_resumable(tmp_path, monkeypatch):
     """A write that fails while round 0 saves its adapter: the run stops with the OS error,
     and resuming redoes round 0 from the base checkpoint, with no duplicated stages."""
@@ -210,6 +214,7 @@ def test_disk_failure_mid_round_leaves_the_run_resumable(tmp_path, monkeypatch):
     assert [e["round"] for e in events if e["event"] == "checkpoint"] == [-1, 0]
 
 
+@pytest.mark.slow
 def test_resume_extends_rounds_and_keeps_a_stopped_run_stopped(tmp_path):
     """On tiny, round 0 ends just below the base coherence, so floor 1.0 stops it. Resuming
     as is stays stopped; a lower floor and more rounds continue; other keys are refused."""
@@ -235,6 +240,7 @@ def test_resume_extends_rounds_and_keeps_a_stopped_run_stopped(tmp_path):
     assert refused.exit_code == 1 and "heal.lam: 1.0 -> 2.0" in refused.output and "run.rounds" in refused.output
 
 
+@pytest.mark.slow
 def test_a_later_round_without_a_passing_dose_stops_the_loop_with_the_reason(tmp_path, monkeypatch):
     from steer_heal.errors import DoseError
 

@@ -67,6 +67,7 @@ def test_sweep_needs_zero(llama):
         dose_sweep(model, tok, vec, [1.0, 2.0], {"v": probe()})
 
 
+@pytest.mark.slow
 def test_cli_sweep_writes_report(tmp_path):
     runner = CliRunner()
     vec = tmp_path / "v.safetensors"

@@ -1,0 +1,96 @@
+"""Tables of issue 25's loops (docs/runs/science/anchor/): per run and round the stance, wording,
+7-way coherence, NeutralKL, register-shift AUC and the base's perplexity of the student's text.
+
+    python benchmarks/science/anchor_report.py [--dir docs/runs/science/anchor]
+
+The seed-0 sweep was run before the register shift's folds kept each prompt's two answers
+together; its AUCs are taken from auc_regrouped.json (drift_posthoc.py on the logged texts),
+the later runs' as logged (the same computation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+from pathlib import Path
+
+from steer_heal.evaluate import EvalResult, shift
+
+
+def load(run: Path) -> list[dict]:
+    with gzip.open(run / "events.jsonl.gz", "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def table(run: Path, regrouped: dict) -> tuple[list[str], dict]:
+    events = load(run)
+    evals = {}
+    for e in events:
+        if e["event"] == "eval":
+            label = e["stage"] if e["round"] < 0 else f"{e['stage']} r{e['round']}"
+            evals[label] = {k: EvalResult.from_dict(v) for k, v in e["results"].items()}
+    base = evals["base"]
+    base_coh = base["vignettes"].metrics["coherence"]
+    rows, facts = [], {"rounds": 0, "stance": [], "auc": [], "coh": [], "seconds": []}
+    for e in events:
+        if e["event"] != "round":
+            continue
+        r = e["round"]
+        healed = evals[f"healed r{r}"]
+        st = shift(base["logodds"], healed["logodds"], "stance")
+        wd = shift(base["logodds"], healed["logodds"], "wording")
+        d = e["drift"]
+        auc = regrouped.get(run.name, {}).get(str(r), d["auc"])
+        coh = e["coherence"] / base_coh
+        facts["rounds"] += 1
+        facts["stance"].append((st.mean, st.ci))
+        facts["auc"].append(auc)
+        facts["coh"].append(coh)
+        facts["seconds"].append(sum(e["timings"].values()))
+        rows.append(
+            f"| {run.name} | {r} | {e['coeff']:.2f} | {st.mean:+.2f} [{st.ci[0]:+.2f}, {st.ci[1]:+.2f}] | {wd.mean:+.2f} "
+            f"| {coh:.3f} | {d['kl_rev']:.4f} | {auc:.2f} | {d['student_base_ppl']:.1f} |"
+        )
+    stop = next((e["reason"].split(":")[0] for e in events if e["event"] == "stop"), "none")
+    facts["stop"] = stop
+    neutral = next(e for e in events if e["event"] == "neutral")
+    facts["controls"] = neutral.get("controls")
+    return rows, facts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="docs/runs/science/anchor")
+    args = ap.parse_args()
+    root = Path(args.dir)
+    regrouped = json.loads((root / "auc_regrouped.json").read_text())
+    print(
+        "| run | round | dose | stance [95% CI] | wording | coherence x base | NeutralKL | register AUC | base ppl of its text |"
+    )
+    print("|---|---:|---:|---|---:|---:|---:|---:|---:|")
+    summary = {}
+    for run in sorted(p for p in root.iterdir() if p.is_dir()):
+        rows, facts = table(run, regrouped)
+        print("\n".join(rows))
+        summary[run.name] = facts
+    print()
+    print("| run | rounds | stopped by | max AUC | min coherence | stance r0 -> last |")
+    print("|---|---:|---|---:|---:|---|")
+    for name, f in summary.items():
+        first, last = f["stance"][0][0], f["stance"][-1][0]
+        print(
+            f"| {name} | {f['rounds']} | {f['stop']} | {max(f['auc']):.2f} | {min(f['coh']):.3f} | {first:+.2f} -> {last:+.2f} |"
+        )
+    print()
+    for arm in ("klrev", "nll"):
+        plain = [s for n, f in summary.items() if n.startswith(f"love_{arm}_") for s in f["seconds"]]
+        anchored = [s for n, f in summary.items() if n.startswith(f"love_{arm}+a1_") for s in f["seconds"]]
+        if plain and anchored:
+            print(
+                f"{arm}: mean round {sum(plain) / len(plain):.0f} s without the anchor, {sum(anchored) / len(anchored):.0f} s with a1 ({sum(anchored) / len(anchored) / (sum(plain) / len(plain)):.2f}x)"
+            )
+
+
+if __name__ == "__main__":
+    main()
