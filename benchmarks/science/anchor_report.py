@@ -1,7 +1,7 @@
 """Tables of issue 25's loops (docs/runs/science/anchor/): per run and round the stance, wording,
 7-way coherence, NeutralKL, register-shift AUC and the base's perplexity of the student's text.
 
-    python benchmarks/science/anchor_report.py [--dir docs/runs/science/anchor]
+    python benchmarks/science/anchor_report.py [--dir docs/runs/science/anchor]   # tables; writes anchor_loops.png
 
 The seed-0 sweep was run before the register shift's folds kept each prompt's two answers
 together; its AUCs are taken from auc_regrouped.json (drift_posthoc.py on the logged texts),
@@ -32,7 +32,7 @@ def table(run: Path, regrouped: dict) -> tuple[list[str], dict]:
             evals[label] = {k: EvalResult.from_dict(v) for k, v in e["results"].items()}
     base = evals["base"]
     base_coh = base["vignettes"].metrics["coherence"]
-    rows, facts = [], {"rounds": 0, "stance": [], "auc": [], "coh": [], "seconds": []}
+    rows, facts = [], {"rounds": 0, "stance": [], "auc": [], "coh": [], "seconds": [], "kl": []}
     for e in events:
         if e["event"] != "round":
             continue
@@ -46,6 +46,7 @@ def table(run: Path, regrouped: dict) -> tuple[list[str], dict]:
         facts["rounds"] += 1
         facts["stance"].append((st.mean, st.ci))
         facts["auc"].append(auc)
+        facts["kl"].append(d["kl_rev"])
         facts["coh"].append(coh)
         facts["seconds"].append(sum(e["timings"].values()))
         rows.append(
@@ -57,6 +58,38 @@ def table(run: Path, regrouped: dict) -> tuple[list[str], dict]:
     neutral = next(e for e in events if e["event"] == "neutral")
     facts["controls"] = neutral.get("controls")
     return rows, facts
+
+
+def figure(summary: dict, path: Path) -> None:
+    """Stance, register AUC and NeutralKL per round, one line per run, one colour per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colours = {"klrev": "#c0392b", "nll": "#2980b9", "klrev+a1": "#e67e22", "nll+a1": "#16a085"}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    seen = set()
+    for name, f in summary.items():
+        arm = name.removeprefix("love_").rsplit("_seed=", 1)[0]
+        colour = colours.get(arm, "#999999")
+        label = arm if arm not in seen else None
+        seen.add(arm)
+        rounds = list(range(f["rounds"]))
+        axes[0].plot(rounds, [m for m, _ in f["stance"]], marker="o", color=colour, label=label)
+        axes[1].plot(rounds, f["auc"], marker="o", color=colour, label=label)
+        axes[2].semilogy(rounds, f["kl"], marker="o", color=colour, label=label)
+    axes[0].set_title("stance shift vs base (nats)")
+    axes[1].set_title("register-shift AUC (0.5: no shift)")
+    axes[1].axhline(0.5, color="#999999", lw=0.8)
+    axes[2].set_title("NeutralKL(student || base), nats/token")
+    for ax in axes:
+        ax.set_xlabel("round")
+        ax.set_xticks(range(5))
+    axes[0].legend(fontsize=8, title="arm (grey: lam 3, 10)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -82,6 +115,7 @@ def main() -> None:
         print(
             f"| {name} | {f['rounds']} | {f['stop']} | {max(f['auc']):.2f} | {min(f['coh']):.3f} | {first:+.2f} -> {last:+.2f} |"
         )
+    figure(summary, root / "anchor_loops.png")
     print()
     for arm in ("klrev", "nll"):
         plain = [s for n, f in summary.items() if n.startswith(f"love_{arm}_") for s in f["seconds"]]

@@ -55,10 +55,11 @@ from .base import EvalResult
 
 POSITIVE_AUC = 0.8  # the known register change must be seen at least this well
 NEGATIVE_AUC = 0.6  # the base against itself must stay at most this distinguishable
-POSITIVE_SYSTEM = (
-    "Write every answer like a corporate press release: upbeat announcements, brand language, "
-    "quotes from a spokesperson and a closing paragraph about the company."
-)
+# A register SmolLM2-135M follows from a system prompt alone. A press-release prompt (the first
+# choice) moved its text only to AUC 0.59 (64 prompts, 48 tokens, one H100); of three others tried
+# at 32 prompts x 32 tokens on the CPU (a pirate 0.78, French 0.73, a five-year-old 0.84) only this
+# one cleared 0.8 (docs/results.md, issue 25)
+POSITIVE_SYSTEM = "You are a five-year-old child. Answer in very short, simple baby talk."
 
 Reference = Callable[[], AbstractContextManager]
 
