@@ -397,7 +397,13 @@ def loop_phase(
     95% intervals, its register AUC stays <= 0.7 and its 7-way coherence >= 0.95 x base at every
     round. The anchor's lam is the one of the seed-0 sweep (0.3, 1, 3 with KLRev) that lasts with the
     smallest AUC; ties go to the smaller lam (less pull on the trait). An AUC read while the register
-    shift's controls failed is reported as the instrument failing, not as no drift."""
+    shift's controls failed is reported as the instrument failing, not as no drift.
+
+    A further `+c<x>` in an arm (e.g. `klrev+a1+c0.1`) lowers dose.c_min to x. Written before its
+    run (after the 14 loops above, which all ended at c_min 0.25 while the re-extracted vector's
+    norm grew): if the dose floor, not drift, ends the loop, then `klrev+a1+c0.1` makes 5 rounds on
+    >= 2 of 3 seeds with AUC <= 0.7 and coherence >= 0.95 x base at every round; its stance at
+    round 4 against round 0 is reported either way."""
     from steer_heal.run import config as cfg
     from steer_heal.run import loop
     from steer_heal.run.runlog import RunDir
@@ -405,8 +411,10 @@ def loop_phase(
     out["runs"] = {}
     for seed in seeds:
         for arm in regs:
-            reg, _, anchor_lam = arm.partition("+a")
+            head, _, c_min = arm.partition("+c")
+            reg, _, anchor_lam = head.partition("+a")
             anchor = {"anchor": "klrev", "anchor_lam": float(anchor_lam)} if anchor_lam else {"anchor": "none"}
+            dose = {"probe_size": probe_size, **({"c_min": float(c_min)} if c_min else {})}
             name = f"{axis_name} {arm} seed={seed}" + (
                 "" if calibrate_on == "base" else f" calibrate_on={calibrate_on}"
             )
@@ -425,7 +433,7 @@ def loop_phase(
                         "dtype": "float32",
                         "model": model_name,
                     },
-                    "dose": {"probe_size": probe_size},
+                    "dose": dose,
                     "filter": {"calibrate_on": calibrate_on},
                     "heal": {"reg": reg, "reference": "prev", "batch_size": 8, "lr": 2e-4, **anchor},
                     "eval": {"n_items": 42, "think_tokens": 0, "sample_tokens": 16, "coherence_floor": 0.0},
