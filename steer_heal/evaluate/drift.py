@@ -43,9 +43,9 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
-from ..healing.encoding import context_length, encode_completions
+from ..healing.encoding import completion_nll, context_length, encode_completions
 from ..healing.regularizers import kl_fwd, kl_rev
-from ..models.logprobs import make_batch, mean_nll, target_logprobs
+from ..models.logprobs import make_batch, target_logprobs
 from ..models.model import input_device, pad_id
 from ..runtime import eval_mode
 from ..sampling import Sampling
@@ -86,15 +86,6 @@ def neutral_kl(
             fwd += float(kl_fwd(student, base).double().sum())
             tokens += int(batch.targets.numel())
     return {"kl_rev": rev / tokens, "kl_fwd": fwd / tokens, "tokens": float(tokens)}
-
-
-def base_perplexity(model: nn.Module, tok: Any, completions: Sequence[Completion], batch_size: int = 8) -> float:
-    """exp(mean NLL per completion token) under `model` as it runs now (call it under the base)."""
-    examples, _ = encode_completions(tok, completions, context_length(model, None))
-    if not examples:
-        raise ValueError("no completion tokens to score")
-    with eval_mode(model):
-        return math.exp(mean_nll(model, examples, pad_id(tok), batch_size))
 
 
 def auc(scores: Sequence[Number], labels: Sequence[int]) -> float:
@@ -228,6 +219,7 @@ class NeutralDrift:
     seed: int
     batch_size: int = 16
     name: str = "drift"
+    _base_ppl: float | None = field(default=None, init=False, repr=False)  # the base's own text: once
 
     def samples(
         self, model: nn.Module, tok: Any, system: str | None = None, seed: int | None = None
@@ -260,10 +252,11 @@ class NeutralDrift:
         shift = register_shift(
             self.embed, [c.text for c in student], [c.text for c in self.base_completions], seed=self.seed
         )
-        with self.reference():
-            student_ppl = base_perplexity(model, tok, student, self.batch_size)
-            base_ppl = base_perplexity(model, tok, self.base_completions, self.batch_size)
-        metrics = {**kl, **shift, "student_base_ppl": student_ppl, "base_base_ppl": base_ppl}
+        with self.reference():  # the base's perplexity of each sample set
+            student_ppl = math.exp(completion_nll(model, tok, student, self.batch_size))
+            if self._base_ppl is None:
+                self._base_ppl = math.exp(completion_nll(model, tok, self.base_completions, self.batch_size))
+        metrics = {**kl, **shift, "student_base_ppl": student_ppl, "base_base_ppl": self._base_ppl}
         rows = [{"prompt": c.prompt, "text": c.text} for c in student]
         meta = {"evaluator": "drift", "n_prompts": str(len(self.prompts)), "seed": str(self.seed)}
         return EvalResult(self.name, metrics, rows, meta)
