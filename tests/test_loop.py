@@ -31,6 +31,12 @@ def final_numbers(run_dir: Path) -> list:
     return out
 
 
+def config_axis_wording(config) -> str:
+    from steer_heal.data import load_axis
+
+    return load_axis(config.run.axis).pos_wordings[0]
+
+
 @pytest.mark.slow
 def test_tiny_run_writes_everything(tmp_path):
     config = cfg.resolve("tiny")
@@ -39,8 +45,16 @@ def test_tiny_run_writes_everything(tmp_path):
     assert result["stopped"] is None
     events = run.events()
     stages = [(e["stage"], e["round"]) for e in events if e["event"] == "eval"]
-    # prompted_neg: the neg persona, the log-odds probe's stance control
-    assert stages == [("base", -1), ("prompted", -1), ("prompted_neg", -1), ("steered", 0), ("healed", 0)]
+    # prompted_2: the axis's other wording of pos; prompted_neg: the neg persona, the stance control
+    assert stages == [
+        ("base", -1),
+        ("prompted", -1),
+        ("prompted_2", -1),
+        ("prompted_neg", -1),
+        ("steered", 0),
+        ("healed", 0),
+    ]
+    assert next(e for e in events if e.get("stage") == "prompted_2")["system"] == config_axis_wording(config)
     assert [e["round"] for e in events if e["event"] == "checkpoint"] == [-1, 0]
     assert (run.path / "round_0" / "vector.safetensors").exists()
     assert (run.path / "round_0" / "adapter" / "adapter_config.json").exists()
@@ -207,6 +221,7 @@ def test_disk_failure_mid_round_leaves_the_run_resumable(tmp_path, monkeypatch):
     assert [(e["stage"], e["round"]) for e in events if e["event"] == "eval"] == [
         ("base", -1),
         ("prompted", -1),
+        ("prompted_2", -1),
         ("prompted_neg", -1),
         ("steered", 0),
         ("healed", 0),

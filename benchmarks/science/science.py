@@ -403,7 +403,16 @@ def loop_phase(
     run (after the 14 loops above, which all ended at c_min 0.25 while the re-extracted vector's
     norm grew): if the dose floor, not drift, ends the loop, then `klrev+a1+c0.1` makes 5 rounds on
     >= 2 of 3 seeds with AUC <= 0.7 and coherence >= 0.95 x base at every round; its stance at
-    round 4 against round 0 is reported either way."""
+    round 4 against round 0 is reported either way.
+
+    The second axis (authority, with the answer pairs rewritten so its stance control passes:
+    benchmarks/science/axis_control.py), written 2026-12-07 before its runs: no arm won on love, so
+    the arm is the one that came closest there, `klrev+a1+c0.1`, against `klrev+c0.1` (the same
+    floor without the anchor), 3 seeds each. Read: per arm, how many seeds last (the rule above),
+    and whether the anchor lowers the last round's AUC and NeutralKL against no anchor on every
+    seed. The student-calibrated love loops (`--calibrate-on student`, `klrev`, 3 seeds) are re-run
+    only for the instrument: the drift target holds if their AUC is >= 0.8 in round 3 or 4 (where
+    they reach it) and <= 0.7 in round 0, on every seed that reaches round 3."""
     from steer_heal.run import config as cfg
     from steer_heal.run import loop
     from steer_heal.run.runlog import RunDir

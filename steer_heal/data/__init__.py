@@ -78,6 +78,9 @@ class Axis:
     eval_prompts: list[str] = field(default_factory=list)  # held-out scenarios (log-odds probe)
     answers: list[dict[str, str]] = field(default_factory=list)  # crossed answer pairs
     off_axis: list[dict[str, str]] = field(default_factory=list)  # off-axis answer pairs (a, b)
+    # other wordings of the pos persona: evaluation only (the loop's "beats the persona prompt"
+    # must hold against each, since one wording's verdict can reverse under another)
+    pos_wordings: list[str] = field(default_factory=list)
 
 
 def available_axes() -> list[str]:
@@ -105,11 +108,16 @@ def load_axis(name_or_path: str | Path) -> Axis:
     _check_axis(path, raw)
     if raw["pos"].strip() == raw["neg"].strip():
         raise ValueError(f"axis file {path}: pos and neg personas are identical")
+    same = [w for w in raw.get("pos_wordings", []) if w.strip() in (raw["pos"].strip(), raw["neg"].strip())]
+    if same:
+        raise ValueError(
+            f"axis file {path}: pos_wordings must be other wordings of pos, but {same[0]!r} repeats a persona"
+        )
     return Axis(**raw)
 
 
 _TEXTS = ("name", "pos", "neg", "description", "neutral", "target")
-_LISTS = ("prompts", "sample_prompts", "narration_patterns", "eval_prompts")
+_LISTS = ("prompts", "sample_prompts", "narration_patterns", "eval_prompts", "pos_wordings")
 CROSSED_KEYS = ("pos", "neg", "pos_in_neg_words", "neg_in_pos_words")  # one stance pair, both vocabularies
 MIN_PAIRS = 4
 

@@ -185,13 +185,17 @@ def samples(config: RunConfig, s: Setup) -> list[dict]:
 
 
 def base_stage(config: RunConfig, s: Setup, run: RunDir) -> None:
-    """Round -1: the base model and the prompted baseline (persona as system prompt). With a
+    """Round -1: the base model and the prompted baseline (persona as system prompt; also
+    `prompted_2`, ... for the axis's other `pos_wordings`). With a
     log-odds probe, the neg persona too: pos minus neg persona is the stance probe's positive
     control, which the report checks before it trusts a stance number."""
     results, seconds = timed(evaluate, s)
     log_stage(run, "base", -1, results, seconds=seconds)
     results, seconds = timed(evaluate, s, system=s.axis.pos)
-    log_stage(run, "prompted", -1, results, seconds=seconds)
+    log_stage(run, "prompted", -1, results, seconds=seconds, system=s.axis.pos)
+    for i, wording in enumerate(s.axis.pos_wordings, start=2):  # the verdict must hold for each wording
+        results, seconds = timed(evaluate, s, system=wording)
+        log_stage(run, f"prompted_{i}", -1, results, seconds=seconds, system=wording)
     if "logodds" in s.probes:
         t0 = time.perf_counter()
         control = {"logodds": replace(s.probes["logodds"], system=s.axis.neg)(s.model, s.tok)}

@@ -28,6 +28,12 @@ COLOURS = {
 }
 
 
+def _colour(label: str) -> str:
+    """A stage label's colour: 'healed r2' -> healed; the persona's other wordings as the prompt."""
+    stage = label.split()[0]
+    return COLOURS.get(stage) or COLOURS["prompted" if stage.startswith("prompted") else stage]
+
+
 def _stages(events: list[dict[str, Any]]) -> dict[str, dict[str, EvalResult]]:
     """{probe: {stage label: result}} in run order, e.g. 'steered r0', 'healed r0'."""
     out: dict[str, dict[str, EvalResult]] = {}
@@ -132,16 +138,41 @@ def summary(events: list[dict[str, Any]]) -> str:
                 "Whether the healed model beats the persona prompt on stance cannot be judged while the control fails."
             )
         elif "prompted" in logodds:
-            p = shift(base, logodds["prompted"], "stance")
-            healed_coh, prompt_coh = _coherence(k, stages), _coherence("prompted", stages)
-            better = st.mean > p.mean and not st.noise
-            equal = healed_coh is not None and prompt_coh is not None and healed_coh >= prompt_coh
-            verdict = "beats" if better and equal else "does not beat"
-            out.append(
-                f"The persona prompt moved the stance by {_said(p)}; the healed model {verdict} it "
-                f"{'at equal or better' if equal else 'at lower'} coherence."
-            )
+            out.append(prompt_verdict(events, stages, k, st))
     return " ".join(out + drift_sentences(events))
+
+
+def prompt_verdict(events: list[dict[str, Any]], stages: dict, healed: str, st: Any) -> str:
+    """Does the healed model beat the persona prompt, in every wording the run evaluated
+    (`prompted`, `prompted_2`, ...)? Beating one wording is not claimed as beating the prompt:
+    another wording can reverse the verdict. Each prompt is named."""
+    logodds = stages[LOGODDS]
+    base = logodds["base"]
+    systems = {e["stage"]: e.get("system") for e in events if e["event"] == "eval" and e["round"] < 0}
+    wordings = [k for k in logodds if k == "prompted" or (k.startswith("prompted_") and k[9:].isdigit())]
+    healed_coh = _coherence(healed, stages)
+    parts, beaten, equals = [], [], []
+    for k in wordings:
+        p = shift(base, logodds[k], "stance")
+        prompt_coh = _coherence(k, stages)
+        equal = healed_coh is not None and prompt_coh is not None and healed_coh >= prompt_coh
+        beaten.append(st.mean > p.mean and not st.noise and equal)
+        equals.append(equal)
+        named = f' ("{systems[k]}")' if systems.get(k) else ""
+        parts.append(f"{_said(p)}{named}{'' if equal else ' at higher coherence than the healed model'}")
+    if len(wordings) == 1:
+        p = shift(base, logodds["prompted"], "stance")
+        return (
+            f"The persona prompt moved the stance by {_said(p)}; the healed model "
+            f"{'beats' if beaten[0] else 'does not beat'} it {'at equal or better' if equals[0] else 'at lower'} coherence."
+        )
+    if all(beaten):
+        verdict = f"beats all {len(wordings)} wordings at equal or better coherence"
+    elif any(beaten):
+        verdict = f"beats {sum(beaten)} of the {len(wordings)} wordings, so it is not said to beat the prompt"
+    else:
+        verdict = f"beats none of the {len(wordings)} wordings"
+    return f"The persona prompt, in {len(wordings)} wordings, moved the stance by {'; '.join(parts)}; the healed model {verdict}."
 
 
 def drift_sentences(events: list[dict[str, Any]]) -> list[str]:
@@ -210,7 +241,7 @@ def trajectory(events: list[dict[str, Any]], target: str, path: Path) -> None:
             marker="o",
             label=probe_name,
         )
-        colours = [COLOURS[labels[x].split()[0]] for x, _ in points]
+        colours = [_colour(labels[x]) for x, _ in points]
         axes[2].plot([x for x, _ in points], [r.metrics[key] for _, r in points], color="#bbbbbb", zorder=1)
         axes[2].scatter([x for x, _ in points], [r.metrics[key] for _, r in points], c=colours, zorder=2)
     for ax in axes[:3]:
