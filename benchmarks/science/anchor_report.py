@@ -2,6 +2,7 @@
 7-way coherence, NeutralKL, register-shift AUC and the base's perplexity of the student's text.
 
     python benchmarks/science/anchor_report.py [--dir docs/runs/science/anchor]   # tables; writes anchor_loops.png
+    (also --dir docs/runs/science/anchor_authority: the second axis; anchor_student: the instrument's check)
 
 The seed-0 sweep was run before the register shift's folds kept each prompt's two answers
 together; its AUCs are taken from auc_regrouped.json (drift_posthoc.py on the logged texts),
@@ -67,11 +68,18 @@ def figure(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"klrev": "#c0392b", "nll": "#2980b9", "klrev+a1": "#e67e22", "nll+a1": "#16a085"}
+    colours = {
+        "klrev": "#c0392b",
+        "nll": "#2980b9",
+        "klrev+a1": "#e67e22",
+        "nll+a1": "#16a085",
+        "klrev+c0.1": "#c0392b",
+        "klrev+a1+c0.1": "#e67e22",
+    }
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     seen = set()
     for name, f in summary.items():
-        arm = name.removeprefix("love_").rsplit("_seed=", 1)[0]
+        arm = name.split("_", 1)[1].rsplit("_seed=", 1)[0]  # <axis>_<arm>_seed=<n>[_...]
         colour = colours.get(arm, "#999999")
         label = arm if arm not in seen else None
         seen.add(arm)
@@ -97,7 +105,8 @@ def main() -> None:
     ap.add_argument("--dir", default="docs/runs/science/anchor")
     args = ap.parse_args()
     root = Path(args.dir)
-    regrouped = json.loads((root / "auc_regrouped.json").read_text())
+    regrouped_file = root / "auc_regrouped.json"  # only the first seed-0 sweep needs it
+    regrouped = json.loads(regrouped_file.read_text()) if regrouped_file.exists() else {}
     print(
         "| run | round | dose | stance [95% CI] | wording | coherence x base | NeutralKL | register AUC | base ppl of its text |"
     )

@@ -423,7 +423,8 @@ def loop_phase(
             head, _, c_min = arm.partition("+c")
             reg, _, anchor_lam = head.partition("+a")
             anchor = {"anchor": "klrev", "anchor_lam": float(anchor_lam)} if anchor_lam else {"anchor": "none"}
-            dose = {"probe_size": probe_size, **({"c_min": float(c_min)} if c_min else {})}
+            # c_min explicit: the full preset's floor moved to 0.1 after these arms were defined
+            dose = {"probe_size": probe_size, "c_min": float(c_min) if c_min else 0.25}
             name = f"{axis_name} {arm} seed={seed}" + (
                 "" if calibrate_on == "base" else f" calibrate_on={calibrate_on}"
             )

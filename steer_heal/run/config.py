@@ -321,7 +321,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     # the embedded SmolLM2-135M, one round sized for ~6 minutes on 2 CPU cores
     # both SmolLM2 presets use the love axis: its vector's stance part carries (its probe's positive
-    # control holds; authority's fails). One round heals with NLL: on the same kept completions a KL
+    # control holds, z 25; authority's holds since its answers were rewritten, z 13.6). One round heals with NLL: on the same kept completions a KL
     # barrier only pulled the trait back toward the base without buying coherence (Q1, docs/results.md:
     # NLL retained 0.86-1.02 of the stance at 1.01 x base coherence). The full preset's loop uses KLRev
     "quick": {
@@ -339,7 +339,13 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "drift": {"n_prompts": 32, "max_new_tokens": 32},
     },
     "full": {
-        "run": {"model": "smollm2-135m", "rounds": 3, "axis": "love"},
+        # 5 rounds, with the arm that lasted (issue 25, docs/results.md): the anchor (reverse KL to the base
+        # on its own completions of neutral prompts, lam 1) held the register on both axes (AUC <= 0.59
+        # against 0.82-0.97 without), and with the dose floor at 0.1 it made 5 rounds with the stance
+        # growing on 2 of 3 authority seeds and 1 of 3 love seeds; no other arm made 5 on any seed.
+        # Probes of 16 completions: the preset's 8 ended a KLRev loop on one completion in eight
+        "run": {"model": "smollm2-135m", "rounds": 5, "axis": "love"},
+        "dose": {"c_min": 0.1, "probe_size": 16},
         # 64 rows a forward everywhere: on a GPU a round is host-bound (Python per forward, not FLOPs), so
         # fewer, larger forwards are faster. Collect's 48 survivors usually come from one batch; on one
         # H200 that took collect from 13.4-14.2 s to 2.7 s (docs/benchmarks.md)
@@ -350,7 +356,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # enough the base's for the dose walk to go on (love, 3 seeds: 3, 3, 4 rounds against NLL's 1, 2,
         # 4), and where the loop was let go on, NLL's coherence fell to 0.77-0.80 x base in round 4 while
         # KLRev's held at 0.97-1.08 x (docs/results.md, the loop). In one round NLL keeps more stance (Q1)
-        "heal": {"batch_size": 8, "lr": 2e-4},
+        "heal": {"batch_size": 8, "lr": 2e-4, "anchor": "klrev", "anchor_lam": 1.0},
         "eval": {"batch_size": 64},
     },
 }
