@@ -87,6 +87,7 @@ def extract(
 ) -> None:
     """Extract a mean-difference steering vector from a persona pair."""
     from steer_heal.data import load_axis, load_contexts
+    from steer_heal.io import check_output
     from steer_heal.models.devices import attention_backends
     from steer_heal.models.loading import load_model
     from steer_heal.models.model import input_device
@@ -94,7 +95,10 @@ def extract(
     from steer_heal.steering.vector import SteeringVector
 
     persona = load_axis(axis)
-    check_personas(pos or persona.pos, neg or persona.neg)  # before the model loads
+    pos = persona.pos if pos is None else pos  # an empty --pos '' is refused, not replaced
+    neg = persona.neg if neg is None else neg
+    check_personas(pos, neg)  # before the model loads
+    check_output(out)
     contexts = load_contexts(contexts_file)[:n_contexts]
     device, dtype = placement(device, dtype)
     model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
@@ -103,8 +107,8 @@ def extract(
         vec = SteeringVector.from_persona_pair(
             model,
             tok,
-            pos=pos or persona.pos,
-            neg=neg or persona.neg,
+            pos=pos,
+            neg=neg,
             contexts=contexts,
             layers=parse_layers(layers),
             batch_size=batch_size,
@@ -124,7 +128,7 @@ def extract(
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--how", type=click.Choice(choices(SteerHow)), default="hooks", show_default=True)
 @click.option("--sample/--greedy", default=False, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**62), default=0, show_default=True)
 @click.option("--allow-other-model", is_flag=True, help="steer a model other than the one the vector was made on")
 @device_options
 def steer(
@@ -276,6 +280,7 @@ def run(
     writer,
 ) -> None:
     """Run the distill-and-heal loop and write a run directory."""
+    from steer_heal.errors import InputError
     from steer_heal.run import config as cfg
     from steer_heal.run import loop, plot
     from steer_heal.run.runlog import RunDir, read_events, run_name
@@ -303,6 +308,10 @@ def run(
     )
     started = time.perf_counter()
     if resume_dir:
+        if out is not None and Path(out).resolve() != Path(resume_dir).resolve():
+            raise InputError(f"--resume {resume_dir} continues that folder in place; drop --out {out}")
+        if overwrite:
+            raise InputError("--resume continues a run and --overwrite replaces one; pass one of them")
         # a preset or config file must match the saved config; single options change only
         # what may change on resume (more rounds, another coherence floor)
         given = cfg.resolve(preset, config_file, overrides) if (preset or config_file) else None
@@ -380,7 +389,7 @@ def plot(run_dir) -> None:
     show_default=True,
     help="operating dose: coherence >= this x unsteered",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**62), default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="directory for sweep.json and sweep.md")
 @click.option("--allow-other-model", is_flag=True, help="steer a model other than the one the vector was made on")
 @device_options
@@ -494,7 +503,11 @@ def sweep(
 @click.option("--mfv-dir", type=click.Path(exists=True, file_okay=False), default=None)
 @click.option("--think-tokens", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--n-items", type=click.IntRange(min=0), default=0, help="stratified subset size (0: all)")
-@click.option("--allow-other-model", is_flag=True, help="steer a model other than the one the vector was made on")
+@click.option(
+    "--allow-other-model",
+    is_flag=True,
+    help="steer or adapt a model other than the one the vector or adapter was made on",
+)
 @device_options
 def evaluate(
     model_name,
@@ -542,16 +555,12 @@ def evaluate(
         if round_adapter is not None:
             history = History(model)
             stack.callback(history.close)
-            history.fold(round_adapter)
+            history.fold(round_adapter, allow_other_model)
         if vec is not None:
             stack.enter_context(vec.apply(model, coeff, allow_other_model))
         result = Vignettes(items=chosen, think_tokens=think_tokens, system=system, progress=True)(model, tok)
     for key, value in result.metrics.items():
         click.echo(f"{key:>20s}  {value:.4f}")
-
-
-if __name__ == "__main__":
-    main()
 
 
 @main.group(cls=_Group)
@@ -607,7 +616,7 @@ def export_baked(
     from steer_heal.steering.vector import SteeringVector
 
     check_coeff(coeff)
-    check_target(out, overwrite)
+    check_target(out, overwrite, inputs=(vector_file,))
     device, dtype = placement(device, dtype)
     vec, name = SteeringVector.load_for(vector_file, model_name, allow_other_model, blocks, writer)
     model, tok = load_model(name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
@@ -623,12 +632,18 @@ def export_baked(
 def export_gguf(vector_file, out, coeff, overwrite) -> None:
     """A vector as a llama.cpp control vector (direction.N tensors; --control-vector-scaled FILE S)."""
     from steer_heal.errors import InputError
+    from steer_heal.io import check_output
     from steer_heal.steering.hooks import check_coeff
     from steer_heal.steering.vector import SteeringVector
 
     check_coeff(coeff)
+    check_output(out, inputs=(vector_file,))
     if Path(out).exists() and not overwrite:
         raise InputError(f"{out} exists; pass --overwrite to replace it")
     vec = SteeringVector.load(vector_file)
     path = vec.to_gguf(out, coeff)
     click.echo(f"control vector ({len(vec.directions)} layers, coeff {coeff:g}) -> {path}")
+
+
+if __name__ == "__main__":  # last: every command and group above is registered by now
+    main()

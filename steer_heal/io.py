@@ -2,15 +2,17 @@
 
 Every file this project writes goes through `atomic_write`:
 
-1. write to a temporary name in the same folder (`.<name>.<random>`), so the rename
-   below stays on one file system;
+1. write to a temporary name in the same folder (`.<name>.steer-heal-tmp-<random>`), so
+   the rename below stays on one file system (the marker lets a later cleanup prove the
+   file is ours: a user's `.report.md.previous` is never taken for one);
 2. flush and fsync the temporary file, so its bytes are on disk before its name is;
 3. `os.replace` it over the target (atomic on POSIX);
 4. fsync the folder, so the rename itself survives a power loss.
 
 Without step 2 a crash after the rename can leave an empty or short file under the final
 name; without step 4 the rename can be lost while a later, fsynced log line (e.g. a
-checkpoint event) survives. Files get mode 0644 less the umask, whatever wrote them.
+checkpoint event) survives. Files get mode 0644 less the umask, whatever wrote them, and
+folders made through `temp_dir` 0755 less the umask (not `mkdtemp`'s 0700).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-TEMP_PREFIX = "."  # temporary names are ".<target name>.<random>"
+TEMP_PREFIX = "."  # temporary names are ".<target name>.steer-heal-tmp-<random>"
+TEMP_MARK = "steer-heal-tmp-"
 
 
 def _umask() -> int:
@@ -49,7 +52,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.{TEMP_MARK}", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -72,22 +75,89 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-_TEMP = re.compile(r"^\.(?P<target>.+)\.[A-Za-z0-9_]{8}$")  # what `atomic_write` names a temp file
+def temp_dir(parent: str | os.PathLike, kind: str, name: str = "") -> Path:
+    """A new staging folder `.<name>.steer-heal-<kind>-<random>` in `parent`, mode 0755 less the
+    umask (a folder renamed into place keeps the mode it was made with)."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{name + '.' if name else ''}steer-heal-{kind}-", dir=parent))
+    os.chmod(folder, 0o755 & ~_umask())
+    return folder
 
 
-def remove_stale_temps(root: str | os.PathLike) -> list[Path]:
-    """Delete the temporary files a killed writer left anywhere under `root`: dot-files named
-    `.<existing or expected name>.<8 random characters>` as `atomic_write` makes them, and the
-    `.config-*` staging folders of `Adapter.save`. Returns what was removed."""
+def normal_modes(root: str | os.PathLike) -> None:
+    """Give every file under `root` 0644 and every folder 0755, less the umask (links untouched)."""
+    mask = _umask()
+    for folder, _dirs, files in os.walk(root):
+        os.chmod(folder, 0o755 & ~mask)
+        for name in files:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o644 & ~mask)
+
+
+_RANDOM = r"[A-Za-z0-9_]{8}"  # what tempfile appends
+_TEMP = re.compile(rf"^\..+\.{TEMP_MARK}{_RANDOM}$")  # what `atomic_write` names a temp file
+_STAGING = re.compile(rf"^\.(.+\.)?steer-heal-[a-z]+-{_RANDOM}$")  # what `temp_dir` names a folder
+
+
+def is_our_temp(name: str) -> bool:
+    """Whether a file name is one `atomic_write` gives its temp files."""
+    return bool(_TEMP.match(name))
+
+
+def remove_stale_temps(folders: list[Path]) -> list[Path]:
+    """Delete what a killed writer of ours left directly in `folders` (not below them): files
+    named as `atomic_write` names its temp files and folders named as `temp_dir` names its
+    staging folders, both carrying the `steer-heal-` mark. Nothing else is touched, and no
+    link is followed. Returns what was removed."""
     removed = []
-    for path in sorted(Path(root).rglob(".*")):
-        if path.is_file() and _TEMP.match(path.name):
-            path.unlink()
-            removed.append(path)
-        elif path.is_dir() and path.name.startswith(".config-") and path.parent != Path(root):
-            shutil.rmtree(path)
-            removed.append(path)
+    for folder in folders:
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.is_symlink():
+                continue
+            if path.is_file() and _TEMP.match(path.name):
+                path.unlink()
+                removed.append(path)
+            elif path.is_dir() and _STAGING.match(path.name):
+                shutil.rmtree(path)
+                removed.append(path)
     return removed
+
+
+RUN_FILES = ("config.toml", "events.jsonl")  # both present: a run directory (steer_heal.run.runlog)
+
+
+def run_dir_holding(path: str | os.PathLike) -> Path | None:
+    """The run directory `path` is in (or is), if any: the nearest folder with both RUN_FILES."""
+    target = Path(path).resolve()
+    return next((f for f in (target, *target.parents) if all((f / n).is_file() for n in RUN_FILES)), None)
+
+
+def check_output(path: str | os.PathLike, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse (one `InputError` line) an output path that is a link, that is or holds one of
+    the command's `inputs`, or that lies inside a run directory (its files are the run's:
+    replacing `round_N/vector.safetensors` breaks resume). For every export and every file a
+    command writes at a path the user gave, before any slow work. Writes nothing."""
+    from .errors import InputError
+
+    path = Path(path)
+    if path.is_symlink():
+        raise InputError(f"refusing to write through the link {path} (-> {os.readlink(path)}); give the real path")
+    target = path.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source or target in source.parents:
+            raise InputError(f"refusing to write {path}: it would replace the input {given}; choose another output")
+        if source.exists() and target.exists() and os.path.samefile(source, target):
+            raise InputError(f"refusing to write {path}: it is the input {given} (a hard link); choose another output")
+    run = run_dir_holding(path)
+    if run is not None:
+        raise InputError(
+            f"refusing to write {path}: it is inside the run directory {run}, whose files the run owns; "
+            "choose an output outside it"
+        )
+    return path
 
 
 def canonical_safetensors(data: bytes) -> bytes:

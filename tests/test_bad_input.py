@@ -555,7 +555,7 @@ def test_resume_removes_temp_files_a_killed_writer_left(tmp_path):
     run = RunDir.create(tmp_path / "run", cfg.resolve("tiny"))
     run.close()
     (tmp_path / "run" / "round_0" / "adapter").mkdir(parents=True)
-    stale = tmp_path / "run" / "round_0" / "adapter" / ".adapter_model.safetensors.ab12cd_9"
+    stale = tmp_path / "run" / "round_0" / "adapter" / ".adapter_model.safetensors.steer-heal-tmp-ab12cd_9"
     stale.write_bytes(b"half")
     keep = tmp_path / "run" / "notes.txt"
     keep.write_text("mine")

@@ -148,6 +148,8 @@ def test_per_prompt_coefficients_bad_input(llama):
     with pytest.raises(ValueError, match="coeff must be a finite number"):
         generate(model, tok, PROMPTS[:2], steering=vec, coeff=[1.0, float("nan")])
     ids = torch.tensor([encode(tok, "a b c")] * 3)
-    with vec.apply(model, [1.0, 2.0]), pytest.raises(RuntimeError):
+    with vec.apply(model, [1.0, 2.0]), pytest.raises(ValueError, match="for 2 rows but the batch has 3"):
         model(ids)  # a batch of 3 under 2 per-row coefficients fails instead of steering the wrong rows
+    with vec.apply(model, [1.0, 2.0, 3.0]), pytest.raises(ValueError, match="for 3 rows but the batch has 1"):
+        model(ids[:1])  # a batch of 1 would broadcast to 3 rows: it fails too
     assert not any(m._forward_hooks for m in model.modules())

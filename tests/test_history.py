@@ -234,8 +234,11 @@ def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="does not fit this model"):
         hist.fold(foreign)
     assert len(hist) == 1 and torch.isfinite(logits(model)).all()
+    labelled = Adapter(foreign.config, foreign.state, {"hidden_size": "32", "model_id": "tiny"})
+    with pytest.raises(ValueError, match="adapter was trained on model 'tiny' but this model is 'tiny-llama'"):
+        hist.fold(labelled)  # another model id, as vectors are checked (issue 27)
     with pytest.raises(ValueError, match="hidden_size=32"):
-        hist.fold(Adapter(foreign.config, foreign.state, {"hidden_size": "32", "model_id": "tiny"}))
+        hist.fold(labelled, allow_other_model=True)  # the id waived, the shape still refused
     hist.close()
     with pytest.raises(ValueError, match="no readable history.json"):
         History.load(model, tmp_path)

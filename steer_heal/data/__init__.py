@@ -87,8 +87,8 @@ def available_axes() -> list[str]:
     return sorted(p.stem for p in data_path("axes").glob("*.toml"))
 
 
-def load_axis(name_or_path: str | Path) -> Axis:
-    """A bundled axis by name (`authority`, `love`) or a user TOML file with the same keys."""
+def axis_path(name_or_path: str | Path) -> Path:
+    """The TOML file an axis name or path means (a bundled name: the file inside the package)."""
     path = Path(name_or_path)
     if not path.suffix:
         path = data_path("axes") / f"{name_or_path}.toml"
@@ -96,6 +96,12 @@ def load_axis(name_or_path: str | Path) -> Axis:
             raise ValueError(
                 f"unknown axis {name_or_path!r}; bundled: {', '.join(available_axes())}, or pass a .toml path"
             )
+    return path
+
+
+def load_axis(name_or_path: str | Path) -> Axis:
+    """A bundled axis by name (`authority`, `love`) or a user TOML file with the same keys."""
+    path = axis_path(name_or_path)
     with open(path, "rb") as f:
         raw = tomllib.load(f)
     missing = [key for key in _REQUIRED if key not in raw]

@@ -15,14 +15,13 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor
 
 from ..errors import FileFormatError
-from ..io import atomic_write_text, read_safetensors, save_safetensors
+from ..io import atomic_write_text, read_safetensors, save_safetensors, temp_dir
 
 _CONFIG_FILE = "adapter_config.json"
 _WEIGHTS_FILE = "adapter_model.safetensors"
@@ -73,7 +72,7 @@ class Adapter:
         path.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(self.config)
         config.inference_mode = True
-        staging = Path(tempfile.mkdtemp(prefix=".config-", dir=path))
+        staging = temp_dir(path, "config")
         try:
             config.save_pretrained(str(staging))  # peft's own writer: the standard file
             record = json.loads((staging / _CONFIG_FILE).read_text(encoding="utf-8"))

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from .._version import __version__
-from ..errors import InputError
+from ..errors import InputError, ModelMismatch
 from ..io import atomic_write_text
 from ..models.model import family_of, hidden_size, model_id, n_layers, unwrap
 from ..runtime import seeded
@@ -257,8 +257,9 @@ class History:
             self._delete(name)
             self._set(*saved)
 
-    def fold(self, adapter) -> int:
-        """Add a round (an `Adapter` or a `HealResult`); the model becomes the new student."""
+    def fold(self, adapter, allow_other_model: bool = False) -> int:
+        """Add a round (an `Adapter` or a `HealResult`); the model becomes the new student. An
+        adapter trained on another model id is refused unless `allow_other_model` (as vectors are)."""
         from peft import set_peft_model_state_dict
 
         self._check_open()
@@ -270,7 +271,7 @@ class History:
         bad = [k for k, v in adapter.state.items() if not torch.isfinite(v).all()]
         if bad:
             raise InputError(f"adapter has non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); it cannot be folded")
-        self._check_meta(adapter.meta)
+        self._check_meta(adapter.meta, allow_other_model)
         index = len(self._rounds)
         name = f"round_{index:03d}"
         with seeded(None):  # peft initialises A randomly before we overwrite it: the caller's RNG is kept
@@ -308,7 +309,14 @@ class History:
             return True
         return False
 
-    def _check_meta(self, meta: dict[str, str]) -> None:
+    def _check_meta(self, meta: dict[str, str], allow_other_model: bool = False) -> None:
+        trained_on, this = meta.get("model_id", "unknown"), model_id(self._model)
+        known = {"", "unknown"}
+        if not allow_other_model and trained_on not in known and this not in known and trained_on != this:
+            raise ModelMismatch(
+                f"adapter was trained on model {trained_on!r} but this model is {this!r}; fold it into the model it was "
+                "trained on, or pass allow_other_model=True (--allow-other-model) for a model of the same weights"
+            )
         for key, actual in (("hidden_size", hidden_size(self._model)), ("n_layers", n_layers(self._model))):
             if key in meta and int(meta[key]) != actual:
                 raise ValueError(

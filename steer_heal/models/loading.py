@@ -59,7 +59,11 @@ def _smollm2_checkpoint() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    # io.temp_dir's naming and mode, inline: models/ sits below io/ in the import drawing
+    tmp = Path(tempfile.mkdtemp(prefix=".steer-heal-smollm2-", dir=target.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o755 & ~mask)
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)

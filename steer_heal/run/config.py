@@ -167,6 +167,12 @@ class RunConfig:
             (bool(r.axis.strip()), "run.axis is empty; name a bundled axis (authority, love) or an axis .toml file"),
             (r.rounds >= 1, f"run.rounds must be >= 1, got {r.rounds}"),
             (r.seed >= 0, f"run.seed must be >= 0, got {r.seed}"),
+            (
+                r.seed <= MAX_SEED,
+                f"run.seed must be <= {MAX_SEED}: every round derives its seeds as seed * 1000 + round * 100 + "
+                f"0..999, which must stay a 64-bit integer; got {r.seed}",
+            ),
+            (r.rounds <= MAX_ROUNDS, f"run.rounds must be <= {MAX_ROUNDS}, got {r.rounds}"),
             (r.dtype in DTYPE_NAMES, f"run.dtype must be one of {', '.join(DTYPE_NAMES)}, got {r.dtype!r}"),
             (
                 DEVICE_PATTERN.match(r.device) is not None,
@@ -411,8 +417,17 @@ def _coerce(section: Any, values: dict[str, Any], where: str, name: str) -> dict
                 raise ConfigError(f"{where}: {name}.{key} must be {' or '.join(kinds)}, got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{where}: {name}.{key} must be finite, got {value}")
+        if isinstance(value, float) and abs(value) > FLOAT32_MAX:  # every number is used in float32 or lower
+            raise ConfigError(f"{where}: {name}.{key} = {value:g} is not finite in float32 (largest {FLOAT32_MAX:.3g})")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 2**63:
+            raise ConfigError(f"{where}: {name}.{key} = {value} does not fit a 64-bit integer")
         out[key] = value
     return out
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_ROUNDS = 10_000
+MAX_SEED = (2**63 - 1 - MAX_ROUNDS * 100 - 999) // 1000  # derived seeds stay below 2**63
 
 
 def resolve(
@@ -443,6 +458,15 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 def load(path: str | Path) -> RunConfig:
     return _merge(RunConfig(), read_toml(path), str(path)).validate()
+
+
+def from_toml_text(text: str, where: str) -> RunConfig:
+    """A config from TOML text (`where` names it in errors)."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{where} is not valid TOML: {exc}") from None
+    return _merge(RunConfig(), raw, where).validate()
 
 
 # keys a resumed run may change: they decide how far the loop goes, not what a finished round computed

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,7 +34,7 @@ from .._version import __version__
 from ..errors import InputError
 from ..healing.adapter import Adapter
 from ..healing.history import History
-from ..io import atomic_write_text, fsync_dir
+from ..io import atomic_write_text, check_output, fsync_dir, normal_modes, temp_dir
 from ..models.architecture import residual_writer, text_config, unwrap
 from ..models.loading import SMOLLM2, load_model
 from ..steering.vector import SteeringVector
@@ -46,9 +45,10 @@ MARKER = "steer_heal_export.json"
 _BIAS_FLAGS = ("mlp_bias", "use_bias", "bias", "enable_bias", "add_bias_linear")
 
 
-def check_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Refuse an existing target unless `overwrite`, and then only an earlier export. Writes nothing."""
-    path = Path(path)
+def check_target(path: str | os.PathLike, overwrite: bool = False, inputs: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Refuse an existing target unless `overwrite`, and then only an earlier export; and
+    every output `check_output` refuses. Writes nothing."""
+    path = check_output(path, inputs)
     if path.exists() and not path.is_dir():
         raise InputError(f"{path} exists and is not a folder; choose another export path")
     if path.exists() and any(path.iterdir()):
@@ -62,14 +62,15 @@ def check_target(path: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 @contextmanager
-def _staged(path: Path, overwrite: bool, record: dict) -> Iterator[Path]:
+def _staged(path: Path, overwrite: bool, record: dict, inputs: tuple = ()) -> Iterator[Path]:
     """A temporary folder beside `path` that becomes `path` when the block ends cleanly."""
-    check_target(path, overwrite)
+    check_target(path, overwrite, inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.export-", dir=path.parent))
+    tmp = temp_dir(path.parent, "export", path.name)
     try:
         yield tmp
         atomic_write_text(tmp / MARKER, json.dumps({**record, "version": __version__}, indent=2, sort_keys=True))
+        normal_modes(tmp)  # other writers (transformers, peft) may leave 0600 files
         if path.exists():
             old = path.with_name(f".{path.name}.replaced")
             os.replace(path, old)
@@ -112,7 +113,7 @@ def student(run_dir: str | os.PathLike, **load) -> tuple[History, object, RunDir
 
 def export_merged(run_dir: str | os.PathLike, out: str | os.PathLike, overwrite: bool = False, **load) -> Path:
     """A plain checkpoint of a run's student: W + the sum of its folded rounds' updates."""
-    out = check_target(out, overwrite)
+    out = check_target(out, overwrite, inputs=(run_dir,))
     history, tok, run = student(run_dir, **load)
     try:
         with _staged(
@@ -200,7 +201,7 @@ def export_adapters(
 ) -> Path:
     """Each finished round's adapter as `round_N/`, naming the real base. The embedded
     model's base is written to `base/` beside them (its weights exist nowhere else)."""
-    out = check_target(out, overwrite)
+    out = check_target(out, overwrite, inputs=(run_dir,))
     run = RunDir.resume(run_dir, write=False)
     rounds = _finished_rounds(run)
     if not rounds:

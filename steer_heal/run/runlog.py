@@ -4,6 +4,8 @@ Layout of `out/<timestamp>_<model>_<reg>_s<seed>/`:
 
     config.toml            the resolved config
     events.jsonl           one JSON object per line, flushed and fsynced per event
+    inputs.json            what the finished rounds were computed from: config.toml as the run
+                           last wrote it and the axis file's SHA-256 (resume refuses a change)
     round_<r>/             vector.safetensors, adapter/ (peft format)
     trajectory.png, stages.md, report.md   rendered from events.jsonl alone
 
@@ -15,19 +17,22 @@ the last checkpoint are dropped and that unit is redone from its saved inputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+from ..data import axis_path
 from ..errors import ConfigError, RunDirError
-from ..io import atomic_write_text, remove_stale_temps
+from ..io import RUN_FILES, atomic_write_text, is_our_temp, remove_stale_temps
 from . import config as config_mod
 from .config import RunConfig
-from .lock import FolderLock
+from .lock import LOCK_FILE, FolderLock
 
 __all__ = ["RunDir", "atomic_write_text", "is_run_dir", "read_events", "run_name"]
 
@@ -68,9 +73,6 @@ def run_name(config: RunConfig, when: float | None = None) -> str:
     return f"{stamp}_{model}_{config.heal.reg}_s{config.run.seed}"
 
 
-RUN_FILES = ("config.toml", "events.jsonl")  # both present: a folder this project made
-
-
 def is_run_dir(path: str | os.PathLike) -> bool:
     """A folder written by `RunDir.create`: our config.toml (it parses) and events.jsonl."""
     path = Path(path)
@@ -93,6 +95,61 @@ def _refuse_to_delete(path: Path) -> None:
             f"refusing to delete {path}: it is not a steer-heal run directory (no config.toml and events.jsonl "
             "of ours); choose another --out"
         )
+
+
+INPUTS = "inputs.json"
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_inputs(path: Path, config: RunConfig) -> None:
+    """Record what finished rounds are computed from: the config text and the axis file's hash."""
+    record = {
+        "config_toml": config_mod.to_toml(config),
+        "axis": str(config.run.axis),
+        "axis_sha256": _sha256(axis_path(config.run.axis).read_bytes()),
+    }
+    atomic_write_text(path / INPUTS, json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
+def check_inputs(path: Path, saved: RunConfig) -> None:
+    """Refuse a run whose config.toml was edited by hand, or whose axis file changed, since the
+    run last wrote them: its finished rounds were computed from the old ones. Runs made before
+    the record existed are not checked."""
+    record_file = path / INPUTS
+    if not record_file.is_file():
+        return
+    try:
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        recorded = config_mod.from_toml_text(record["config_toml"], str(record_file))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunDirError(f"{record_file} is damaged ({exc}); the run cannot prove what its rounds used") from None
+    if recorded != saved:
+        changes = "; ".join(config_mod.diff(recorded, saved))
+        raise ConfigError(
+            f"{path / 'config.toml'} was edited since the run wrote it ({changes}): finished rounds used the old "
+            "values; put them back, or start a new run (resume options change rounds, coherence floor and drift bounds)"
+        )
+    try:
+        now = _sha256(axis_path(saved.run.axis).read_bytes())
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"the run's axis {saved.run.axis} cannot be read ({exc}); restore it to resume") from None
+    if now != record.get("axis_sha256"):
+        raise ConfigError(
+            f"the axis file {axis_path(saved.run.axis)} changed since {path} started (its SHA-256 differs): finished "
+            "rounds used the old prompts and answers; restore it, or start a new run"
+        )
+
+
+def _only_leftovers(path: Path) -> bool:
+    """A folder with nothing but what a failed creation of ours leaves: the lock, the inputs
+    record, and temp files named as `atomic_write` names them."""
+    return all(
+        not e.is_symlink() and e.is_file() and (e.name in (LOCK_FILE, INPUTS) or is_our_temp(e.name))
+        for e in path.iterdir()
+    )
 
 
 class RunDir:
@@ -126,29 +183,59 @@ class RunDir:
     @classmethod
     def create(cls, path: str | os.PathLike, config: RunConfig, overwrite: bool = False) -> RunDir:
         """A new run directory at `path` (created), or, with `overwrite`, an old run
-        directory replaced. A folder that is not a run directory is never deleted."""
+        directory replaced. A folder that is not a run directory is never deleted.
+
+        The folder's lock is taken before anything in it is deleted or written, so a second
+        `--overwrite` of the same folder is refused, not interleaved. Creation is all or
+        nothing: if writing fails (a full disk), what this call wrote goes again, and a
+        folder that holds only our own leftovers (the lock, temp files) is reused."""
         path = Path(path)
-        if cls.check_target(path, overwrite):
-            FolderLock.forget(path)  # an old RunDir of this process on it stops holding it
-            shutil.rmtree(path)
+        replace_old = cls.check_target(path, overwrite)
+        made = not path.exists()
         path.mkdir(parents=True, exist_ok=True)
-        lock = FolderLock(path).acquire()
         try:
-            atomic_write_text(path / "config.toml", config_mod.to_toml(config))
-            atomic_write_text(path / "events.jsonl", "")
+            lock = FolderLock(path).acquire()
         except BaseException:
+            if made:
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+        try:
+            if replace_old:
+                _refuse_to_delete(path)  # again, under the lock: it may have changed since the check
+            for entry in path.iterdir():  # an old run, or our own leftovers; never the lock we hold
+                if entry.name == LOCK_FILE:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+            write_inputs(path, config)
+            atomic_write_text(path / "config.toml", config_mod.to_toml(config))
+            atomic_write_text(path / "events.jsonl", "")  # last: with it the folder is a run directory
+        except BaseException:
+            for name in ("events.jsonl", "config.toml", INPUTS):
+                (path / name).unlink(missing_ok=True)
             lock.release()
+            if made:
+                shutil.rmtree(path, ignore_errors=True)
             raise
         return cls(path, config, lock)
 
     @staticmethod
     def check_target(path: str | os.PathLike, overwrite: bool = False) -> bool:
-        """Whether `create` would have to delete `path` first; raises if it may not (a folder
-        of something else, the current folder, a live run, or no `overwrite`). Writes nothing."""
+        """Whether `create` would have to delete a run directory at `path` first; raises if it may
+        not (a link, a folder of something else, the current folder, a live run, or no
+        `overwrite`). A folder holding only our own leftovers (a lock, temp files of a creation
+        that failed) counts as empty. Writes nothing."""
         path = Path(path)
+        if path.is_symlink():
+            raise RunDirError(f"{path} is a link (-> {os.readlink(path)}); give the real folder as --out")
         if path.exists() and not path.is_dir():
             raise RunDirError(f"{path} exists and is not a folder; choose another --out")
-        if not (path.exists() and any(path.iterdir())):
+        if not path.exists() or _only_leftovers(path):
+            if path.exists():
+                with FolderLock(path):  # a live creation holds it
+                    pass
             return False
         if not overwrite:
             raise RunDirError(
@@ -178,6 +265,7 @@ class RunDir:
         if not (path / "config.toml").exists():
             raise RunDirError(f"{path} is not a run directory (no config.toml)")
         saved = config_mod.load(path / "config.toml")
+        check_inputs(path, saved)
         if config is not None and config != saved:
             changes = "; ".join(config_mod.diff(saved, config))
             raise ConfigError(
@@ -192,14 +280,22 @@ class RunDir:
                     f"cannot resume {path} with {'; '.join(fixed)}: finished rounds depend on it; only "
                     f"{', '.join(config_mod.RESUMABLE)} may change (start a new run for the rest)"
                 )
+        done = [e["round"] for e in read_events(path / "events.jsonl") if e["event"] == "checkpoint"]
+        finished = max(done, default=-1) + 1  # rounds finished (the base evaluation is unit -1)
+        if overrides and "rounds" in overrides.get("run", {}) and wanted.run.rounds < finished:
+            raise ConfigError(
+                f"{path} has finished {finished} round(s); --rounds {wanted.run.rounds} would run nothing and undo "
+                f"nothing: ask for more than {finished}, or leave --rounds out"
+            )
         if not write:
             return cls(path, wanted)
         lock = FolderLock(path).acquire()
         try:
             if wanted != saved:
+                write_inputs(path, wanted)
                 atomic_write_text(path / "config.toml", config_mod.to_toml(wanted))
             run = cls(path, wanted, lock)
-            remove_stale_temps(path)
+            remove_stale_temps(run.written_folders())  # only where we write, only names we give
             run._drop_unfinished()
         except BaseException:
             lock.release()
@@ -238,6 +334,12 @@ class RunDir:
             atomic_write_text(self.events_path, text)
 
     # ------------------------------------------------------------ files
+
+    def written_folders(self) -> list[Path]:
+        """The folders this project writes in a run: the run itself, `round_<r>/` and their
+        `adapter/` (a user's own subfolder, or a link, is not among them)."""
+        rounds = [p for p in self.path.iterdir() if re.fullmatch(r"round_\d+", p.name) and not p.is_symlink()]
+        return [self.path, *sorted(rounds), *sorted(p / "adapter" for p in rounds)]
 
     def round_dir(self, round: int) -> Path:
         return self.path / f"round_{round}"

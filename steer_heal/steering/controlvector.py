@@ -29,6 +29,7 @@ import torch
 
 from ..errors import FileFormatError, ModelMismatch
 from ..io import atomic_write
+from .hooks import finite_delta
 
 ARCH = "controlvector"
 _NAME = re.compile(r"^direction\.(\d+)$")
@@ -51,6 +52,10 @@ def write_control_vector(
         )
     if not directions:
         raise ValueError("the vector has no directions to export")
+    if not bool(torch.isfinite(torch.tensor(float(coeff), dtype=torch.float32))):
+        raise ValueError(f"coeff {coeff} is not finite in float32, the type the file stores it in; use a smaller coeff")
+    for layer, v in directions.items():  # the file holds F32: a coefficient finite as a double may not be
+        finite_delta((float(coeff) * v).float(), coeff, layer)
 
     def write(tmp: str) -> None:
         writer = gguf.GGUFWriter(tmp, ARCH)

@@ -94,6 +94,11 @@ def last_token_states(
 
 
 def check_personas(pos: str, neg: str) -> None:
+    for name, text in (("pos", pos), ("neg", neg)):
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(
+                f"the {name} persona is empty; give a system prompt (or leave --{name} out for the axis's)"
+            )
     if pos.strip() == neg.strip():
         raise ValueError("pos and neg personas are identical; the difference would be zero")
 

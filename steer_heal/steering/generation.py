@@ -135,6 +135,9 @@ def generate(
         raise ValueError("prompts must be a list of user messages, not one string; wrap it: [prompt]")
     if not prompts:
         raise ValueError("no prompts to generate from")
+    batches = -(-len(prompts) // max(1, sampling.batch_size))
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1 - batches:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - {1 + batches}] (batch b uses seed + b), got {seed!r}")
     rows_coeff = per_row_coeffs(coeff)
     if rows_coeff is None:
         coeff = check_coeff(coeff)

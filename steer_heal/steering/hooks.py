@@ -25,6 +25,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor, nn
 
 from ..vocab import Number, SteerHow, check_choice
@@ -40,6 +41,13 @@ class AddDelta:
         self.delta, self.coeff, self.how = delta, coeff, how
 
     def __call__(self, module: nn.Module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if self.delta.dim() == 3 and self.delta.shape[0] != hidden.shape[0]:
+            # per-row coefficients: a batch of 1 would broadcast to len(coeff) rows, not fail
+            raise ValueError(
+                f"per-row coefficients are for {self.delta.shape[0]} rows but the batch has {hidden.shape[0]}; "
+                "pass one coefficient per row, or one number for all"
+            )
         if isinstance(output, tuple):
             return (output[0] + self.delta, *output[1:])
         return output + self.delta
@@ -92,7 +100,21 @@ def check_coeff(coeff: Number) -> float:
     coeff = float(coeff)
     if not math.isfinite(coeff):
         raise ValueError(f"coeff must be a finite number, got {coeff}")
+    if abs(coeff) > torch.finfo(torch.float32).max:  # vectors are float32: coeff * v would be inf
+        raise ValueError(f"coeff {coeff:g} is not finite in float32 (largest {torch.finfo(torch.float32).max:.3g})")
     return coeff
+
+
+def finite_delta(delta: Tensor, coeff: object, layer: int) -> Tensor:
+    """`delta` (`coeff * v` cast to the dtype it is added in), refused if the cast overflowed: a
+    coefficient finite as a double can be inf in float32, bfloat16 or float16."""
+    if not bool(torch.isfinite(delta).all()):
+        top = torch.finfo(delta.dtype).max
+        raise ValueError(
+            f"coeff {coeff} times the vector at layer {layer} is not finite in {str(delta.dtype).removeprefix('torch.')} "
+            f"(largest finite value {top:.3g}); use a smaller coeff"
+        )
+    return delta
 
 
 def per_row_coeffs(coeff: Number | Sequence[Number]) -> list[float] | None:

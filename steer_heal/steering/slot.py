@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..errors import StateError
 from ..models.model import decoder_blocks, hidden_size, n_layers, placement
 from ..vocab import Number
-from .hooks import AddDelta, Steering, check_coeff
+from .hooks import AddDelta, Steering, check_coeff, finite_delta
 
 
 class SteeringSlot:
@@ -82,6 +82,6 @@ class SteeringSlot:
             if vector is None or layer not in vector.directions:
                 delta.zero_()
             else:
-                delta.copy_(coeff * vector.directions[layer])
+                delta.copy_(finite_delta((coeff * vector.directions[layer]).to(delta.dtype), coeff, layer))
         for hook in self._hooks:  # what `steering.active_steering` reports
             hook.coeff = 0.0 if vector is None else coeff

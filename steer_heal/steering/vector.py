@@ -44,7 +44,7 @@ from ..models.model import (
 )
 from ..vocab import Number
 from .extract import mean_difference
-from .hooks import BAKED_ATTR, AddDelta, Baked, check_coeff, per_row_coeffs, steer
+from .hooks import BAKED_ATTR, AddDelta, Baked, check_coeff, finite_delta, per_row_coeffs, steer
 
 __all__ = ["SteeringVector", "block_param", "check_coeff", "placement", "steer"]
 
@@ -202,7 +202,7 @@ class SteeringVector:
         with ExitStack() as stack:
             for layer, v in self.directions.items():
                 device, dtype = placement(blocks[layer])  # each layer's delta lives on that layer's device
-                delta = (scale * v).to(device=device, dtype=dtype)
+                delta = finite_delta((scale * v).to(device=device, dtype=dtype), coeff, layer)
                 handle = blocks[layer].register_forward_hook(AddDelta(delta, mark, "hooks"))
                 stack.callback(handle.remove)
             yield model
@@ -220,7 +220,14 @@ class SteeringVector:
                         f"bake cannot fold into layer {layer}: its weights are offloaded (on 'meta' until the "
                         "forward); use apply(), or load the model without disk/CPU offload"
                     )
-                delta = (coeff * v).to(device=linear.weight.device, dtype=linear.weight.dtype)
+                delta = finite_delta(
+                    (coeff * v).to(device=linear.weight.device, dtype=linear.weight.dtype), coeff, layer
+                )
+                bias = linear.bias
+                if bias is not None and not bool(torch.isfinite(bias + delta).all()):
+                    raise ValueError(
+                        f"coeff {coeff} overflows layer {layer}'s bias in {bias.dtype}; use a smaller coeff"
+                    )
                 stack.callback(_add_bias(linear, delta, coeff))
             yield model
 
