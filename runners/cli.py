@@ -17,8 +17,9 @@ from .options import device_options, parse_layers, placement, side_by_side
 MODEL_HELP = "HF model id, local path, 'smollm2-135m' (embedded) or 'tiny-<family>' (random, for tests)"
 
 
-def one_line(exc: BaseException) -> str:
-    """An error as the one line the user reads (file-system errors say which file and what to do)."""
+def one_line(exc: BaseException, options: set[str] | None = None) -> str:
+    """An error as the one line the user reads (file-system errors say which file and what to do).
+    `options`: the command's own options; a suggestion of an option it lacks is left out."""
     import errno
 
     if isinstance(exc, OSError) and not isinstance(exc, (FileNotFoundError, ModuleNotFoundError)) and exc.errno:
@@ -29,9 +30,24 @@ def one_line(exc: BaseException) -> str:
             errno.EACCES: "no permission; write elsewhere (--out) or fix the folder's permissions",
             errno.EPERM: "no permission; write elsewhere (--out) or fix the folder's permissions",
         }.get(exc.errno, "check the path")
-        return f"{where}{exc.strerror or exc}; {fix}"
+        return _only_options(f"{where}{exc.strerror or exc}; {fix}", options)
     text = " ".join(str(exc).split()) or type(exc).__name__
+    text = _only_options(text, options)
     return text if isinstance(exc, (ValueError, SteerHealError)) else f"{type(exc).__name__}: {text}"
+
+
+def _only_options(text: str, options: set[str] | None) -> str:
+    """Drop a library message's "(--option)" hints that name an option this command lacks."""
+    import re
+
+    if options is None:
+        return text
+    return re.sub(r" \((--[a-z][a-z-]*)\)", lambda m: m.group(0) if m.group(1) in options else "", text)
+
+
+class PipeClosed(Exception):
+    """stdout's reader went away (`steer-heal steer ... | head -2`); not an OSError, so click
+    leaves it to the entry point, which exits quietly."""
 
 
 class _Group(click.Group):
@@ -42,8 +58,12 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except click.exceptions.ClickException:
             raise
+        except BrokenPipeError as exc:  # the reader's choice, not an error: runners/entry.py exits quietly
+            raise PipeClosed() from exc
         except (SteerHealError, ValueError, OSError) as exc:
-            raise click.ClickException(one_line(exc)) from exc
+            command = self.get_command(ctx, ctx.invoked_subcommand) if ctx.invoked_subcommand else None
+            options = {o for p in command.params for o in p.opts} if command is not None else None
+            raise click.ClickException(one_line(exc, options)) from exc
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -421,15 +441,14 @@ def sweep(
 
     from steer_heal.data import load_axis
     from steer_heal.filters import calibrate_on_pool, default_filter
-    from steer_heal.io import atomic_write_text
+    from steer_heal.io import atomic_write_text, check_output
     from steer_heal.models.devices import attention_backends
     from steer_heal.models.loading import load_model
     from steer_heal.models.model import input_device
     from steer_heal.run.config import EvalSection, RunConfig
     from steer_heal.run.loop import probes
-    from steer_heal.run.sweep import dose_sweep, sweep_report
+    from steer_heal.run.sweep import check_sweep, dose_sweep, sweep_report
     from steer_heal.sampling import Sampling
-    from steer_heal.steering.hooks import check_coeff
     from steer_heal.steering.vector import SteeringVector
 
     try:
@@ -439,8 +458,8 @@ def sweep(
     if items in ("mfv", "both") and not mfv_dir:
         raise click.UsageError(f"--items {items} needs --mfv-dir (the folder with the MFV JSONL files)")
     persona = load_axis(axis)
-    for dose in doses:
-        check_coeff(dose)
+    check_sweep(doses, coherence_floor)  # every setting before the model loads (not after the sweep)
+    check_output(out)
     device, dtype = placement(device, dtype)
     vec, name = SteeringVector.load_for(
         vector_file, model_name, allow_other_model, blocks, writer

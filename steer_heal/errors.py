@@ -9,6 +9,7 @@
     ├── ModelLoadError                      a model that cannot be found or loaded
     ├── StateError (also a RuntimeError)    an object used out of order (a slot outside its `with`)
     ├── DoseError (also a RuntimeError)     no usable steering dose, too little kept text
+    ├── OutOfMemory (also a MemoryError)    a batch that did not fit; names the setting to lower
     └── HealDiverged (also a RuntimeError)  training blew up; nothing was folded
 
 Every message is one line that says what to do next. `InputError` subclasses `ValueError`
@@ -52,3 +53,17 @@ class StateError(SteerHealError, RuntimeError):
 
 class DoseError(SteerHealError, RuntimeError):
     """No usable dose, or too few completions survived the filter."""
+
+
+class OutOfMemory(SteerHealError, MemoryError):
+    """A batch that did not fit the device's memory; the message names the setting to lower."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's `torch.OutOfMemoryError`, a `MemoryError`, or the CPU allocator's RuntimeError."""
+    import torch
+
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text.lower())

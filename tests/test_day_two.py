@@ -295,3 +295,127 @@ def test_python_m_runners_cli_reaches_every_group():
         [sys.executable, "-m", "runners.cli", "export", "--help"], capture_output=True, text=True, cwd=ROOT
     )
     assert done.returncode == 0 and "gguf" in done.stdout, done.stderr
+
+
+def test_prompt_plus_new_tokens_beyond_the_context_window_is_refused_with_both_numbers():
+    from steer_heal.sampling import Sampling
+    from steer_heal.steering.generation import generate
+
+    model, tok = tiny_model("llama")
+    with pytest.raises(ValueError, match=r"max_new_tokens is 600: \d+ > the model's context window of 512 tokens"):
+        generate(model, tok, ["hi"], sampling=Sampling(max_new_tokens=600))
+    refused(
+        cli(
+            "steer",
+            "--vector",
+            vector(Path(__import__("tempfile").mkdtemp())),
+            "--prompt",
+            "hi",
+            "--max-new-tokens",
+            "600",
+        ),
+        "context window of 512",
+    )
+
+
+@pytest.mark.parametrize("where", ["generate", "heal"])
+def test_out_of_memory_is_one_line_naming_the_setting(monkeypatch, where):
+    from steer_heal.errors import OutOfMemory
+    from steer_heal.healing.history import History
+    from steer_heal.healing.regularizers import NLL
+    from steer_heal.healing.train import TrainSettings, heal
+    from steer_heal.sampling import Sampling
+    from steer_heal.steering.generation import generate
+
+    model, tok = tiny_model("llama")
+    made = generate(model, tok, ["hi", "hello there"] * 4, sampling=Sampling(max_new_tokens=6))
+    if where == "generate":
+
+        def boom(*args, **kwargs):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:116] DefaultCPUAllocator: can't allocate memory")
+
+        monkeypatch.setattr(model, "generate", boom)
+        with pytest.raises(OutOfMemory, match="lower the batch size .*or max_new_tokens"):
+            generate(model, tok, ["hi"], sampling=Sampling(max_new_tokens=4))
+        return
+    import steer_heal.healing.train as train_module
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train_module, "_step", boom)
+    with History(model) as hist, pytest.raises(OutOfMemory, match="heal.batch_size in a run config"):
+        heal(hist, tok, made, [NLL()], train=TrainSettings(epochs=1, batch_size=2))
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_sweep_settings_fail_before_the_model_loads(tmp_path, monkeypatch):
+    import steer_heal.models.loading as loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    vec = vector(tmp_path)
+    refused(cli("sweep", "--vector", vec, "--floor", "0", "--out", tmp_path / "s"), "coherence floor", "(--floor)")
+    refused(cli("sweep", "--vector", vec, "--coeffs", "1,2", "--out", tmp_path / "s"), "must include 0")
+    refused(cli("sweep", "--vector", vec, "--coeffs", "0,1e39", "--out", tmp_path / "s"), "not finite in float32")
+    assert not (tmp_path / "s").exists()
+
+
+def test_messages_suggest_only_options_the_command_has(tiny_run, tmp_path):
+    from runners.cli import one_line
+
+    exc = OSError(errno.ENOSPC, "No space left on device", "/x")
+    assert "(--out)" in one_line(exc, {"--out"}) and "(--out)" not in one_line(exc, {"--vector"})
+    # export merged has no --allow-other-model: the library's hint is dropped there
+    result = cli("export", "merged", tiny_run, "--out", tmp_path / "m", "--overwrite")
+    assert result.exit_code == 0, result.output
+
+
+def test_ctrl_c_during_imports_and_sigterm_end_in_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = (
+        "import signal, sys, threading, runners.entry as e\n"
+        "import builtins; real = builtins.__import__\n"
+        "def slow(name, *a, **k):\n"
+        "    if name == 'runners.cli':\n"
+        "        print('importing', flush=True); threading.Event().wait()\n"  # until the signal comes
+        "    return real(name, *a, **k)\n"
+        "builtins.__import__ = slow\n"
+        "sys.exit(e.main(['--help']))"
+    )
+    for sig, word, rc in ((signal.SIGINT, "Aborted", 130), (signal.SIGTERM, "Terminated", 143)):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert proc.stdout.readline().strip() == "importing"  # the command line's import is under way
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == rc and err.strip() == word, (proc.returncode, err)
+
+
+def test_a_closed_pipe_is_quiet(tmp_path):
+    import subprocess
+    import sys
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first line (as `| head` after its lines)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "runners", "run", "--preset", "tiny", "--dry-run"],
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    os.close(write)
+    errors = [x for x in done.stderr.splitlines() if not x.startswith("steer-heal: ")]  # the device notice aside
+    assert done.returncode == 141 and errors == [], (done.returncode, done.stderr)

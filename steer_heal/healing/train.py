@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._version import __version__
-from ..errors import InputError, SteerHealError
+from ..errors import InputError, OutOfMemory, SteerHealError, is_out_of_memory
 from ..models.logprobs import Example, make_batch, mean_nll, target_logprobs
 from ..models.model import hidden_size, input_device, model_id, n_layers, pad_id, unwrap
 from ..runtime import eval_mode, seeded
@@ -334,23 +334,34 @@ def _train(
                 if step >= total:
                     break
                 step += 1
-                log = _step(
-                    hist,
-                    slot,
-                    batches[g : g + train.grad_accum],
-                    regs,
-                    reference,
-                    need_ref,
-                    anchors,
-                    train,
-                    r,
-                    pad,
-                    device,
-                    step,
-                    epoch,
-                    opt,
-                    sched,
-                )
+                try:
+                    log = _step(
+                        hist,
+                        slot,
+                        batches[g : g + train.grad_accum],
+                        regs,
+                        reference,
+                        need_ref,
+                        anchors,
+                        train,
+                        r,
+                        pad,
+                        device,
+                        step,
+                        epoch,
+                        opt,
+                        sched,
+                    )
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    longest = max(len(x.ids) for b in batches[g : g + train.grad_accum] for x in b)
+                    raise OutOfMemory(
+                        f"out of memory healing a batch of {train.batch_size} sequences of up to {longest} tokens "
+                        f"on {device}; lower the batch size (TrainSettings.batch_size; heal.batch_size in a run "
+                        "config, with heal.grad_accum raised to keep the batch) or the completions' length "
+                        "(generate.max_new_tokens)"
+                    ) from None
                 steps.append(log)
                 run_sum, run_count = run_sum + log.nll * log.tokens, run_count + log.tokens
                 bar.update(1)

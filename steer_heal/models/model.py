@@ -24,6 +24,7 @@ from .architecture import (
     hidden_size,
     n_layers,
     residual_writer,
+    text_config,
     unwrap,
 )
 
@@ -257,3 +258,14 @@ def input_device(model: nn.Module) -> torch.device:
 
 def model_id(model: nn.Module) -> str:
     return str(getattr(unwrap(model).config, "_name_or_path", "") or "unknown")
+
+
+def context_window(model: nn.Module) -> int | None:
+    """The most positions the model takes (prompt plus generated tokens), from its config; None
+    when the config does not say (e.g. models with unbounded relative positions)."""
+    config = text_config(unwrap(model).config)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

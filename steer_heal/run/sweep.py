@@ -28,6 +28,7 @@ from ..evaluate.items import FOUNDATIONS
 from ..filters import FilterLike, FilterReport
 from ..sampling import SAMPLED, Sampling
 from ..steering.generation import generate
+from ..steering.hooks import check_coeff
 from ..steering.vector import SteeringVector
 from ..vocab import Number
 
@@ -53,6 +54,19 @@ class SweepPoint:
         return cls(float(record["coeff"]), results, record.get("filter"), list(record.get("samples", [])))
 
 
+def check_sweep(coeffs: Sequence[Number], coherence_floor: float = 0.95) -> None:
+    """Every sweep setting that can be checked before a model loads: the doses (finite, in
+    float32, one of them 0) and the coherence floor of the operating-dose rule."""
+    if not coeffs or 0.0 not in [float(c) for c in coeffs]:
+        raise ValueError(f"coeffs must include 0 (the unsteered reference), got {list(coeffs)}")
+    for c in coeffs:
+        check_coeff(c)
+    if not 0 < float(coherence_floor) <= 1:
+        raise ValueError(
+            f"the coherence floor is a fraction of the unsteered coherence in (0, 1], got {coherence_floor} (--floor)"
+        )
+
+
 def dose_sweep(
     model: nn.Module,
     tok: Any,
@@ -72,8 +86,7 @@ def dose_sweep(
     `sampling` decodes the `n` filtered completions per dose; the greedy samples use its
     `max_new_tokens`.
     """
-    if not coeffs or 0.0 not in [float(c) for c in coeffs]:
-        raise ValueError(f"coeffs must include 0 (the unsteered reference), got {list(coeffs)}")
+    check_sweep(coeffs)
     if filt is not None and (n < 1 or not prompts):
         raise ValueError("filtering needs n >= 1 completions per dose and a prompt pool")
     pool = list(prompts)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.model import chat_prompt, encode, input_device, left_pad, pad_id, stop_token_ids
+from ..errors import OutOfMemory, is_out_of_memory
+from ..models.model import chat_prompt, context_window, encode, input_device, left_pad, pad_id, stop_token_ids
 from ..runtime import seeded
 from ..sampling import GREEDY, Sampling
 from ..vocab import Number, SteerHow
@@ -155,6 +156,14 @@ def generate(
 
     texts = [chat_prompt(tok, prompt, system=system) for prompt in prompts]
     token_lists = [encode(tok, text) for text in texts]
+    window = context_window(model)
+    longest = max(len(t) for t in token_lists)
+    if window is not None and longest + sampling.max_new_tokens > window:
+        raise ValueError(
+            f"the longest prompt has {longest} tokens and max_new_tokens is {sampling.max_new_tokens}: "
+            f"{longest + sampling.max_new_tokens} > the model's context window of {window} tokens; shorten the "
+            "prompt or lower max_new_tokens"
+        )
     order = sorted(range(len(texts)), key=lambda i: len(token_lists[i]))
     device = input_device(model)
     results: list[Completion | None] = [None] * len(texts)
@@ -178,7 +187,16 @@ def generate(
                 else steering.apply(model, [rows_coeff[i] for i in rows], allow_other_model)  # type: ignore[union-attr]
             )
             with seeded(seed + index, device), by_row:
-                out = model.generate(input_ids=ids, attention_mask=mask, generation_config=chosen)
+                try:
+                    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=chosen)
+                except Exception as exc:
+                    if not is_out_of_memory(exc):
+                        raise
+                    raise OutOfMemory(
+                        f"out of memory generating {len(rows)} prompts x ({ids.shape[1]} + {sampling.max_new_tokens}) "
+                        f"tokens on {device}; lower the batch size (Sampling.batch_size, {sampling.batch_size} now; "
+                        "generate.batch_size in a run config) or max_new_tokens"
+                    ) from None
             for row, i in enumerate(rows):
                 new = out[row, ids.shape[1] :].tolist()
                 cut = next((k for k, t in enumerate(new) if t in stops), None)
