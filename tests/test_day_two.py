@@ -360,6 +360,17 @@ def test_sweep_settings_fail_before_the_model_loads(tmp_path, monkeypatch):
     assert not (tmp_path / "s").exists()
 
 
+def test_the_report_of_a_random_model_claims_no_effect(tiny_run):
+    from steer_heal.run.plot import summary
+    from steer_heal.run.runlog import read_events
+
+    text = summary(read_events(tiny_run / "events.jsonl"))
+    assert "cannot be judged by these probes" in text
+    assert not any(w in text for w in ("sees a stance effect", "beats", "moved the stance"))
+    report = (tiny_run / "report.md").read_text() if (tiny_run / "report.md").exists() else text
+    assert "sees a stance effect" not in report
+
+
 def test_messages_suggest_only_options_the_command_has(tiny_run, tmp_path):
     from runners.cli import one_line
 

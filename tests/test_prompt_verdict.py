@@ -87,3 +87,23 @@ def test_a_wording_that_repeats_the_persona_is_refused(tmp_path):
     path.write_text(text.replace(f'pos_wordings = ["{axis.pos_wordings[0]}"]', f'pos_wordings = ["{axis.pos}"]'))
     with pytest.raises(ValueError, match="pos_wordings must be other wordings of pos"):
         load_axis(path)
+
+
+def test_a_control_below_the_effect_size_floor_fails_however_large_its_z():
+    from steer_heal.run.plot import CONTROL_MIN_NATS
+
+    tiny_effect = events((1.0, 0.9))
+    neg = next(e for e in tiny_effect if e["stage"] == "prompted_neg")
+    neg["results"]["logodds"] = logodds(1.0 - 0.3 * CONTROL_MIN_NATS, spread=0.0001)  # z in the hundreds
+    text = summary(tiny_effect)
+    assert "it FAILED (needs >= 0.1 nats and z >= 3" in text and "sees a stance effect" not in text
+    assert "cannot be judged while the control fails" in text
+
+
+def test_a_model_whose_vignette_table_reads_broken_gets_no_effect_claim():
+    broken = events((1.0, 0.5))
+    for e in broken:
+        e["results"]["v"] = vignettes(0.3)  # every stage below the 0.85 floor, the base included
+    text = summary(broken)
+    assert "cannot be judged by these probes" in text
+    assert not any(w in text for w in ("sees a stance effect", "beats", "moved the stance"))

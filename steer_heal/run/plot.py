@@ -16,6 +16,7 @@ from typing import Any
 
 from ..data import load_axis
 from ..evaluate import EvalResult, foundation_key, min_coherence, retain, shift, shift_table, stage_table
+from ..evaluate.compare import BROKEN_BELOW
 from ..io import atomic_write_bytes, atomic_write_text
 from .runlog import read_events
 
@@ -59,6 +60,10 @@ def _axis_target(run_dir: Path) -> tuple[str, int]:
 
 
 LOGODDS = "logodds"
+# The stance control's effect-size floor: a persona prompt that moves the crossed stance by less than
+# 0.1 nats (about 10% in the odds) has not shown that the probe sees stance, however large its z (a
+# random 4-layer model read +0.029 nats at z 25). On SmolLM2 the controls read +1.84 (love), +0.70 (authority).
+CONTROL_MIN_NATS = 0.1
 
 
 def stage_tables(events: list[dict[str, Any]], target: str, direction: int) -> str:
@@ -97,19 +102,29 @@ def summary(events: list[dict[str, Any]]) -> str:
     healed = [k for k in logodds if k.startswith("healed")]
     base = logodds["base"]
     base_coh = _coherence("base", stages)
+    if base_coh is not None and base_coh < BROKEN_BELOW:
+        # the 7-way table reads every stage broken: no sentence may claim an effect it contradicts
+        return " ".join(
+            [
+                f"The base model answers the 7-way vignettes at coherence {base_coh:.3f} (< {BROKEN_BELOW}: its "
+                "stage table reads broken), so no shift in this run is read as a trait effect and no verdict "
+                "against the persona prompt is given; this model cannot be judged by these probes."
+            ]
+            + drift_sentences(events)
+        )
     trusted = True
     out = []
     if "prompted" in logodds and "prompted_neg" in logodds:
         control = shift(logodds["prompted_neg"], logodds["prompted"], "stance")
-        trusted = control.mean > 0 and control.z >= 3
+        trusted = control.mean >= CONTROL_MIN_NATS and control.z >= 3
         out.append(
             f"Stance control: the pos persona prompt moved the stance by {_said(control)} against the neg one "
             f"(z {control.z:+.1f}); "
             + (
                 "the probe sees a stance effect, so its stance numbers below are read as stance."
                 if trusted
-                else "it FAILED (needs z >= 3 in the pos direction), so no stance number below is trusted, "
-                "a null least of all; read the wording part."
+                else f"it FAILED (needs >= {CONTROL_MIN_NATS:g} nats and z >= 3 in the pos direction), so no stance "
+                "number below is trusted, a null least of all; read the wording part."
             )
         )
 
