@@ -5,8 +5,11 @@
     │   ├── ConfigError                     a run config (TOML, preset, flags) that cannot run
     │   ├── FileFormatError                 a vector, adapter, axis or event file that cannot be read
     │   ├── ModelMismatch                   a vector or adapter made for another model
+    │   ├── MissingFile (also FileNotFoundError) a file the call needs is not there
+    │   ├── NotFound (also KeyError)        a key a record does not hold
     │   └── RunDirError                     a run directory that is locked, foreign or damaged
     ├── ModelLoadError                      a model that cannot be found or loaded
+    │   └── MissingPackage (also ModuleNotFoundError) an optional package is not installed
     ├── StateError (also a RuntimeError)    an object used out of order (a slot outside its `with`)
     ├── DoseError (also a RuntimeError)     no usable steering dose, too little kept text
     ├── OutOfMemory (also a MemoryError)    a batch that did not fit; names the setting to lower
@@ -39,8 +42,23 @@ class ModelMismatch(InputError):
     """A vector or adapter used with a model other than the one it was made for."""
 
 
+class MissingFile(InputError, FileNotFoundError):
+    """A file or folder the call needs is not there (also a FileNotFoundError)."""
+
+
 class ModelLoadError(SteerHealError):
     """A model or tokenizer that cannot be found or loaded."""
+
+
+class MissingPackage(ModelLoadError, ModuleNotFoundError):
+    """An optional package a call needs (the embedded model, the sentence embedder) is not installed."""
+
+
+class NotFound(InputError, KeyError):
+    """A key asked of a record that does not hold it (also a KeyError)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class RunDirError(InputError):

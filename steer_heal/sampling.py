@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from .errors import InputError
+
 
 @dataclass(frozen=True)
 class Sampling:
@@ -26,18 +28,18 @@ class Sampling:
         for name in ("max_new_tokens", "batch_size", "top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Sampling: batch_size, max_new_tokens and top_k must be >= 1, got {name}={value!r}")
+                raise InputError(f"Sampling: batch_size, max_new_tokens and top_k must be >= 1, got {name}={value!r}")
         if not isinstance(self.do_sample, bool):
-            raise ValueError(f"Sampling.do_sample must be true or false, got {self.do_sample!r}")
+            raise InputError(f"Sampling.do_sample must be true or false, got {self.do_sample!r}")
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"Sampling.{name} must be a finite number, got {value!r}")
+                raise InputError(f"Sampling.{name} must be a finite number, got {value!r}")
             object.__setattr__(self, name, float(value))
         if not self.temperature > 0:
-            raise ValueError(f"Sampling.temperature must be > 0, got {self.temperature}")
+            raise InputError(f"Sampling.temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"Sampling.top_p must be in (0, 1], got {self.top_p}")
+            raise InputError(f"Sampling.top_p must be in (0, 1], got {self.top_p}")
 
     def sampled(self) -> Sampling:
         """The same settings, drawing tokens instead of taking the most likely."""

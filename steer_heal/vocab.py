@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from typing import Literal, get_args
 
+from .errors import InputError
+
 Number = float | int  # beartype, unlike PEP 484, does not let an int pass as a float
 
 RegName = Literal["klrev", "klfwd", "nll", "spectral"]  # the loop's main regulariser
@@ -36,5 +38,5 @@ def check_choice(what: str, value: object, names) -> str:
     if value not in valid:
         quoted = [repr(v) for v in valid]
         options = " or ".join(quoted) if len(quoted) == 2 else "one of " + ", ".join(quoted)
-        raise ValueError(f"{what} must be {options}, got {value!r}")
+        raise InputError(f"{what} must be {options}, got {value!r}")
     return value  # type: ignore[return-value]

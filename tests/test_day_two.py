@@ -430,3 +430,26 @@ def test_a_closed_pipe_is_quiet(tmp_path):
     os.close(write)
     errors = [x for x in done.stderr.splitlines() if not x.startswith("steer-heal: ")]  # the device notice aside
     assert done.returncode == 141 and errors == [], (done.returncode, done.stderr)
+
+
+def test_every_error_the_library_raises_on_purpose_is_typed():
+    """What docs/usage.md promises: every `raise SomeError(...)` in steer_heal/ raises a
+    `SteerHealError` (a bare `raise` re-raising what it caught is not one of ours)."""
+    import ast
+    import importlib
+
+    import steer_heal.errors as errors
+    from steer_heal.errors import SteerHealError
+
+    untyped = []
+    for path in sorted((ROOT / "steer_heal").rglob("*.py")):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        module = importlib.import_module(name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name):
+                name_ = node.exc.func.id
+                cls = getattr(module, name_, None) or getattr(errors, name_, None)  # lazy imports: errors'
+                internal = name_.startswith("_") and f"except {name_}" in path.read_text()  # caught where raised
+                if not internal and not (isinstance(cls, type) and issubclass(cls, SteerHealError)):
+                    untyped.append(f"{path.relative_to(ROOT)}:{node.lineno} {name_}")
+    assert untyped == [], untyped

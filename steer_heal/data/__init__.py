@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from ..errors import InputError
+
 _REQUIRED = ("name", "pos", "neg", "prompts")
 
 
@@ -28,7 +30,7 @@ def load_contexts(path: str | Path | None = None) -> list[str]:
     """Extraction contexts: short, diverse user messages (bundled set by default)."""
     contexts = read_lines(path or data_path("contexts.txt"))
     if not contexts:
-        raise ValueError(f"{path} holds no contexts; one user message per line")
+        raise InputError(f"{path} holds no contexts; one user message per line")
     return contexts
 
 
@@ -36,7 +38,7 @@ def load_neutral_prompts(path: str | Path | None = None) -> list[str]:
     """Held-out neutral user messages for the drift instruments (bundled set by default)."""
     prompts = read_lines(path or data_path("neutral_prompts.txt"))
     if not prompts:
-        raise ValueError(f"{path} holds no neutral prompts; one user message per line")
+        raise InputError(f"{path} holds no neutral prompts; one user message per line")
     return prompts
 
 
@@ -44,7 +46,7 @@ def load_anchor_prompts(path: str | Path | None = None) -> list[str]:
     """Neutral user messages whose base completions anchor the heal (bundled set by default)."""
     prompts = read_lines(path or data_path("anchor_prompts.txt"))
     if not prompts:
-        raise ValueError(f"{path} holds no anchor prompts; one user message per line")
+        raise InputError(f"{path} holds no anchor prompts; one user message per line")
     return prompts
 
 
@@ -55,7 +57,7 @@ def check_disjoint(name: str, prompts: list[str], others: dict[str, list[str]]) 
     for other, texts in others.items():
         shared = sorted(mine & {t.strip().casefold() for t in texts})
         if shared:
-            raise ValueError(
+            raise InputError(
                 f"the {name} prompts share {len(shared)} message(s) with the {other} (e.g. {shared[0][:60]!r}); "
                 "use disjoint prompt sets"
             )
@@ -93,7 +95,7 @@ def axis_path(name_or_path: str | Path) -> Path:
     if not path.suffix:
         path = data_path("axes") / f"{name_or_path}.toml"
         if not path.exists():
-            raise ValueError(
+            raise InputError(
                 f"unknown axis {name_or_path!r}; bundled: {', '.join(available_axes())}, or pass a .toml path"
             )
     return path
@@ -106,17 +108,17 @@ def load_axis(name_or_path: str | Path) -> Axis:
         raw = tomllib.load(f)
     missing = [key for key in _REQUIRED if key not in raw]
     if missing:
-        raise ValueError(f"axis file {path} lacks {', '.join(missing)}")
+        raise InputError(f"axis file {path} lacks {', '.join(missing)}")
     known = set(Axis.__dataclass_fields__)
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(f"axis file {path}: unknown keys {unknown}; valid keys: {sorted(known)}")
+        raise InputError(f"axis file {path}: unknown keys {unknown}; valid keys: {sorted(known)}")
     _check_axis(path, raw)
     if raw["pos"].strip() == raw["neg"].strip():
-        raise ValueError(f"axis file {path}: pos and neg personas are identical")
+        raise InputError(f"axis file {path}: pos and neg personas are identical")
     same = [w for w in raw.get("pos_wordings", []) if w.strip() in (raw["pos"].strip(), raw["neg"].strip())]
     if same:
-        raise ValueError(
+        raise InputError(
             f"axis file {path}: pos_wordings must be other wordings of pos, but {same[0]!r} repeats a persona"
         )
     return Axis(**raw)
@@ -134,28 +136,28 @@ def _check_axis(path: Path, raw: dict) -> None:
 
     for key in _TEXTS:
         if key in raw and not (isinstance(raw[key], str) and raw[key].strip()):
-            raise ValueError(f"axis file {path}: {key} must be a non-empty string, got {raw[key]!r}")
+            raise InputError(f"axis file {path}: {key} must be a non-empty string, got {raw[key]!r}")
     for key in _LISTS:
         if key not in raw:
             continue
         value = raw[key]
         if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
-            raise ValueError(f"axis file {path}: {key} must be a list of non-empty strings, got {value!r}")
+            raise InputError(f"axis file {path}: {key} must be a list of non-empty strings, got {value!r}")
     if len(raw["prompts"]) < 2:
-        raise ValueError(f"axis file {path}: prompts needs at least 2 user messages, got {len(raw['prompts'])}")
+        raise InputError(f"axis file {path}: prompts needs at least 2 user messages, got {len(raw['prompts'])}")
     if "direction" in raw and (isinstance(raw["direction"], bool) or raw["direction"] not in (1, -1)):
-        raise ValueError(
+        raise InputError(
             f"axis file {path}: direction must be 1 or -1 (the sign of the target shift), got {raw['direction']!r}"
         )
     _check_answers(path, raw)
     if "narration_patterns" in raw:
         if not raw["narration_patterns"]:
-            raise ValueError(f"axis file {path}: narration_patterns is empty; omit the key for the defaults")
+            raise InputError(f"axis file {path}: narration_patterns is empty; omit the key for the defaults")
         for pattern in raw["narration_patterns"]:
             try:
                 re.compile(pattern)
             except re.error as exc:
-                raise ValueError(
+                raise InputError(
                     f"axis file {path}: narration pattern {pattern!r} is not a regular expression ({exc})"
                 ) from None
 
@@ -165,32 +167,32 @@ def _check_answers(path: Path, raw: dict) -> None:
     each written in both vocabularies, off-axis pairs (a, b)."""
     answers, off = raw.get("answers", []), raw.get("off_axis", [])
     if ("answers" in raw or "off_axis" in raw) and not raw.get("eval_prompts"):
-        raise ValueError(f"axis file {path}: [[answers]] need eval_prompts, held-out scenarios to score them on")
+        raise InputError(f"axis file {path}: [[answers]] need eval_prompts, held-out scenarios to score them on")
     if raw.get("eval_prompts") and "answers" not in raw:
-        raise ValueError(f"axis file {path}: eval_prompts need [[answers]], at least {MIN_PAIRS} crossed pairs")
+        raise InputError(f"axis file {path}: eval_prompts need [[answers]], at least {MIN_PAIRS} crossed pairs")
     overlap = sorted(set(raw.get("eval_prompts", [])) & set(raw["prompts"]))
     if overlap:
-        raise ValueError(
+        raise InputError(
             f"axis file {path}: eval_prompts must be held out, but {len(overlap)} are also in prompts "
             f"(e.g. {overlap[0][:60]!r})"
         )
     if "answers" in raw:
         if not isinstance(answers, list) or len(answers) < MIN_PAIRS:
             count = len(answers) if isinstance(answers, list) else 0
-            raise ValueError(f"axis file {path}: needs at least {MIN_PAIRS} [[answers]] pairs, got {count}")
+            raise InputError(f"axis file {path}: needs at least {MIN_PAIRS} [[answers]] pairs, got {count}")
         for i, pair in enumerate(answers):
             if not isinstance(pair, dict) or set(pair) != set(CROSSED_KEYS):
                 keys = sorted(pair) if isinstance(pair, dict) else pair
-                raise ValueError(
+                raise InputError(
                     f"axis file {path}: [[answers]] pair {i + 1} must be crossed, with exactly the keys "
                     f"{', '.join(CROSSED_KEYS)} (each stance in both vocabularies); got {keys}"
                 )
             if not all(isinstance(v, str) and v.strip() for v in pair.values()) or len(set(pair.values())) < 4:
-                raise ValueError(f"axis file {path}: [[answers]] pair {i + 1} needs four different non-empty answers")
+                raise InputError(f"axis file {path}: [[answers]] pair {i + 1} needs four different non-empty answers")
     for i, pair in enumerate(off if isinstance(off, list) else [off]):
         if (
             not isinstance(pair, dict)
             or set(pair) != {"a", "b"}
             or not all(isinstance(v, str) and v.strip() for v in pair.values())
         ):
-            raise ValueError(f"axis file {path}: [[off_axis]] pair {i + 1} needs two non-empty answers a and b")
+            raise InputError(f"axis file {path}: [[off_axis]] pair {i + 1} needs two non-empty answers a and b")

@@ -21,6 +21,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
+from ..errors import InputError
 from ..runtime import eval_mode
 
 __all__ = ["EvalResult", "Evaluator", "eval_mode", "min_coherence"]
@@ -39,7 +40,7 @@ class EvalResult:
         clean = {}
         for key, value in self.metrics.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"metric {key!r} must be a number, got {type(value).__name__}")
+                raise InputError(f"metric {key!r} must be a number, got {type(value).__name__}")
             clean[str(key)] = float(value)
         object.__setattr__(self, "metrics", clean)
 
@@ -60,7 +61,7 @@ class EvalResult:
     def from_dict(cls, record: dict[str, Any]) -> EvalResult:
         missing = [key for key in ("name", "metrics") if key not in record]
         if missing:
-            raise ValueError(f"not an evaluation record: missing {', '.join(missing)}")
+            raise InputError(f"not an evaluation record: missing {', '.join(missing)}")
         return cls(
             name=record["name"], metrics=record["metrics"], rows=record.get("rows", []), meta=record.get("meta", {})
         )

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InputError
 from .base import EvalResult
 from .items import FOUNDATIONS, canonical_foundation, foundation_key
 
@@ -91,12 +92,12 @@ def paired_ci(
 def _check_paired(a: EvalResult, b: EvalResult) -> None:
     for result in (a, b):
         if result.meta.get("evaluator") != "vignettes":
-            raise ValueError(
+            raise InputError(
                 f"compare() takes Vignettes results; {result.name!r} came from {result.meta.get('evaluator')!r}"
             )
     for key in _PAIRED:
         if a.meta.get(key) != b.meta.get(key):
-            raise ValueError(
+            raise InputError(
                 f"cannot compare {a.name!r} and {b.name!r}: different {key} ({a.meta.get(key)} vs {b.meta.get(key)}); "
                 "evaluate both stages with the same Vignettes settings and items"
             )
@@ -119,7 +120,7 @@ def compare(
     """Paired deltas of `other` against `base` on the target foundation, and a verdict."""
     target = canonical_foundation(target)
     if direction not in (-1, 1):
-        raise ValueError(f"direction must be +1 (target should rise) or -1 (should fall), got {direction!r}")
+        raise InputError(f"direction must be +1 (target should rise) or -1 (should fall), got {direction!r}")
     _check_paired(base, other)
     if steered is not None:
         _check_paired(base, steered)
@@ -174,7 +175,7 @@ def stage_table(
 ) -> str:
     """A markdown table: one row per stage, compared with the `base` stage (paired)."""
     if base not in stages:
-        raise ValueError(f"stage table needs the base stage {base!r}; stages: {', '.join(stages)}")
+        raise InputError(f"stage table needs the base stage {base!r}; stages: {', '.join(stages)}")
     target = canonical_foundation(target)
     ref = stages[base]
     steer_result = stages.get(steered) if steered else None

@@ -43,6 +43,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..healing.encoding import completion_nll, context_length, encode_completions
 from ..healing.regularizers import kl_fwd, kl_rev
 from ..models.logprobs import make_batch, target_logprobs
@@ -72,7 +73,7 @@ def neutral_kl(
     History, `history.base`), teacher-forced on `completions` (the base's own): both directions."""
     examples, _ = encode_completions(tok, completions, context_length(model, None))
     if not examples:
-        raise ValueError("no neutral completion tokens to score; the neutral completions are all empty")
+        raise InputError("no neutral completion tokens to score; the neutral completions are all empty")
     pad, device = pad_id(tok), input_device(model)
     rev = fwd = 0.0
     tokens = 0
@@ -94,7 +95,7 @@ def auc(scores: Sequence[Number], labels: Sequence[int]) -> float:
     s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     pos, neg = s[y == 1], s[y == 0]
     if pos.size == 0 or neg.size == 0:
-        raise ValueError("AUC needs both classes among the scored rows")
+        raise InputError("AUC needs both classes among the scored rows")
     greater = (pos[:, None] > neg[None, :]).sum()
     ties = (pos[:, None] == neg[None, :]).sum()
     return float((greater + 0.5 * ties) / (pos.size * neg.size))
@@ -136,9 +137,9 @@ def cv_auc(
     training folds, and the classifier learns to call each topic the other class (on SmolLM2's
     neutral samples that drove a resample's AUC to 0.09, not 0.5)."""
     if min(len(a), len(b)) < folds:
-        raise ValueError(f"cross-validated AUC needs at least {folds} rows per set, got {len(a)} and {len(b)}")
+        raise InputError(f"cross-validated AUC needs at least {folds} rows per set, got {len(a)} and {len(b)}")
     if paired and len(a) != len(b):
-        raise ValueError(f"paired sets need one row per prompt in each, got {len(a)} and {len(b)}")
+        raise InputError(f"paired sets need one row per prompt in each, got {len(a)} and {len(b)}")
     rng = np.random.default_rng(seed)
     if paired:
         shared = rng.permutation(np.arange(len(a)) % folds)

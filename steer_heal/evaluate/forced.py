@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..models.model import unwrap
 
 
@@ -83,7 +84,7 @@ def think_and_answer(
 ) -> tuple[list[list[int]], Float[Tensor, "batch options"], Float[Tensor, " batch"]]:
     """(thought ids per row, option log-probs after the prefill, mean prefill NLL per row)."""
     if not seqs or any(len(s) == 0 for s in seqs) or not prefill:
-        raise ValueError("need non-empty sequences and a non-empty prefill")
+        raise InputError("need non-empty sequences and a non-empty prefill")
     batch, n_pre = len(seqs), len(prefill)
     prefill_t = torch.tensor(list(prefill), device=device).expand(batch, -1)
     # with no thinking the prefill rides along with the prompt, so it is part of the tail

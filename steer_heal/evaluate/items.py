@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..data import data_path
+from ..errors import InputError, MissingFile
 
 FOUNDATIONS: tuple[str, ...] = ("Care", "Fairness", "Loyalty", "Authority", "Sanctity", "Liberty", "Social Norms")
 
@@ -42,7 +43,7 @@ def canonical_foundation(name: str) -> str:
     """'care', 'Social norms', 'SocialNorms', 'social_norms' -> the canonical spelling."""
     found = _BY_SQUASHED.get(_squash(str(name)))
     if found is None:
-        raise ValueError(f"unknown foundation {name!r}; use one of: {', '.join(FOUNDATIONS)}")
+        raise InputError(f"unknown foundation {name!r}; use one of: {', '.join(FOUNDATIONS)}")
     return found
 
 
@@ -63,7 +64,7 @@ class Vignette:
     def __post_init__(self) -> None:
         object.__setattr__(self, "foundation", canonical_foundation(self.foundation))
         if not self.text.strip():
-            raise ValueError(f"vignette {self.id!r} has empty text")
+            raise InputError(f"vignette {self.id!r} has empty text")
 
 
 def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
@@ -76,9 +77,9 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: malformed JSON ({exc.msg}); fix or remove that line") from None
+                raise InputError(f"{path}:{number}: malformed JSON ({exc.msg}); fix or remove that line") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
+                raise InputError(f"{path}:{number}: expected a JSON object per line, got {type(row).__name__}")
             rows.append((number, row))
     return rows
 
@@ -86,7 +87,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 def _field(path: Path, number: int, row: dict, key: str) -> str:
     value = row.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{path}:{number}: missing or empty string field {key!r}")
+        raise InputError(f"{path}:{number}: missing or empty string field {key!r}")
     return value
 
 
@@ -95,7 +96,7 @@ def _parse(path: Path, number: int, row: dict, label_key: str) -> Vignette:
     try:
         foundation = canonical_foundation(label)
     except ValueError as exc:
-        raise ValueError(f"{path}:{number}: {exc}") from None
+        raise InputError(f"{path}:{number}: {exc}") from None
     human = {}
     for f in FOUNDATIONS:
         key = "human_" + f.replace(" ", "")
@@ -110,7 +111,7 @@ def _check_unique(items: Sequence[Vignette], where: str) -> None:
     seen: set[str] = set()
     for item in items:
         if item.id in seen:
-            raise ValueError(f"{where}: duplicate vignette id {item.id!r}; ids must be unique")
+            raise InputError(f"{where}: duplicate vignette id {item.id!r}; ids must be unique")
         seen.add(item.id)
 
 
@@ -118,10 +119,10 @@ def load_vignettes(path: str | Path | None = None) -> list[Vignette]:
     """The bundled vignette set, or a JSONL file with `id`, `foundation`, `text` per line."""
     path = Path(path) if path is not None else data_path("vignettes.jsonl")
     if not path.exists():
-        raise FileNotFoundError(f"no vignette file at {path}")
+        raise MissingFile(f"no vignette file at {path}")
     items = [_parse(path, number, row, "foundation") for number, row in _read_jsonl(path)]
     if not items:
-        raise ValueError(f"{path} holds no vignettes; one JSON object per line")
+        raise InputError(f"{path} holds no vignettes; one JSON object per line")
     _check_unique(items, str(path))
     return items
 
@@ -134,12 +135,12 @@ def load_mfv(folder: str | Path, framing: str = "other", name: str = "classic") 
     ...", third person, the default) or "self" ("You ...").
     """
     if framing not in ("other", "self"):
-        raise ValueError(f"framing must be 'other' or 'self', got {framing!r}")
+        raise InputError(f"framing must be 'other' or 'self', got {framing!r}")
     folder = Path(folder)
     paths = {f: folder / f"vignettes_{name}_{f}_violate.jsonl" for f in ("other", "self")}
     for path in paths.values():
         if not path.exists():
-            raise FileNotFoundError(f"no MFV file at {path}; expected both *_other_violate and *_self_violate files")
+            raise MissingFile(f"no MFV file at {path}; expected both *_other_violate and *_self_violate files")
     tables = {}
     for which, path in paths.items():
         items = [_parse(path, number, row, "foundation_coarse") for number, row in _read_jsonl(path)]
@@ -148,18 +149,18 @@ def load_mfv(folder: str | Path, framing: str = "other", name: str = "classic") 
     other, self_ = tables["other"], tables["self"]
     if set(other) != set(self_):
         missing = sorted(set(other) ^ set(self_))[:3]
-        raise ValueError(
+        raise InputError(
             f"MFV framing files in {folder} hold different ids (e.g. {missing}); they must join one to one"
         )
     for key, item in other.items():
         if self_[key].foundation != item.foundation:
-            raise ValueError(
+            raise InputError(
                 f"MFV item {key!r} is {item.foundation} in one framing and {self_[key].foundation} in the other"
             )
     chosen = other if framing == "other" else self_
     items = [chosen[key] for key in other]  # file order of the "other" framing
     if not items:
-        raise ValueError(f"MFV files in {folder} hold no items")
+        raise InputError(f"MFV files in {folder} hold no items")
     return items
 
 
@@ -170,9 +171,9 @@ def stratified_subset(items: Sequence[Vignette], n: int, seed: int = 0) -> list[
     keeps the input order, so the same (items, n, seed) always gives the same list.
     """
     if not items:
-        raise ValueError("cannot take a subset of an empty item set")
+        raise InputError("cannot take a subset of an empty item set")
     if not 1 <= n <= len(items):
-        raise ValueError(f"subset size must be between 1 and {len(items)}, got {n}")
+        raise InputError(f"subset size must be between 1 and {len(items)}, got {n}")
     groups: dict[str, list[int]] = {}
     for index, item in enumerate(items):
         groups.setdefault(item.foundation, []).append(index)

@@ -28,6 +28,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from ..data import data_path
+from ..errors import InputError, MissingFile, MissingPackage
 from ..sampling import Sampling
 from .base import EvalResult, eval_mode
 
@@ -39,10 +40,10 @@ def minilm_folder(package: str = _PACKAGE) -> Path:
     """The bundled all-MiniLM-L6-v2 folder, found without importing its package."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the sentence-embedding model all-MiniLM-L6-v2 is not installed: {INSTALL_HINT}")
+        raise MissingPackage(f"the sentence-embedding model all-MiniLM-L6-v2 is not installed: {INSTALL_HINT}")
     folder = Path(list(spec.submodule_search_locations)[0]) / "model"
     if not (folder / "config.json").exists():
-        raise FileNotFoundError(f"{folder} has no model files; reinstall: {INSTALL_HINT}")
+        raise MissingFile(f"{folder} has no model files; reinstall: {INSTALL_HINT}")
     return folder
 
 
@@ -67,7 +68,7 @@ class Embedder:
     @torch.inference_mode()
     def __call__(self, texts: Sequence[str]) -> Float[Tensor, "n dim"]:
         if not texts:
-            raise ValueError("no texts to embed")
+            raise InputError("no texts to embed")
         out = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tok(
@@ -101,10 +102,10 @@ def load_judge_axes(path: str | Path | None = None) -> dict[str, JudgeAxis]:
         for key in ("pos", "neg"):
             texts = table.get(key)
             if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-                raise ValueError(f"{path}: axis {name!r} needs a non-empty list of texts under {key!r}")
+                raise InputError(f"{path}: axis {name!r} needs a non-empty list of texts under {key!r}")
         axes[name] = JudgeAxis(name, table["pos"], table["neg"], table.get("prompts", []), table.get("description", ""))
     if not axes:
-        raise ValueError(f"{path} defines no [axes.<name>] tables")
+        raise InputError(f"{path} defines no [axes.<name>] tables")
     return axes
 
 
@@ -112,7 +113,7 @@ def bootstrap_ci(scores: Sequence[float], n_boot: int = 2000, seed: int = 0) -> 
     """Percentile bootstrap 95% interval of the mean (a single score gives a zero-width one)."""
     values = np.asarray(scores, dtype=np.float64)
     if values.size == 0:
-        raise ValueError("no scores to bootstrap")
+        raise InputError("no scores to bootstrap")
     rng = np.random.default_rng(seed)
     means = values[rng.integers(0, values.size, size=(n_boot, values.size))].mean(1)
     low, high = np.percentile(means, [2.5, 97.5])
@@ -140,17 +141,17 @@ class TraitJudge:
         path: str | Path | None = None,
     ):
         if (pos is None) != (neg is None):
-            raise ValueError("pass both pos and neg exemplars, or neither (to use the bundled axis)")
+            raise InputError("pass both pos and neg exemplars, or neither (to use the bundled axis)")
         if pos is None:
             axes = load_judge_axes(path)
             if axis not in axes:
-                raise ValueError(
+                raise InputError(
                     f"unknown judge axis {axis!r}; bundled: {', '.join(sorted(axes))}, or pass pos= and neg="
                 )
             spec = axes[axis]
             pos, neg, prompts = spec.pos, spec.neg, spec.prompts if prompts is None else prompts
         if not pos or not neg:
-            raise ValueError("pos and neg exemplars must be non-empty lists of texts")
+            raise InputError("pos and neg exemplars must be non-empty lists of texts")
         self.name = f"judge_{axis}"
         self.axis = axis
         self.prompts = list(prompts or [])
@@ -159,7 +160,7 @@ class TraitJudge:
         mu_pos, mu_neg = self.embed(list(pos)).mean(0), self.embed(list(neg)).mean(0)
         gap = mu_pos - mu_neg
         if float(gap.norm()) < 1e-6:
-            raise ValueError("pos and neg exemplars embed to the same mean; write exemplars that differ in the trait")
+            raise InputError("pos and neg exemplars embed to the same mean; write exemplars that differ in the trait")
         self.direction = gap / gap.norm()
         self.midpoint = (mu_pos + mu_neg) / 2
 
@@ -179,7 +180,7 @@ class TraitJudge:
         from ..steering.generation import generate
 
         if not self.prompts:
-            raise ValueError(f"judge axis {self.axis!r} has no prompts; pass prompts=[...]")
+            raise InputError(f"judge axis {self.axis!r} has no prompts; pass prompts=[...]")
         with eval_mode(model):
             completions = generate(
                 model,

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from ..data import CROSSED_KEYS, MIN_PAIRS
+from ..errors import InputError
 from ..models.logprobs import Example, nll_per_example
 from ..models.model import chat_prompt, encode, input_device, pad_id
 from ..runtime import eval_mode
@@ -89,17 +90,17 @@ class AnswerLogOdds:
         self.pairs = list(self.pairs)
         self.off_axis = list(self.off_axis)
         if len(self.scenarios) < 2:
-            raise ValueError(f"AnswerLogOdds needs at least 2 held-out scenarios, got {len(self.scenarios)}")
+            raise InputError(f"AnswerLogOdds needs at least 2 held-out scenarios, got {len(self.scenarios)}")
         if len(self.pairs) < MIN_PAIRS:
-            raise ValueError(f"AnswerLogOdds needs at least {MIN_PAIRS} crossed answer pairs, got {len(self.pairs)}")
+            raise InputError(f"AnswerLogOdds needs at least {MIN_PAIRS} crossed answer pairs, got {len(self.pairs)}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
 
     @classmethod
     def from_axis(cls, axis: Any, **kwargs: Any) -> AnswerLogOdds:
         """The probe an axis file defines (`eval_prompts`, `[[answers]]`, `[[off_axis]]`)."""
         if not axis.answers or not axis.eval_prompts:
-            raise ValueError(
+            raise InputError(
                 f"axis {axis.name!r} has no eval_prompts or [[answers]]: the log-odds probe needs held-out scenarios "
                 f"and >= {MIN_PAIRS} crossed answer pairs in the axis file"
             )
@@ -134,7 +135,7 @@ class AnswerLogOdds:
         answers = {a: encode(tok, a) for a in self.answer_texts()}
         empty = [a for a, ids in answers.items() if not ids]
         if empty:
-            raise ValueError(f"answer {empty[0]!r} tokenises to 0 tokens; write a longer answer in the axis file")
+            raise InputError(f"answer {empty[0]!r} tokenises to 0 tokens; write a longer answer in the axis file")
         if shared_prefix is None:
             shared_prefix = self.shared_prefix
         if shared_prefix is None:
@@ -261,11 +262,11 @@ class Shift:
 
 def _paired(reference: EvalResult, other: EvalResult, component: str) -> np.ndarray:
     if reference.meta.get("protocol") != other.meta.get("protocol"):
-        raise ValueError("log-odds results used different answer pairs (protocol hash); compare like with like")
+        raise InputError("log-odds results used different answer pairs (protocol hash); compare like with like")
     ref = {r["scenario"]: r[component] for r in reference.rows}
     new = {r["scenario"]: r[component] for r in other.rows}
     if not ref or set(ref) != set(new):
-        raise ValueError("log-odds results are not paired: evaluate both stages on the same scenarios (with rows)")
+        raise InputError("log-odds results are not paired: evaluate both stages on the same scenarios (with rows)")
     keys = sorted(ref)
     return np.array([new[k] - ref[k] for k in keys], dtype=np.float64)
 
@@ -302,7 +303,7 @@ def retain(
     d_steer = _paired(base, steered, component)
     d_heal = _paired(base, healed, component)
     if len(d_steer) != len(d_heal):
-        raise ValueError("retain needs the three stages on the same scenarios")
+        raise InputError("retain needs the three stages on the same scenarios")
     both = np.stack([d_heal, d_steer], axis=1)
 
     def ratio(sample: np.ndarray) -> float:
@@ -316,7 +317,7 @@ def shift_table(stages: Mapping[str, EvalResult], base: str = "base", steered: s
     """Markdown: per stage the stance, wording and off-axis shifts against `base` (mean [95% CI]),
     the stance retained against the `steered` stage, and the naive (orig) shift."""
     if base not in stages:
-        raise ValueError(f"shift table needs the base stage {base!r}; stages: {', '.join(stages)}")
+        raise InputError(f"shift table needs the base stage {base!r}; stages: {', '.join(stages)}")
     ref = stages[base]
     lines = [
         "| stage | d stance | d wording | d off-axis | stance z | retain (stance) | d naive orig |",

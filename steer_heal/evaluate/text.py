@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..data import data_path
+from ..errors import InputError
 from ..models.logprobs import Example, nll_per_example
 from ..models.model import pad_id
 from ..sampling import Sampling
@@ -36,7 +37,7 @@ def load_paragraphs(path: str | Path | None = None) -> list[str]:
     paragraphs = [" ".join(block.split()) for block in "\n".join(lines).split("\n\n")]
     paragraphs = [p for p in paragraphs if p]
     if not paragraphs:
-        raise ValueError(f"{path} holds no paragraphs; separate paragraphs with a blank line")
+        raise InputError(f"{path} holds no paragraphs; separate paragraphs with a blank line")
     return paragraphs
 
 
@@ -46,9 +47,9 @@ class HeldOutPerplexity:
     def __init__(self, texts: Sequence[str] | None = None, max_tokens: int = 256, batch_size: int = 4):
         self.texts = list(load_paragraphs() if texts is None else texts)
         if not self.texts or any(not t.strip() for t in self.texts):
-            raise ValueError("HeldOutPerplexity needs non-empty texts")
+            raise InputError("HeldOutPerplexity needs non-empty texts")
         if max_tokens < 2 or batch_size < 1:
-            raise ValueError(f"max_tokens must be >= 2 and batch_size >= 1, got {max_tokens} and {batch_size}")
+            raise InputError(f"max_tokens must be >= 2 and batch_size >= 1, got {max_tokens} and {batch_size}")
         self.max_tokens, self.batch_size = max_tokens, batch_size
         self.name = "perplexity"
 
@@ -57,7 +58,7 @@ class HeldOutPerplexity:
         encoded = [tok(text)["input_ids"][: self.max_tokens] for text in self.texts]
         short = [i for i, ids in enumerate(encoded) if len(ids) < 2]
         if short:
-            raise ValueError(f"text {short[0]} is shorter than 2 tokens; perplexity needs something to predict")
+            raise InputError(f"text {short[0]} is shorter than 2 tokens; perplexity needs something to predict")
         with eval_mode(model):
             scored = nll_per_example(model, [Example(tuple(ids), 1) for ids in encoded], pad_id(tok), self.batch_size)
         sums, counts = [t for t, _ in scored], [c for _, c in scored]
@@ -79,7 +80,7 @@ class Samples:
         self, prompts: Sequence[str], max_new_tokens: int = 64, system: str | None = None, batch_size: int = 8
     ):
         if not prompts:
-            raise ValueError("Samples needs at least one prompt")
+            raise InputError("Samples needs at least one prompt")
         self.prompts, self.max_new_tokens, self.system, self.batch_size = (
             list(prompts),
             max_new_tokens,

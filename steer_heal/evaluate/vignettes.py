@@ -60,6 +60,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..models.model import chat_prompt, encode, input_device, pad_id, stop_token_ids
 from .base import EvalResult, eval_mode
 from .forced import think_and_answer
@@ -75,7 +76,7 @@ def option_orders(kind: str) -> list[tuple[str, ...]]:
         return [FOUNDATIONS, FOUNDATIONS[::-1]]
     if kind == "cyclic":
         return [FOUNDATIONS[r:] + FOUNDATIONS[:r] for r in range(len(FOUNDATIONS))]
-    raise ValueError(f"orders must be 'reversed' or 'cyclic', got {kind!r}")
+    raise InputError(f"orders must be 'reversed' or 'cyclic', got {kind!r}")
 
 
 @dataclass(frozen=True)
@@ -135,9 +136,9 @@ def option_token_ids(
     label is not exactly one token after the prefill or two labels share a token.
     """
     if len(labels) != len(FOUNDATIONS):
-        raise ValueError(f"need {len(FOUNDATIONS)} option labels, got {len(labels)}")
+        raise InputError(f"need {len(FOUNDATIONS)} option labels, got {len(labels)}")
     if not prefill:
-        raise ValueError("the answer prefill is empty; pass e.g. 'Answer: ('")
+        raise InputError("the answer prefill is empty; pass e.g. 'Answer: ('")
     context = chat_prompt(tok, "Which option?") + after
     # the prefill is appended as fixed ids; its in-context tokenisation is preferred when clean
     prefill_ids = _continuation(tok, context, prefill) or encode(tok, prefill)
@@ -146,13 +147,13 @@ def option_token_ids(
         tail = _continuation(tok, context + prefill, label)
         if tail is None or len(tail) != 1:
             size = "merges with the prefill" if tail is None else f"is {len(tail)} tokens"
-            raise ValueError(
+            raise InputError(
                 f"option label {label!r} {size} after {prefill!r} for this tokenizer, not 1 token; "
                 "use labels that are single tokens (the default digits 1-7 after '(' are)"
             )
         ids.append(tail[0])
     if len(set(ids)) != len(ids):
-        raise ValueError(f"option labels {list(labels)} do not map to distinct tokens; use distinct labels")
+        raise InputError(f"option labels {list(labels)} do not map to distinct tokens; use distinct labels")
     return prefill_ids, ids
 
 
@@ -198,17 +199,17 @@ class Vignettes:
     def __post_init__(self) -> None:
         self.items = tuple(load_vignettes() if self.items is None else self.items)
         if not self.items:
-            raise ValueError("empty item set; pass vignettes (e.g. load_vignettes()) or leave items=None")
+            raise InputError("empty item set; pass vignettes (e.g. load_vignettes()) or leave items=None")
         if isinstance(self.wording, str):
             if self.wording not in WORDINGS:
-                raise ValueError(
+                raise InputError(
                     f"unknown wording {self.wording!r}; choose from {', '.join(WORDINGS)} or pass a Wording"
                 )
             self.wording = WORDINGS[self.wording]
         if isinstance(self.think_tokens, bool) or not isinstance(self.think_tokens, int) or self.think_tokens < 0:
-            raise ValueError(f"think_tokens must be an int >= 0, got {self.think_tokens!r}")
+            raise InputError(f"think_tokens must be an int >= 0, got {self.think_tokens!r}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
         option_orders(self.orders)  # validates the name
 
     def protocol(self) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..errors import InputError
 from ..sampling import SAMPLED, Sampling
 from ..steering.generation import generate
 from ..vocab import Number
@@ -136,7 +137,7 @@ def calibrate_on_pool(
     student has already moved from the original model (`filter.calibrate_on = "student"`).
     """
     if not prompts:
-        raise ValueError("calibration needs a prompt pool; pass the axis's prompts")
+        raise InputError("calibration needs a prompt pool; pass the axis's prompts")
     pool = [prompts[i % len(prompts)] for i in range(n)]
     with base_context(model if sampler is None else sampler) as writer:
         unsteered = generate(writer, tok, pool, sampling=sampling, seed=seed, progress=False)

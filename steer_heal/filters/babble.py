@@ -31,6 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from ..errors import InputError
 from ..steering.generation import Completion
 from .base import Reason, Verdict, check_nonempty
 
@@ -98,14 +99,14 @@ class Babble:
             ("max_non_ascii", max_non_ascii),
         ]:
             if value is not None and not 0 <= value <= 1:
-                raise ValueError(f"{name} is a share in [0, 1] (or None to turn it off), got {value}")
+                raise InputError(f"{name} is a share in [0, 1] (or None to turn it off), got {value}")
         for name, value in [
             ("max_slips", max_slips),
             ("max_sentence_words", max_sentence_words),
             ("min_words", min_words),
         ]:
             if value is not None and value < 1:
-                raise ValueError(f"{name} must be >= 1 (or None to turn it off), got {value}")
+                raise InputError(f"{name} must be >= 1 (or None to turn it off), got {value}")
         self.min_function_share, self.max_punct_share, self.max_non_ascii = (
             min_function_share,
             max_punct_share,

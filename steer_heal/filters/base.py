@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from ..errors import InputError
 from ..steering.generation import Completion
 from ..vocab import Number
 
@@ -77,20 +78,20 @@ FilterLike = Filter | Callable[[Sequence[Completion]], list[Verdict]]
 
 def check_nonempty(completions: Sequence[Completion]) -> None:
     if len(completions) == 0:
-        raise ValueError("no completions to filter; generate some first (steer_heal.steering.generation)")
+        raise InputError("no completions to filter; generate some first (steer_heal.steering.generation)")
 
 
 def check_positive(name: str, value: Number) -> float:
     value = float(value)
     if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        raise InputError(f"{name} must be a finite number > 0, got {value}")
     return value
 
 
 def check_fraction(name: str, value: Number) -> float:
     value = float(value)
     if not 0.0 < value <= 1.0:
-        raise ValueError(f"{name} must be in (0, 1], got {value}")
+        raise InputError(f"{name} must be in (0, 1], got {value}")
     return value
 
 
@@ -101,7 +102,7 @@ class AllOf:
 
     def __init__(self, *filters: FilterLike) -> None:
         if not filters:
-            raise ValueError("AllOf needs at least one filter, e.g. AllOf(Repetition(), Refusal())")
+            raise InputError("AllOf needs at least one filter, e.g. AllOf(Repetition(), Refusal())")
         self.filters = filters
 
     def __call__(self, completions: Sequence[Completion]) -> list[Verdict]:
@@ -110,11 +111,11 @@ class AllOf:
         for f in self.filters:
             verdicts = f(completions)
             if len(verdicts) != len(completions):
-                raise ValueError(f"filter {f!r} returned {len(verdicts)} verdicts for {len(completions)} completions")
+                raise InputError(f"filter {f!r} returned {len(verdicts)} verdicts for {len(completions)} completions")
             for i, v in enumerate(verdicts):
                 clash = merged[i].scores.keys() & v.scores.keys()
                 if clash:  # a silent overwrite would hide one filter's numbers
-                    raise ValueError(f"two filters in AllOf write the same score {sorted(clash)}; rename one")
+                    raise InputError(f"two filters in AllOf write the same score {sorted(clash)}; rename one")
                 merged[i] = Verdict(
                     merged[i].keep and v.keep, {**merged[i].scores, **v.scores}, merged[i].reasons + list(v.reasons)
                 )

@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from torch import nn
 
+from ..errors import InputError
 from ..steering.generation import Completion
 from ..vocab import Number
 from .base import Reason, Verdict, check_fraction, check_nonempty, check_positive
@@ -88,22 +89,22 @@ def calibrate(
 ) -> Calibration:
     """Measure the thresholds on the ORIGINAL model's own completions (see the module docstring)."""
     if len(unsteered) < MIN_CALIBRATION:
-        raise ValueError(
+        raise InputError(
             f"filter calibration needs at least {MIN_CALIBRATION} unsteered completions, got {len(unsteered)}; "
             "generate more from the unsteered model"
         )
     k, share_factor = check_positive("k", k), check_positive("share_factor", share_factor)
     percentile = float(percentile)
     if not 0 < percentile < 50:
-        raise ValueError(f"percentile must be in (0, 50), got {percentile}")
+        raise InputError(f"percentile must be in (0, 50), got {percentile}")
     if any(c.coeff != 0 for c in unsteered):
-        raise ValueError("calibration needs unsteered completions (coeff 0); these were generated under steering")
+        raise InputError("calibration needs unsteered completions (coeff 0); these were generated under steering")
     with original_model(model, "calibration") as base:
         scored = _scores(base, tok, unsteered, check_fraction("tail", tail), batch_size)
     ppls = [p for _, p in scored if math.isfinite(p)]
     pooled = np.concatenate([v for v, _ in scored if len(v)]) if ppls else np.empty(0)
     if len(ppls) < MIN_CALIBRATION:
-        raise ValueError(f"only {len(ppls)} unsteered completions are non-empty; calibration needs {MIN_CALIBRATION}")
+        raise InputError(f"only {len(ppls)} unsteered completions are non-empty; calibration needs {MIN_CALIBRATION}")
     median = float(np.median(ppls))
     low = float(np.percentile(pooled, percentile))
     shares = [float((v < low).mean()) for v, _ in scored if len(v)]
@@ -134,7 +135,7 @@ class Calibrated:
         self.model, self.tok, self.calibration = model, tok, calibration
         self.tail = check_fraction("tail", tail)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
 
     def __call__(self, completions: Sequence[Completion]) -> list[Verdict]:

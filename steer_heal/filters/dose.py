@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from ..errors import DoseError
+from ..errors import DoseError, InputError
 from ..sampling import SAMPLED, Sampling
 from ..steering.generation import Completion, generate
 from ..steering.slot import SteeringSlot
@@ -98,7 +98,7 @@ class Collection:
 
 def _check_prompts(prompts: Sequence[str]) -> None:
     if len(prompts) == 0:
-        raise ValueError("prompts is empty; pass a pool of user messages to generate from")
+        raise InputError("prompts is empty; pass a pool of user messages to generate from")
 
 
 # rows a speculative walk decodes together: the full preset's 17 probes x 8 fit in one batch;
@@ -156,7 +156,7 @@ class _Sampler:
 def _filter(flt: FilterLike, completions: list[Completion]) -> list[Verdict]:
     verdicts = flt(completions)
     if len(verdicts) != len(completions):
-        raise ValueError(f"filter {flt!r} returned {len(verdicts)} verdicts for {len(completions)} completions")
+        raise InputError(f"filter {flt!r} returned {len(verdicts)} verdicts for {len(completions)} completions")
     return verdicts
 
 
@@ -214,22 +214,22 @@ def walk_dose(
     _check_prompts(prompts)
     target = float(target)
     if not 0.0 < target <= 1.0:
-        raise ValueError(f"target kept fraction must be in (0, 1], got {target}")
+        raise InputError(f"target kept fraction must be in (0, 1], got {target}")
     c_min, c_max = float(c_min), float(c_max)
     if not (math.isfinite(c_min) and math.isfinite(c_max) and 0.0 < c_min < c_max):
-        raise ValueError(
+        raise InputError(
             f"need 0 < c_min < c_max (finite; the search is in log space), got c_min={c_min}, c_max={c_max}"
         )
     coherence_floor = float(coherence_floor)
     if not 0 <= coherence_floor <= 1:
-        raise ValueError(f"coherence_floor is a fraction of the unsteered coherence in [0, 1], got {coherence_floor}")
+        raise InputError(f"coherence_floor is a fraction of the unsteered coherence in [0, 1], got {coherence_floor}")
     if steps < 0 or probe_size < 1:
-        raise ValueError(f"steps must be >= 0 and probe_size >= 1, got {steps} and {probe_size}")
+        raise InputError(f"steps must be >= 0 and probe_size >= 1, got {steps} and {probe_size}")
     settings = dict(sampling=sampling, system=system, how=how)
     # generate seeds batch b with seed + b: space the probes so no two batches share a seed
     seeds_per_probe = math.ceil(probe_size / sampling.batch_size)
     if speculative and compiled:
-        raise ValueError("a speculative walk decodes eager (per-row coefficients); pass compiled=False")
+        raise InputError("a speculative walk decodes eager (per-row coefficients); pass compiled=False")
     probes: list[Probe] = []
     ahead: dict[tuple[int, float], tuple[list[Completion], list[Verdict]]] = {}
 
@@ -316,11 +316,11 @@ def collect(
     _check_prompts(prompts)
     coeff = float(coeff)
     if not math.isfinite(coeff):
-        raise ValueError(f"coeff must be finite, got {coeff}")
+        raise InputError(f"coeff must be finite, got {coeff}")
     if not multiples or any(not (math.isfinite(m) and m > 0) for m in multiples):
-        raise ValueError(f"multiples must be a non-empty list of finite numbers > 0, got {list(multiples)}")
+        raise InputError(f"multiples must be a non-empty list of finite numbers > 0, got {list(multiples)}")
     if not 1 <= min_keep <= n_keep or max_batches < 1:
-        raise ValueError(
+        raise InputError(
             f"need 1 <= min_keep <= n_keep and max_batches >= 1; got min_keep={min_keep}, "
             f"n_keep={n_keep}, max_batches={max_batches}"
         )

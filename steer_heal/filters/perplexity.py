@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import numpy as np
 from torch import nn
 
+from ..errors import InputError
 from ..models.logprobs import Example, token_nlls
 from ..models.model import encode, pad_id
 from ..runtime import eval_mode
@@ -48,7 +49,7 @@ def original_model(model: BaseModel, who: str) -> Iterator[nn.Module]:
         active = active_steering(base)
         if active:
             how = ", ".join(sorted({a.how for a in active}))
-            raise ValueError(
+            raise InputError(
                 f"{who} got a model with steering hooks or a baked vector active ({how}); score under the original "
                 "model (filter outside the `vec.apply(...)` / `vec.bake(...)` block, or with the slot set to None)"
             )
@@ -61,15 +62,15 @@ def completion_logprobs(
     """The log-prob of every completion token given its formatted prompt (an empty array for an
     empty completion), from one batched pass of the log-prob engine in eval mode."""
     if len(prompt_texts) != len(texts):
-        raise ValueError(f"{len(prompt_texts)} prompts for {len(texts)} completions; pass one prompt per completion")
+        raise InputError(f"{len(prompt_texts)} prompts for {len(texts)} completions; pass one prompt per completion")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     out = [np.empty(0)] * len(texts)
     index, examples = [], []
     for i, (prompt, text) in enumerate(zip(prompt_texts, texts)):
         prompt_ids, ids = encode(tok, prompt), encode(tok, text)
         if not prompt_ids:
-            raise ValueError(f"completion {i} has an empty prompt; ppl needs the chat-formatted prompt as context")
+            raise InputError(f"completion {i} has an empty prompt; ppl needs the chat-formatted prompt as context")
         if ids:
             index.append(i)
             examples.append(Example(tuple(prompt_ids + ids), len(prompt_ids)))
@@ -120,7 +121,7 @@ class Perplexity:
         self.tau = check_positive("tau", tau)
         self.tail = check_fraction("tail", tail)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         self.model, self.tok, self.batch_size = model, tok, batch_size
 
     def __call__(self, completions: Sequence[Completion]) -> list[Verdict]:

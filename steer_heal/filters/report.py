@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from ..errors import InputError, NotFound
 from ..steering.generation import Completion
 from ..vocab import Number
 from .base import Verdict
@@ -127,9 +128,9 @@ class FilterReport:
         calibration: Calibration | None = None,
     ) -> FilterReport:
         if len(completions) == 0:
-            raise ValueError("no completions to report on; filter some first")
+            raise InputError("no completions to report on; filter some first")
         if len(completions) != len(verdicts):
-            raise ValueError(f"{len(completions)} completions but {len(verdicts)} verdicts; pass one verdict each")
+            raise InputError(f"{len(completions)} completions but {len(verdicts)} verdicts; pass one verdict each")
         groups: dict[float, list[tuple[Completion, Verdict]]] = {}
         for c, v in zip(completions, verdicts):
             groups.setdefault(float(c.coeff), []).append((c, v))
@@ -140,7 +141,7 @@ class FilterReport:
         for r in self.rows:
             if math.isclose(r.coeff, coeff, rel_tol=1e-9, abs_tol=1e-12):
                 return r
-        raise KeyError(f"no completions at coeff {coeff}; have {[r.coeff for r in self.rows]}")
+        raise NotFound(f"no completions at coeff {coeff}; have {[r.coeff for r in self.rows]}")
 
     @property
     def kept_fraction(self) -> float:
@@ -150,7 +151,7 @@ class FilterReport:
     def table(self, fmt: Literal["markdown", "plain"] = "markdown", samples: bool = False) -> str:
         """One line per coefficient; with `samples`, the texts either side of the ppl threshold."""
         if fmt not in ("markdown", "plain"):
-            raise ValueError(f"fmt must be 'markdown' or 'plain', got {fmt!r}")
+            raise InputError(f"fmt must be 'markdown' or 'plain', got {fmt!r}")
         head = ["coeff", "n", "kept", "kept %", "mean ppl", "median ppl", "inf ppl", "drops (overlapping)"]
         lines = [
             [

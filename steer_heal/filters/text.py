@@ -23,6 +23,7 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+from ..errors import InputError
 from ..steering.generation import Completion
 from ..vocab import Number
 from .base import Reason, Verdict, check_fraction, check_nonempty, check_positive
@@ -37,7 +38,7 @@ def _normalise(text: str) -> str:
 def ngram_share(items: Sequence[str], n: int, min_ngrams: int = 10) -> float:
     """count of the most common n-gram / max(number of n-grams, min_ngrams); 0 if none."""
     if n < 1 or min_ngrams < 1:
-        raise ValueError(f"n and min_ngrams must be >= 1, got n={n}, min_ngrams={min_ngrams}")
+        raise InputError(f"n and min_ngrams must be >= 1, got n={n}, min_ngrams={min_ngrams}")
     total = len(items) - n + 1
     if total <= 0:
         return 0.0
@@ -86,7 +87,7 @@ class Repetition:
         self.compress_tau = check_positive("compress_tau", compress_tau)
         self.window = None if window is None else check_fraction("window", window)
         if not ns or any(n < 1 for n in ns) or min_ngrams < 1 or min_chars < 1:
-            raise ValueError(
+            raise InputError(
                 f"ns must be non-empty ints >= 1 and min_ngrams, min_chars >= 1; got {ns}, {min_ngrams}, {min_chars}"
             )
         self.ns, self.min_chars, self.min_ngrams = tuple(ns), min_chars, min_ngrams
@@ -192,7 +193,7 @@ class Narration:
         if patterns is None:
             patterns = NARRATION_PATTERNS
         if not patterns:
-            raise ValueError("Narration needs at least one pattern; pass None for the defaults")
+            raise InputError("Narration needs at least one pattern; pass None for the defaults")
         self.patterns = [re.compile(p, re.IGNORECASE) for p in patterns]
 
     def __call__(self, completions: Sequence[Completion]) -> list[Verdict]:
@@ -216,7 +217,7 @@ class Refusal:
 
     def __init__(self, phrases: Sequence[str] = REFUSAL_PHRASES) -> None:
         if not phrases:
-            raise ValueError("Refusal needs at least one phrase; omit `phrases` for the defaults")
+            raise InputError("Refusal needs at least one phrase; omit `phrases` for the defaults")
         self.phrases = tuple(phrases)
         words = "|".join(re.escape(p.lower().replace("’", "'")) for p in self.phrases)
         self._pattern = re.compile(rf"(?<!\w)(?:{words})(?!\w)")

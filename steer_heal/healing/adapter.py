@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..errors import FileFormatError
+from ..errors import FileFormatError, MissingFile
 from ..io import atomic_write_text, read_safetensors, save_safetensors, temp_dir
 
 _CONFIG_FILE = "adapter_config.json"
@@ -95,9 +95,7 @@ class Adapter:
         path = Path(path)
         config_file, weights_file = path / _CONFIG_FILE, path / _WEIGHTS_FILE
         if not config_file.exists() or not weights_file.exists():
-            raise FileNotFoundError(
-                f"{path} is not a peft adapter directory (needs {_CONFIG_FILE} and {_WEIGHTS_FILE})"
-            )
+            raise MissingFile(f"{path} is not a peft adapter directory (needs {_CONFIG_FILE} and {_WEIGHTS_FILE})")
         try:
             record = json.loads(config_file.read_text(encoding="utf-8"))
             config = LoraConfig.from_pretrained(str(path))

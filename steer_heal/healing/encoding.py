@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from ..errors import InputError
 from ..models.logprobs import Example, mean_nll
 from ..models.model import encode, end_of_turn_id, pad_id, unwrap
 from ..runtime import eval_mode
@@ -52,6 +53,6 @@ def completion_nll(
     """Mean NLL per completion token (end-of-turn included) under the model as it runs now."""
     examples, _ = encode_completions(tok, completions, context_length(model, max_len))
     if not examples:
-        raise ValueError("no completion tokens to score; pass non-empty completions")
+        raise InputError("no completion tokens to score; pass non-empty completions")
     with eval_mode(model):
         return mean_nll(model, examples, pad_id(tok), batch_size)

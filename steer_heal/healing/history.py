@@ -77,7 +77,7 @@ class History:
         model = unwrap(model)
         family_of(model)  # fail early on unsupported architectures
         if any(isinstance(m, BaseTunerLayer) for m in model.modules()):
-            raise ValueError("History needs a model without peft adapters; pass the base model (PeftModel.unload())")
+            raise InputError("History needs a model without peft adapters; pass the base model (PeftModel.unload())")
         self._model = model
         self._peft = None  # the PeftModel container, present while any adapter exists
         self._rounds: list[Round] = []
@@ -115,7 +115,7 @@ class History:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ValueError("this History is closed; make a new one with History(model)")
+            raise InputError("this History is closed; make a new one with History(model)")
 
     def _layers(self) -> list[tuple[str, nn.Module]]:
         from peft.tuners.lora import LoraLayer
@@ -164,7 +164,7 @@ class History:
     def first(self, k: int):
         """The first k folded rounds."""
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= len(self):
-            raise ValueError(f"first(k) needs an int 0 <= k <= {len(self)} (the number of folded rounds), got {k!r}")
+            raise InputError(f"first(k) needs an int 0 <= k <= {len(self)} (the number of folded rounds), got {k!r}")
         return self._using(self.names[:k])
 
     @contextmanager
@@ -172,9 +172,9 @@ class History:
         """The student with the last folded round's update multiplied by `coeff`."""
         coeff = float(coeff)
         if not math.isfinite(coeff):
-            raise ValueError(f"coeff must be a finite number, got {coeff}")
+            raise InputError(f"coeff must be a finite number, got {coeff}")
         if not self._rounds:
-            raise ValueError("scaled() needs at least one folded round; fold a heal result first")
+            raise InputError("scaled() needs at least one folded round; fold a heal result first")
         last = self.names[-1]
         with self._using(self.names):
             saved = [(m, m.scaling[last]) for _, m in self._layers() if last in m.scaling]
@@ -194,7 +194,7 @@ class History:
             return self.student()
         if name == "last_good":
             return self.first(self._n_good)
-        raise ValueError(f"unknown reference {name!r}; choose one of {', '.join(REFERENCES)}")
+        raise InputError(f"unknown reference {name!r}; choose one of {', '.join(REFERENCES)}")
 
     # ------------------------------------------------------------ adding and removing
 
@@ -209,7 +209,7 @@ class History:
             }
         )
         if offloaded:  # peft would build LoRA weights on "meta" and fail deep inside
-            raise ValueError(
+            raise InputError(
                 f"cannot add LoRA adapters to offloaded layers ({', '.join(offloaded[:3])}"
                 f"{', ...' if len(offloaded) > 3 else ''}): load the model with a device_map that keeps "
                 "every layer on a GPU or the CPU (no 'disk' offload)"
@@ -242,7 +242,7 @@ class History:
         """A fresh adapter active on top of the folded rounds, removed again on exit."""
         self._check_open()
         if self._trainable is not None:
-            raise ValueError("an adapter is already being trained on this History")
+            raise InputError("an adapter is already being trained on this History")
         name = "heal_in_progress"
         saved = (self._active, self._disabled)
         self._add(name, config)
@@ -265,9 +265,9 @@ class History:
         self._check_open()
         adapter = getattr(adapter, "adapter", adapter)
         if not isinstance(adapter, Adapter):
-            raise ValueError(f"fold() takes a HealResult or an Adapter, got {type(adapter).__name__}")
+            raise InputError(f"fold() takes a HealResult or an Adapter, got {type(adapter).__name__}")
         if self._trainable is not None:
-            raise ValueError("cannot fold while an adapter is being trained")
+            raise InputError("cannot fold while an adapter is being trained")
         bad = [k for k, v in adapter.state.items() if not torch.isfinite(v).all()]
         if bad:
             raise InputError(f"adapter has non-finite weights ({len(bad)} tensors, e.g. {bad[0]}); it cannot be folded")
@@ -281,13 +281,13 @@ class History:
             unexpected = [k for k in result.unexpected_keys if "lora_" in k]
             missing = [k for k in result.missing_keys if f".{name}." in k]
             if unexpected or missing:
-                raise ValueError(
+                raise InputError(
                     f"adapter does not fit this model ({len(missing)} missing, {len(unexpected)} unexpected keys, "
                     f"e.g. {(missing or unexpected)[0]}); fold it into the model it was trained on"
                 )
         except RuntimeError as exc:  # size mismatch from load_state_dict
             self._delete(name)
-            raise ValueError(f"adapter does not fit this model: {str(exc).splitlines()[0]}") from None
+            raise InputError(f"adapter does not fit this model: {str(exc).splitlines()[0]}") from None
         except ValueError:
             self._delete(name)
             raise
@@ -300,9 +300,9 @@ class History:
         clears `threshold`, and stays where it was otherwise."""
         coherence, threshold = float(coherence), float(threshold)
         if not (math.isfinite(coherence) and math.isfinite(threshold)):
-            raise ValueError(f"coherence and threshold must be finite numbers, got {coherence} and {threshold}")
+            raise InputError(f"coherence and threshold must be finite numbers, got {coherence} and {threshold}")
         if not self._rounds:
-            raise ValueError("judge() needs a folded round; fold a heal result first")
+            raise InputError("judge() needs a folded round; fold a heal result first")
         self._rounds[-1].coherence = coherence
         if coherence >= threshold:
             self._n_good = len(self._rounds)
@@ -319,7 +319,7 @@ class History:
             )
         for key, actual in (("hidden_size", hidden_size(self._model)), ("n_layers", n_layers(self._model))):
             if key in meta and int(meta[key]) != actual:
-                raise ValueError(
+                raise InputError(
                     f"adapter was trained on a model with {key}={meta[key]} (model {meta.get('model_id', '?')!r}) "
                     f"but this model has {key}={actual}; fold it into the model it was trained on"
                 )
@@ -333,10 +333,10 @@ class History:
         self._check_open()
         if isinstance(which, int) and not isinstance(which, bool):
             if not -len(self) <= which < len(self):
-                raise ValueError(f"round {which} does not exist; this History has {len(self)} rounds")
+                raise InputError(f"round {which} does not exist; this History has {len(self)} rounds")
             which = self.names[which]
         if self._peft is None or which not in self._peft.peft_config:
-            raise ValueError(f"no adapter named {which!r}; folded rounds: {list(self.names)}")
+            raise InputError(f"no adapter named {which!r}; folded rounds: {list(self.names)}")
         state = get_peft_model_state_dict(self._peft, adapter_name=which, save_embedding_layers=False)
         meta = next((r.meta for r in self._rounds if r.name == which), {})
         return Adapter(
@@ -373,9 +373,9 @@ class History:
         try:
             record = json.loads((directory / "history.json").read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{directory} has no readable history.json ({exc}); save one with History.save") from None
+            raise InputError(f"{directory} has no readable history.json ({exc}); save one with History.save") from None
         if record.get("format") != FORMAT:
-            raise ValueError(f"{directory}/history.json is not a steer_heal history (format {record.get('format')!r})")
+            raise InputError(f"{directory}/history.json is not a steer_heal history (format {record.get('format')!r})")
         hist = cls(model)
         try:
             hist._check_meta({k: str(record[k]) for k in ("hidden_size", "n_layers") if k in record})
@@ -428,7 +428,7 @@ class History:
         if self._closed:
             return self._model
         if self._trainable is not None:
-            raise ValueError("cannot close a History while an adapter is being trained")
+            raise InputError("cannot close a History while an adapter is being trained")
         if self._peft is not None:
             self._peft.unload()
             self._peft = None

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..errors import InputError
 from ..models.model import Depth, LayerSpec, decoder_blocks, model_id, resolve_layers, unwrap
 from ..vocab import Number
 
@@ -28,11 +29,11 @@ class LoraSettings:
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRA rank r must be an int >= 1, got {self.r!r}")
+            raise InputError(f"LoRA rank r must be an int >= 1, got {self.r!r}")
         if not (math.isfinite(float(self.alpha)) and self.alpha > 0):
-            raise ValueError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
+            raise InputError(f"LoRA alpha must be a finite number > 0, got {self.alpha!r}")
         if isinstance(self.targets, str) and self.targets != "all-linear":
-            raise ValueError(f"targets must be 'all-linear' or a tuple of module names, got {self.targets!r}")
+            raise InputError(f"targets must be 'all-linear' or a tuple of module names, got {self.targets!r}")
 
     def target_names(self, model: nn.Module) -> list[str]:
         """Full names of the linears to adapt inside the chosen decoder blocks."""
@@ -54,7 +55,7 @@ class LoraSettings:
                 if self.targets == "all-linear" or sub.rsplit(".", 1)[-1] in self.targets:
                     names.append(f"{block_name}.{sub}")
         if not names:
-            raise ValueError(
+            raise InputError(
                 f"no linear layer named {self.targets!r} in layers {self.layers!r}; check LoraSettings.targets"
             )
         return names

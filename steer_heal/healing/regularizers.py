@@ -42,6 +42,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..vocab import Aggregation, AnchorName, Number, choices
 
 AGGREGATIONS: tuple[str, ...] = choices(Aggregation)
@@ -87,7 +88,7 @@ class Regularizer(Protocol):
 def _check_nonneg(what: str, value: float) -> float:
     value = float(value)
     if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{what} must be a finite number >= 0, got {value}")
+        raise InputError(f"{what} must be a finite number >= 0, got {value}")
     return value
 
 
@@ -173,11 +174,11 @@ def aggregate(d: Float[Tensor, " n"], rows: Int[Tensor, " n"], n_rows: int, agg:
     `rows` must be sorted (positions of a row contiguous), as the heal loop gathers them.
     """
     if agg not in AGGREGATIONS:
-        raise ValueError(f"unknown aggregation {agg!r}; choose one of {', '.join(AGGREGATIONS)}")
+        raise InputError(f"unknown aggregation {agg!r}; choose one of {', '.join(AGGREGATIONS)}")
     d = d.float()
     counts = torch.bincount(rows, minlength=n_rows).tolist()
     if len(counts) != n_rows or min(counts) == 0:
-        raise ValueError(f"every one of the {n_rows} rows needs at least one position, got counts {counts}")
+        raise InputError(f"every one of the {n_rows} rows needs at least one position, got counts {counts}")
     out = []
     for chunk in d.split(counts):
         if agg == "mean":
@@ -210,9 +211,9 @@ class _KLBarrier:
         object.__setattr__(self, "lam", _check_nonneg(f"{name} lam", self.lam))
         object.__setattr__(self, "tau", _check_nonneg(f"{name} tau", self.tau))
         if self.agg not in AGGREGATIONS:
-            raise ValueError(f"{name} agg must be one of {', '.join(AGGREGATIONS)}, got {self.agg!r}")
+            raise InputError(f"{name} agg must be one of {', '.join(AGGREGATIONS)}, got {self.agg!r}")
         if not math.isfinite(float(self.lam_round_pow)):
-            raise ValueError(f"{name} lam_round_pow must be finite, got {self.lam_round_pow}")
+            raise InputError(f"{name} lam_round_pow must be finite, got {self.lam_round_pow}")
 
     @property
     def name(self) -> str:
@@ -221,7 +222,7 @@ class _KLBarrier:
     def lam_at(self, r: int) -> float:
         """lam_r = lam * (1 + r) ** lam_round_pow."""
         if r < 0:
-            raise ValueError(f"round must be >= 0, got {r}")
+            raise InputError(f"round must be >= 0, got {r}")
         return self.lam * (1 + r) ** self.lam_round_pow
 
     def divergence(self, ctx: RegContext) -> Float[Tensor, " n"]:
@@ -229,7 +230,7 @@ class _KLBarrier:
 
     def __call__(self, ctx: RegContext) -> Penalty:
         if ctx.reference is None:
-            raise ValueError(f"{self.name} needs reference log-probs; the heal loop must run the reference")
+            raise InputError(f"{self.name} needs reference log-probs; the heal loop must run the reference")
         per_row = aggregate(self.divergence(ctx), ctx.rows, ctx.mask.shape[0], self.agg)
         lam_r = self.lam_at(ctx.round)
         loss = barrier(per_row, lam_r, self.tau)
@@ -291,12 +292,12 @@ class Anchor:
     def __post_init__(self) -> None:
         lam = float(self.lam)
         if not math.isfinite(lam) or lam <= 0:
-            raise ValueError(
+            raise InputError(
                 f"Anchor lam must be a finite number > 0, got {self.lam}; leave the anchor out to turn it off"
             )
         object.__setattr__(self, "lam", lam)
         if self.div not in ANCHOR_DIVERGENCES:
-            raise ValueError(f"Anchor div must be one of {', '.join(ANCHOR_DIVERGENCES)}, got {self.div!r}")
+            raise InputError(f"Anchor div must be one of {', '.join(ANCHOR_DIVERGENCES)}, got {self.div!r}")
 
     def __call__(self, ctx: RegContext) -> Penalty:
         inner = (KLRev if self.div == "klrev" else KLFwd)(lam=self.lam, tau=0.0, agg="mean", lam_round_pow=0.0)
@@ -379,7 +380,7 @@ class SpectralNorm:
     def __post_init__(self) -> None:
         self.lam = _check_nonneg("SpectralNorm lam", self.lam)
         if isinstance(self.n_iter, bool) or not isinstance(self.n_iter, int) or self.n_iter < 1:
-            raise ValueError(f"SpectralNorm n_iter must be an int >= 1, got {self.n_iter!r}")
+            raise InputError(f"SpectralNorm n_iter must be an int >= 1, got {self.n_iter!r}")
 
     def __call__(self, ctx: RegContext) -> Penalty:
         sigmas = []
@@ -396,6 +397,6 @@ class SpectralNorm:
             sigma, self._v[key] = top_singular(a, b, float(module.scaling[ctx.adapter]), v, self.n_iter)
             sigmas.append(sigma)
         if not sigmas:
-            raise ValueError("SpectralNorm found no adapted modules for the current adapter")
+            raise InputError("SpectralNorm found no adapted modules for the current adapter")
         mean_sigma = torch.stack([s.to(sigmas[0].device) for s in sigmas]).mean()  # layers may span devices
         return Penalty(self.lam * mean_sigma, {"sigma_mean": float(mean_sigma.detach())}, active=self.lam > 0)

@@ -72,24 +72,24 @@ class TrainSettings:
         for name in ("epochs", "batch_size", "grad_accum"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TrainSettings.{name} must be an int >= 1, got {value!r}")
+                raise InputError(f"TrainSettings.{name} must be an int >= 1, got {value!r}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"TrainSettings.lr must be a finite number > 0, got {self.lr!r}")
+            raise InputError(f"TrainSettings.lr must be a finite number > 0, got {self.lr!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"TrainSettings.betas must be two numbers in [0, 1), got {self.betas!r}")
+            raise InputError(f"TrainSettings.betas must be two numbers in [0, 1), got {self.betas!r}")
         if not 0 <= self.warmup < 1:
-            raise ValueError(f"TrainSettings.warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
+            raise InputError(f"TrainSettings.warmup is a fraction of the steps in [0, 1), got {self.warmup!r}")
         check_choice("TrainSettings.schedule", self.schedule, Schedule)
         if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
-            raise ValueError(f"TrainSettings.clip must be > 0 or None, got {self.clip!r}")
+            raise InputError(f"TrainSettings.clip must be > 0 or None, got {self.clip!r}")
         if not 0 <= self.val_frac < 1:
-            raise ValueError(f"TrainSettings.val_frac must be in [0, 1), got {self.val_frac!r}")
+            raise InputError(f"TrainSettings.val_frac must be in [0, 1), got {self.val_frac!r}")
         if self.max_len is not None and self.max_len < 2:
-            raise ValueError(f"TrainSettings.max_len must be >= 2 tokens or None, got {self.max_len!r}")
+            raise InputError(f"TrainSettings.max_len must be >= 2 tokens or None, got {self.max_len!r}")
         if self.max_nll_rise is not None and not (math.isfinite(self.max_nll_rise) and self.max_nll_rise > 1):
-            raise ValueError(f"TrainSettings.max_nll_rise must be a number > 1 or None, got {self.max_nll_rise!r}")
+            raise InputError(f"TrainSettings.max_nll_rise must be a number > 1 or None, got {self.max_nll_rise!r}")
         if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"TrainSettings.max_steps must be >= 1 or None, got {self.max_steps!r}")
+            raise InputError(f"TrainSettings.max_steps must be >= 1 or None, got {self.max_steps!r}")
 
     def lr_factor(self, step: int, total: int) -> float:
         """Multiplier of lr at optimiser step `step` (0-based) of `total`."""
@@ -192,25 +192,25 @@ def heal(
     """
     completions = list(completions)
     if not completions:
-        raise ValueError("no completions to heal on: pass at least one Completion (the filter kept none?)")
+        raise InputError("no completions to heal on: pass at least one Completion (the filter kept none?)")
     regs = list(regularizers)
     for reg in regs:
         if not isinstance(reg, Regularizer):
-            raise ValueError(f"{reg!r} is not a Regularizer (needs name, needs_reference, weight_decay and __call__)")
+            raise InputError(f"{reg!r} is not a Regularizer (needs name, needs_reference, weight_decay and __call__)")
     if reference not in choices(Reference):
-        raise ValueError(f"unknown reference {reference!r}; choose one of {', '.join(choices(Reference))}")
+        raise InputError(f"unknown reference {reference!r}; choose one of {', '.join(choices(Reference))}")
     anchored = [reg for reg in regs if on_anchor(reg)]
     if anchored and len(anchor) < MIN_ANCHOR:
-        raise ValueError(
+        raise InputError(
             f"the Anchor regulariser needs at least {MIN_ANCHOR} anchor completions (the base's own completions of "
             f"neutral prompts), got {len(anchor)}; pass heal(..., anchor=...)"
         )
     if anchor and not anchored:
-        raise ValueError("anchor completions were given but no Anchor regulariser reads them; add Anchor(lam=...)")
+        raise InputError("anchor completions were given but no Anchor regulariser reads them; add Anchor(lam=...)")
     history = target if isinstance(target, History) else None
     r = (len(history) if history is not None else 0) if round is None else round
     if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-        raise ValueError(f"round must be an int >= 0, got {round!r}")
+        raise InputError(f"round must be an int >= 0, got {round!r}")
     model = history.model if history is not None else target
     if any(p.dtype == torch.float16 for p in model.parameters()):
         raise InputError(
@@ -221,9 +221,9 @@ def heal(
     examples, truncated = encode_completions(tok, completions, max_len)
     anchor_examples, _ = encode_completions(tok, list(anchor), max_len)
     if anchored and len(anchor_examples) < MIN_ANCHOR:
-        raise ValueError(f"only {len(anchor_examples)} anchor completions have tokens; Anchor needs {MIN_ANCHOR}")
+        raise InputError(f"only {len(anchor_examples)} anchor completions have tokens; Anchor needs {MIN_ANCHOR}")
     if not examples:
-        raise ValueError("every completion is empty and was cut at the token limit: nothing to train on")
+        raise InputError("every completion is empty and was cut at the token limit: nothing to train on")
     if len(examples) < len(completions):
         warnings.warn(
             f"{len(completions) - len(examples)} empty completions cut at the token limit were skipped", stacklevel=2

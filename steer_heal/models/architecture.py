@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
+
 ATTR = "_steer_heal_architecture"  # the resolved (or overridden) architecture, on the plain model
 FOLD_ATTR = "_steer_heal_fold"  # {layer: "" if the bias fold was verified exact, else the reason}
 FOLD_TOLERANCE = 1e-5
@@ -114,7 +116,7 @@ def register_family(model_type: str, blocks: str, writer: str | None = None, why
     """Tell steer_heal where every model of `model_type` keeps its blocks (and, to allow
     bake, its residual writer: verified on each loaded model before the first bake)."""
     if not model_type or not blocks:
-        raise ValueError("register_family needs a model_type and a blocks path, e.g. ('mymodel', 'model.layers')")
+        raise InputError("register_family needs a model_type and a blocks path, e.g. ('mymodel', 'model.layers')")
     _REGISTERED[model_type] = Family(
         (blocks,), writer, why_no_bake or "no writer was registered", check_bake=writer is not None
     )
@@ -148,7 +150,7 @@ def hidden_size(model: nn.Module) -> int:
     config = text_config(unwrap(model).config)
     size = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     if size is None:
-        raise ValueError("model config has no hidden_size / n_embd")
+        raise InputError("model config has no hidden_size / n_embd")
     return int(size)
 
 
@@ -175,11 +177,11 @@ def set_architecture(model: nn.Module, blocks: str | None = None, writer: str | 
     path = blocks if blocks is not None else resolved.blocks
     found = get_path(base, path)
     if found is None:
-        raise ValueError(f"blocks={path!r} does not exist in this {type(base).__name__}; name a ModuleList path")
+        raise InputError(f"blocks={path!r} does not exist in this {type(base).__name__}; name a ModuleList path")
     if not isinstance(found, nn.ModuleList) or len(found) == 0:
-        raise ValueError(f"blocks={path!r} is a {type(found).__name__}, not a non-empty nn.ModuleList of blocks")
+        raise InputError(f"blocks={path!r} is a {type(found).__name__}, not a non-empty nn.ModuleList of blocks")
     if writer is not None and _linear_width(get_path(found[0], writer)) is None:
-        raise ValueError(f"writer={writer!r} is not a linear layer inside block 0 ({type(found[0]).__name__})")
+        raise InputError(f"writer={writer!r} is not a linear layer inside block 0 ({type(found[0]).__name__})")
     model_type = str(getattr(base.config, "model_type", "unknown"))
     arch = Architecture(
         model_type,
@@ -213,7 +215,7 @@ def architecture(model: nn.Module) -> Architecture:
                 arch = Architecture(model_type, path, family.writer, source, family.why_no_bake, family.check_bake)
                 break
         if arch is None:
-            raise ValueError(
+            raise InputError(
                 f"could not find the decoder blocks of this {model_type} model at {family.blocks}; "
                 "pass blocks='path.to.layers' (--blocks)"
             )
@@ -240,7 +242,7 @@ def discover(model: nn.Module) -> Architecture:
     candidates = preferred or lists
     if len(candidates) != 1:
         found = ", ".join(f"{n} ({len(m)} x {type(m[0]).__name__})" for n, m in candidates) or "none"
-        raise ValueError(
+        raise InputError(
             f"cannot find the decoder blocks of this {model_type} model: looked for one nn.ModuleList of "
             f"num_hidden_layers={depth} blocks, found {found}; pass blocks='path.to.layers' (--blocks)"
         )
@@ -301,7 +303,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     arch = architecture(model)
     blocks = get_path(unwrap(model), arch.blocks)
     if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
-        raise ValueError(f"{arch.blocks!r} is no longer a ModuleList of blocks in this model; pass blocks= again")
+        raise InputError(f"{arch.blocks!r} is no longer a ModuleList of blocks in this model; pass blocks= again")
     return blocks
 
 
@@ -317,14 +319,14 @@ def residual_writer(model: nn.Module, layer: int) -> nn.Module:
     """
     arch = architecture(model)
     if arch.writer is None:
-        raise ValueError(f"cannot bake a vector into this {arch.model_type} model: {arch.why_no_bake}{_USE_HOOKS}")
+        raise InputError(f"cannot bake a vector into this {arch.model_type} model: {arch.why_no_bake}{_USE_HOOKS}")
     module = get_path(decoder_blocks(model)[layer], arch.writer)
     if _linear_width(module) is None:
-        raise ValueError(f"{arch.model_type} block {layer} has no linear at {arch.writer!r}")
+        raise InputError(f"{arch.model_type} block {layer} has no linear at {arch.writer!r}")
     if arch.check_bake:
         why = fold_check(model, layer)
         if why:
-            raise ValueError(f"cannot bake a vector into this {arch.model_type} model: {why}{_USE_HOOKS}")
+            raise InputError(f"cannot bake a vector into this {arch.model_type} model: {why}{_USE_HOOKS}")
     base_layer = getattr(module, "base_layer", None)
     return base_layer if isinstance(base_layer, nn.Module) else module
 
@@ -354,7 +356,7 @@ def fold_error(model: nn.Module, layer: int, writer: str | None = None) -> float
     bias at every position."""
     writer_path = writer or architecture(model).writer
     if writer_path is None:
-        raise ValueError("no writer to check; pass writer='path.in.block'")
+        raise InputError("no writer to check; pass writer='path.in.block'")
     base = unwrap(model)
     block = decoder_blocks(model)[layer]
     captured: dict[str, object] = {}
@@ -379,7 +381,7 @@ def fold_error(model: nn.Module, layer: int, writer: str | None = None) -> float
         handle.remove()
         base.train(was_training)
     if "args" not in captured:
-        raise ValueError(f"block {layer} did not run in a forward pass; cannot check the bias fold")
+        raise InputError(f"block {layer} did not run in a forward pass; cannot check the bias fold")
     args = _to_float32(captured["args"])
     kwargs = {k: _to_float32(v) for k, v in captured["kwargs"].items()}
     for key in ("past_key_values", "past_key_value", "layer_past"):

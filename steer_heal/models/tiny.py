@@ -13,6 +13,7 @@ from functools import lru_cache
 
 import torch
 
+from ..errors import InputError
 from ..runtime import seeded
 from .architecture import FAMILIES
 
@@ -151,7 +152,7 @@ def _generic_config(family: str, vocab_size: int, layers: int, hidden: int):
     try:
         default = AutoConfig.for_model(family)
     except ValueError:
-        raise ValueError(f"no tiny config for {family!r}; choose from {', '.join(FAMILY_NAMES)}") from None
+        raise InputError(f"no tiny config for {family!r}; choose from {', '.join(FAMILY_NAMES)}") from None
     sizes = dict(_COMMON, **_MORE, vocab_size=vocab_size, hidden_size=hidden, n_embd=hidden, num_hidden_layers=layers)
     sizes.update(n_layer=layers, intermediate_size=2 * hidden, ffn_dim=2 * hidden, word_embed_proj_dim=hidden)
     sizes.update(_EXTRA.get(family, {}))

@@ -496,7 +496,7 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {value!r} to TOML")
+    raise ConfigError(f"cannot write {value!r} to TOML")
 
 
 def to_toml(config: RunConfig) -> str:

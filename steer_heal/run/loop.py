@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..data import Axis, load_axis, load_contexts
-from ..errors import ConfigError, DoseError
+from ..errors import ConfigError, DoseError, InputError
 from ..evaluate import (
     AnswerLogOdds,
     EvalResult,
@@ -107,7 +107,7 @@ def probes(config: RunConfig, seed: int, axis: Axis | None = None) -> dict[str, 
         sets["vignettes"] = load_vignettes()
     if e.items in ("mfv", "both"):
         if not e.mfv_dir:
-            raise ValueError("eval.items includes 'mfv' but eval.mfv_dir is empty; point it at the MFV JSONL folder")
+            raise InputError("eval.items includes 'mfv' but eval.mfv_dir is empty; point it at the MFV JSONL folder")
         sets["mfv"] = load_mfv(e.mfv_dir)
     for name, items in sets.items():
         out[name] = Vignettes(
@@ -162,9 +162,9 @@ def base_coherence(run: RunDir) -> float:
         if e["event"] == "eval" and e["stage"] == "base":
             value = min_coherence(EvalResult.from_dict(x) for x in e["results"].values())
             if value is None:
-                raise ValueError(f"{run.path}: the base evaluation has no probe that reports coherence")
+                raise InputError(f"{run.path}: the base evaluation has no probe that reports coherence")
             return value
-    raise ValueError(f"{run.path}/events.jsonl has no base evaluation; resume it from the start")
+    raise InputError(f"{run.path}/events.jsonl has no base evaluation; resume it from the start")
 
 
 def neutral_shift(s: Setup, layers: tuple[int, ...], batch_size: int = 8) -> SteeringVector:

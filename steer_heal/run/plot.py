@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import load_axis
+from ..errors import InputError
 from ..evaluate import EvalResult, foundation_key, min_coherence, retain, shift, shift_table, stage_table
 from ..evaluate.compare import BROKEN_BELOW
 from ..io import atomic_write_bytes, atomic_write_text
@@ -357,7 +358,7 @@ def render(run_dir: str | Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     events = read_events(run_dir / "events.jsonl")
     if not any(e["event"] == "eval" for e in events):
-        raise ValueError(f"{run_dir}/events.jsonl has no evaluation events yet; nothing to plot")
+        raise InputError(f"{run_dir}/events.jsonl has no evaluation events yet; nothing to plot")
     target, direction = _axis_target(run_dir)
     tables = stage_tables(events, target, direction)
     said = summary(events)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data import axis_path
-from ..errors import ConfigError, RunDirError
+from ..errors import ConfigError, InputError, RunDirError
 from ..io import RUN_FILES, atomic_write_text, is_our_temp, remove_stale_temps
 from . import config as config_mod
 from .config import RunConfig
@@ -63,7 +63,7 @@ def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             if number == len(lines):
                 break
-            raise ValueError(f"{path}:{number} is not valid JSON; the event log is damaged") from None
+            raise InputError(f"{path}:{number} is not valid JSON; the event log is damaged") from None
     return events
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from ..errors import InputError
 from ..evaluate import EvalResult, Samples, foundation_key, min_coherence, shift_table, stage_table
 from ..evaluate.items import FOUNDATIONS
 from ..filters import FilterLike, FilterReport
@@ -58,11 +59,11 @@ def check_sweep(coeffs: Sequence[Number], coherence_floor: float = 0.95) -> None
     """Every sweep setting that can be checked before a model loads: the doses (finite, in
     float32, one of them 0) and the coherence floor of the operating-dose rule."""
     if not coeffs or 0.0 not in [float(c) for c in coeffs]:
-        raise ValueError(f"coeffs must include 0 (the unsteered reference), got {list(coeffs)}")
+        raise InputError(f"coeffs must include 0 (the unsteered reference), got {list(coeffs)}")
     for c in coeffs:
         check_coeff(c)
     if not 0 < float(coherence_floor) <= 1:
-        raise ValueError(
+        raise InputError(
             f"the coherence floor is a fraction of the unsteered coherence in (0, 1], got {coherence_floor} (--floor)"
         )
 
@@ -88,7 +89,7 @@ def dose_sweep(
     """
     check_sweep(coeffs)
     if filt is not None and (n < 1 or not prompts):
-        raise ValueError("filtering needs n >= 1 completions per dose and a prompt pool")
+        raise InputError("filtering needs n >= 1 completions per dose and a prompt pool")
     pool = list(prompts)
     random.Random(seed).shuffle(pool)
     gen_prompts = [pool[i % len(pool)] for i in range(n)] if pool else []
@@ -123,7 +124,7 @@ def _coherence(point: SweepPoint) -> float:
     """The lowest 7-way coherence over the probes that report one (the log-odds probe does not)."""
     value = min_coherence(point.results.values())
     if value is None:
-        raise ValueError("the sweep has no probe that reports coherence; add a vignette probe")
+        raise InputError("the sweep has no probe that reports coherence; add a vignette probe")
     return value
 
 
@@ -131,10 +132,10 @@ def operating_dose(points: Sequence[SweepPoint], coherence_floor: float = 0.95) 
     """The largest coefficient whose coherence is >= coherence_floor x the coherence at c = 0."""
     floor = coherence_floor
     if not 0 < floor <= 1:
-        raise ValueError(f"coherence_floor is a fraction of the unsteered coherence in (0, 1], got {floor}")
+        raise InputError(f"coherence_floor is a fraction of the unsteered coherence in (0, 1], got {floor}")
     reference = next((p for p in points if p.coeff == 0.0), None)
     if reference is None:
-        raise ValueError("the sweep has no c = 0 point to compare coherence with")
+        raise InputError("the sweep has no c = 0 point to compare coherence with")
     ok = [p.coeff for p in points if _coherence(p) >= floor * _coherence(reference)]
     return max(ok)
 

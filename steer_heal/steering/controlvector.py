@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import FileFormatError, ModelMismatch
+from ..errors import FileFormatError, InputError, MissingFile, ModelMismatch
 from ..io import atomic_write
 from .hooks import finite_delta
 
@@ -46,14 +46,14 @@ def write_control_vector(
     import gguf
 
     if 0 in directions:
-        raise ValueError(
+        raise InputError(
             "llama.cpp control vectors have no slot for layer 0 (direction.N needs N >= 1); drop layer 0 from the "
             "vector (e.g. extract with layers starting at 1)"
         )
     if not directions:
-        raise ValueError("the vector has no directions to export")
+        raise InputError("the vector has no directions to export")
     if not bool(torch.isfinite(torch.tensor(float(coeff), dtype=torch.float32))):
-        raise ValueError(f"coeff {coeff} is not finite in float32, the type the file stores it in; use a smaller coeff")
+        raise InputError(f"coeff {coeff} is not finite in float32, the type the file stores it in; use a smaller coeff")
     for layer, v in directions.items():  # the file holds F32: a coefficient finite as a double may not be
         finite_delta((float(coeff) * v).float(), coeff, layer)
 
@@ -84,7 +84,7 @@ def read_control_vector(path: str | os.PathLike) -> tuple[dict[int, torch.Tensor
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no GGUF file at {path}")
+        raise MissingFile(f"no GGUF file at {path}")
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises ValueError, struct.error, IndexError... on bad files

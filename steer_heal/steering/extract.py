@@ -20,6 +20,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ..errors import InputError
 from ..models.model import (
     Depth,
     LayerSpec,
@@ -54,9 +55,9 @@ def last_token_states(
     forward stops after the deepest requested block.
     """
     if not texts:
-        raise ValueError("no texts to read hidden states from")
+        raise InputError("no texts to read hidden states from")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise InputError(f"batch_size must be >= 1, got {batch_size}")
     blocks = decoder_blocks(model)
     layers = sorted(set(layers))
     token_lists = [encode(tok, text) for text in texts]
@@ -96,11 +97,11 @@ def last_token_states(
 def check_personas(pos: str, neg: str) -> None:
     for name, text in (("pos", pos), ("neg", neg)):
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(
+            raise InputError(
                 f"the {name} persona is empty; give a system prompt (or leave --{name} out for the axis's)"
             )
     if pos.strip() == neg.strip():
-        raise ValueError("pos and neg personas are identical; the difference would be zero")
+        raise InputError("pos and neg personas are identical; the difference would be zero")
 
 
 def mean_difference(
@@ -118,7 +119,7 @@ def mean_difference(
     `SteeringVector.from_persona_pair` wraps them with their provenance.
     """
     if not contexts:
-        raise ValueError("contexts is empty; pass a few hundred diverse user messages")
+        raise InputError("contexts is empty; pass a few hundred diverse user messages")
     check_personas(pos, neg)
     chosen = resolve_layers(layers, n_layers(model))
     texts = [chat_prompt(tok, context, system=persona) for persona in (pos, neg) for context in contexts]

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import OutOfMemory, is_out_of_memory
+from ..errors import InputError, OutOfMemory, is_out_of_memory
 from ..models.model import chat_prompt, context_window, encode, input_device, left_pad, pad_id, stop_token_ids
 from ..runtime import seeded
 from ..sampling import GREEDY, Sampling
@@ -133,17 +133,17 @@ def generate(
     from transformers import GenerationConfig
 
     if isinstance(prompts, str):
-        raise ValueError("prompts must be a list of user messages, not one string; wrap it: [prompt]")
+        raise InputError("prompts must be a list of user messages, not one string; wrap it: [prompt]")
     if not prompts:
-        raise ValueError("no prompts to generate from")
+        raise InputError("no prompts to generate from")
     batches = -(-len(prompts) // max(1, sampling.batch_size))
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= 2**63 - 1 - batches:
-        raise ValueError(f"seed must be an integer in [0, 2**63 - {1 + batches}] (batch b uses seed + b), got {seed!r}")
+        raise InputError(f"seed must be an integer in [0, 2**63 - {1 + batches}] (batch b uses seed + b), got {seed!r}")
     rows_coeff = per_row_coeffs(coeff)
     if rows_coeff is None:
         coeff = check_coeff(coeff)
     elif steering is None or how != "hooks" or compiled or len(rows_coeff) != len(prompts):
-        raise ValueError(
+        raise InputError(
             f"per-prompt coefficients need a steering vector applied by hooks in eager decoding and one number "
             f"per prompt; got {len(rows_coeff)} coefficients for {len(prompts)} prompts, how={how!r}, "
             f"compiled={compiled}, steering={'given' if steering is not None else 'None'}"
@@ -159,7 +159,7 @@ def generate(
     window = context_window(model)
     longest = max(len(t) for t in token_lists)
     if window is not None and longest + sampling.max_new_tokens > window:
-        raise ValueError(
+        raise InputError(
             f"the longest prompt has {longest} tokens and max_new_tokens is {sampling.max_new_tokens}: "
             f"{longest + sampling.max_new_tokens} > the model's context window of {window} tokens; shorten the "
             "prompt or lower max_new_tokens"

@@ -28,6 +28,7 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from ..errors import InputError
 from ..vocab import Number, SteerHow, check_choice
 
 How = Literal["hooks", "slot", "bias"]
@@ -44,7 +45,7 @@ class AddDelta:
         hidden = output[0] if isinstance(output, tuple) else output
         if self.delta.dim() == 3 and self.delta.shape[0] != hidden.shape[0]:
             # per-row coefficients: a batch of 1 would broadcast to len(coeff) rows, not fail
-            raise ValueError(
+            raise InputError(
                 f"per-row coefficients are for {self.delta.shape[0]} rows but the batch has {hidden.shape[0]}; "
                 "pass one coefficient per row, or one number for all"
             )
@@ -99,9 +100,9 @@ def steering_coeff(model: nn.Module) -> float:
 def check_coeff(coeff: Number) -> float:
     coeff = float(coeff)
     if not math.isfinite(coeff):
-        raise ValueError(f"coeff must be a finite number, got {coeff}")
+        raise InputError(f"coeff must be a finite number, got {coeff}")
     if abs(coeff) > torch.finfo(torch.float32).max:  # vectors are float32: coeff * v would be inf
-        raise ValueError(f"coeff {coeff:g} is not finite in float32 (largest {torch.finfo(torch.float32).max:.3g})")
+        raise InputError(f"coeff {coeff:g} is not finite in float32 (largest {torch.finfo(torch.float32).max:.3g})")
     return coeff
 
 
@@ -110,7 +111,7 @@ def finite_delta(delta: Tensor, coeff: object, layer: int) -> Tensor:
     coefficient finite as a double can be inf in float32, bfloat16 or float16."""
     if not bool(torch.isfinite(delta).all()):
         top = torch.finfo(delta.dtype).max
-        raise ValueError(
+        raise InputError(
             f"coeff {coeff} times the vector at layer {layer} is not finite in {str(delta.dtype).removeprefix('torch.')} "
             f"(largest finite value {top:.3g}); use a smaller coeff"
         )
@@ -122,7 +123,7 @@ def per_row_coeffs(coeff: Number | Sequence[Number]) -> list[float] | None:
     if not isinstance(coeff, (list, tuple)):
         return None
     if not coeff:
-        raise ValueError("per-row coefficients are empty; pass one number per batch row")
+        raise InputError("per-row coefficients are empty; pass one number per batch row")
     return [check_coeff(c) for c in coeff]
 
 

@@ -22,7 +22,7 @@ from contextlib import ExitStack
 import torch
 from torch import Tensor, nn
 
-from ..errors import StateError
+from ..errors import InputError, StateError
 from ..models.model import decoder_blocks, hidden_size, n_layers, placement
 from ..vocab import Number
 from .hooks import AddDelta, Steering, check_coeff, finite_delta
@@ -33,7 +33,7 @@ class SteeringSlot:
         depth = n_layers(model)
         bad = [layer for layer in layers if not 0 <= layer < depth]
         if not layers or bad:
-            raise ValueError(f"slot layers must be a non-empty subset of 0..{depth - 1}, got {list(layers)}")
+            raise InputError(f"slot layers must be a non-empty subset of 0..{depth - 1}, got {list(layers)}")
         self.model = model
         self.layers = tuple(sorted(set(layers)))
         self.deltas: dict[int, Tensor] = {}
@@ -75,7 +75,7 @@ class SteeringSlot:
             vector.check_compatible(self.model, allow_other_model)
             missing = sorted(set(vector.layers) - set(self.layers))
             if missing:
-                raise ValueError(
+                raise InputError(
                     f"vector layers {missing} are not in this slot {self.layers}; make the slot with vec.layers"
                 )
         for layer, delta in self.deltas.items():

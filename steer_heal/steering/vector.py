@@ -28,7 +28,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from .._version import __version__
-from ..errors import FileFormatError, InputError, ModelMismatch
+from ..errors import FileFormatError, InputError, MissingFile, ModelMismatch
 from ..io import read_safetensors, save_safetensors
 from ..models.loading import config_shape, expected_model_id, model_config
 from ..models.model import (
@@ -66,18 +66,18 @@ class SteeringVector:
 
     def __post_init__(self) -> None:
         if not self.directions:
-            raise ValueError("a steering vector needs at least one layer")
+            raise InputError("a steering vector needs at least one layer")
         clean = {}
         for layer, v in sorted(self.directions.items()):
             if not 0 <= int(layer) < self.n_layers:
-                raise ValueError(f"layer {layer} out of range for {self.n_layers} layers")
+                raise InputError(f"layer {layer} out of range for {self.n_layers} layers")
             v = torch.as_tensor(v).detach().to("cpu", torch.float32).reshape(-1)
             if v.numel() != self.hidden_size:
-                raise ValueError(
+                raise InputError(
                     f"layer {layer} direction has size {v.numel()}, expected hidden size {self.hidden_size}"
                 )
             if not torch.isfinite(v).all():
-                raise ValueError(f"layer {layer} direction has non-finite values (NaN/inf); re-extract the vector")
+                raise InputError(f"layer {layer} direction has non-finite values (NaN/inf); re-extract the vector")
             clean[int(layer)] = v
         object.__setattr__(self, "directions", clean)
 
@@ -121,7 +121,7 @@ class SteeringVector:
         if not isinstance(other, SteeringVector):
             return NotImplemented
         if other.hidden_size != self.hidden_size:
-            raise ValueError(f"cannot combine vectors of hidden size {self.hidden_size} and {other.hidden_size}")
+            raise InputError(f"cannot combine vectors of hidden size {self.hidden_size} and {other.hidden_size}")
         out = {layer: v.clone() for layer, v in self.directions.items()}
         for layer, v in other.directions.items():
             out[layer] = out[layer] + sign * v if layer in out else sign * v
@@ -146,7 +146,7 @@ class SteeringVector:
         """Cosine of the two vectors concatenated over their shared layers."""
         shared = [layer for layer in self.layers if layer in other.directions]
         if not shared:
-            raise ValueError(f"no shared layers between {self.layers} and {other.layers}")
+            raise InputError(f"no shared layers between {self.layers} and {other.layers}")
         a = torch.cat([self.directions[layer] for layer in shared]).double()
         b = torch.cat([other.directions[layer] for layer in shared]).double()
         return float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
@@ -216,7 +216,7 @@ class SteeringVector:
         with ExitStack() as stack:
             for (linear, v), layer in zip(writers, self.directions):
                 if linear.weight.device.type == "meta":
-                    raise ValueError(
+                    raise InputError(
                         f"bake cannot fold into layer {layer}: its weights are offloaded (on 'meta' until the "
                         "forward); use apply(), or load the model without disk/CPU offload"
                     )
@@ -225,7 +225,7 @@ class SteeringVector:
                 )
                 bias = linear.bias
                 if bias is not None and not bool(torch.isfinite(bias + delta).all()):
-                    raise ValueError(
+                    raise InputError(
                         f"coeff {coeff} overflows layer {layer}'s bias in {bias.dtype}; use a smaller coeff"
                     )
                 stack.callback(_add_bias(linear, delta, coeff))
@@ -313,7 +313,7 @@ class SteeringVector:
     def load(cls, path: str | os.PathLike) -> SteeringVector:
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"no vector file at {path}")
+            raise MissingFile(f"no vector file at {path}")
         meta, tensors = read_safetensors(path, "vector")
         if meta.get("format") != FORMAT:
             raise FileFormatError(
