@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -68,8 +69,13 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="steer-heal")
-def main() -> None:
+@click.option("--quiet", "-q", is_flag=True, help="only warnings and errors on stderr (no progress lines)")
+@click.option("--verbose", "-v", is_flag=True, help="debug lines, and transformers' own logs and bars")
+def main(quiet: bool, verbose: bool) -> None:
     """Distil activation steering into LoRA adapters and heal the incoherence it injects."""
+    from .options import set_verbosity
+
+    set_verbosity("quiet" if quiet else "verbose" if verbose else "normal")
 
 
 @main.command()
@@ -88,6 +94,7 @@ def main() -> None:
 @click.option("--layers", default="0.45,0.55", show_default=True, help="'lo,hi' depth fractions or ints '13,14'")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="where to write the .safetensors vector")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object (path, layers, norms, seconds)")
 @device_options
 def extract(
     model_name,
@@ -99,6 +106,7 @@ def extract(
     layers,
     batch_size,
     out,
+    as_json,
     device,
     dtype,
     device_map,
@@ -135,8 +143,13 @@ def extract(
             progress=True,
         )
     vec.save(out)
+    seconds = time.perf_counter() - start
+    if as_json:
+        record = {"out": str(out), "model": vec.model_id, "contexts": len(contexts), "seconds": round(seconds, 3)}
+        click.echo(json.dumps(record | {"norms": {str(k): v for k, v in vec.norms().items()}}))
+        return
     norms = ", ".join(f"{layer}: {norm:.2f}" for layer, norm in vec.norms().items())
-    click.echo(f"{len(contexts)} contexts in {time.perf_counter() - start:.1f}s; layers {{{norms}}} -> {out}")
+    click.echo(f"{len(contexts)} contexts in {seconds:.1f}s; layers {{{norms}}} -> {out}")
 
 
 @main.command()
@@ -150,6 +163,7 @@ def extract(
 @click.option("--sample/--greedy", default=False, show_default=True)
 @click.option("--seed", type=click.IntRange(0, 2**62), default=0, show_default=True)
 @click.option("--allow-other-model", is_flag=True, help="steer a model other than the one the vector was made on")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the side-by-side text")
 @device_options
 def steer(
     vector_file,
@@ -162,6 +176,7 @@ def steer(
     sample,
     seed,
     allow_other_model,
+    as_json,
     device,
     dtype,
     device_map,
@@ -196,6 +211,10 @@ def steer(
             allow_other_model=allow_other_model,
             **settings,
         )
+    if as_json:
+        rows = [{"prompt": a.prompt, "unsteered": a.text, "steered": b.text} for a, b in zip(plain, steered)]
+        click.echo(json.dumps({"vector": vector_file, "model": name, "coeff": coeff, "how": how, "rows": rows}))
+        return
     width = shutil.get_terminal_size((100, 20)).columns
     for a, b in zip(plain, steered):
         click.echo(f"\n> {a.prompt}\n")
@@ -412,6 +431,7 @@ def plot(run_dir) -> None:
 @click.option("--seed", type=click.IntRange(0, 2**62), default=0, show_default=True)
 @click.option("--out", type=click.Path(file_okay=False), required=True, help="directory for sweep.json and sweep.md")
 @click.option("--allow-other-model", is_flag=True, help="steer a model other than the one the vector was made on")
+@click.option("--json", "as_json", is_flag=True, help="print sweep.json's content instead of the report")
 @device_options
 def sweep(
     vector_file,
@@ -429,6 +449,7 @@ def sweep(
     seed,
     out,
     allow_other_model,
+    as_json,
     device,
     dtype,
     device_map,
@@ -498,12 +519,13 @@ def sweep(
         )
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        out_dir / "sweep.json",
-        json.dumps({"vector": vector_file, "axis": axis, "points": [p.to_dict() for p in points]}),
-    )
+    record = json.dumps({"vector": vector_file, "axis": axis, "points": [p.to_dict() for p in points]})
+    atomic_write_text(out_dir / "sweep.json", record)
     report = sweep_report(points, persona.target, persona.direction, coherence_floor)
     atomic_write_text(out_dir / "sweep.md", report)
+    if as_json:
+        click.echo(record)
+        return
     click.echo(report)
     click.echo(f"{len(doses)} doses in {time.perf_counter() - start:.0f} s -> {out_dir}/sweep.md, sweep.json")
 
@@ -517,6 +539,12 @@ def sweep(
 @click.option("--coeff", type=float, default=1.0, show_default=True)
 @click.option("--system", default=None, help="persona system prompt (the prompted baseline)")
 @click.option(
+    "--axis",
+    default="love",
+    show_default=True,
+    help="bundled axis name or .toml file whose answer log-odds probe to run ('' for the vignettes only)",
+)
+@click.option(
     "--items", type=click.Choice([c for c in choices(ItemSet) if c != "both"]), default="bundled", show_default=True
 )
 @click.option("--mfv-dir", type=click.Path(exists=True, file_okay=False), default=None)
@@ -527,6 +555,7 @@ def sweep(
     is_flag=True,
     help="steer or adapt a model other than the one the vector or adapter was made on",
 )
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the tables")
 @device_options
 def evaluate(
     model_name,
@@ -534,21 +563,27 @@ def evaluate(
     vector_file,
     coeff,
     system,
+    axis,
     items,
     mfv_dir,
     think_tokens,
     n_items,
     allow_other_model,
+    as_json,
     device,
     dtype,
     device_map,
     blocks,
     writer,
 ) -> None:
-    """Evaluate one configuration (model, optional adapter, optional steering) on the vignettes."""
+    """Evaluate one configuration (model, optional adapter, steering or system prompt) against the
+    plain model: the axis's answer log-odds (stance, wording, off-axis, with 95% intervals) and the
+    7-way vignettes (coherence), each with a one-line reading."""
     from contextlib import ExitStack
+    from dataclasses import replace
 
-    from steer_heal.evaluate import Vignettes, load_mfv, load_vignettes, stratified_subset
+    from steer_heal.data import load_axis
+    from steer_heal.evaluate import AnswerLogOdds, Vignettes, load_mfv, load_vignettes, shift, stratified_subset
     from steer_heal.healing.history import Adapter, History
     from steer_heal.models.devices import attention_backends
     from steer_heal.models.loading import load_model
@@ -560,6 +595,7 @@ def evaluate(
         raise click.UsageError("--items mfv needs --mfv-dir (the folder with the MFV JSONL files)")
     # every input is read and checked before the model loads
     check_coeff(coeff)
+    logodds = AnswerLogOdds.from_axis(load_axis(axis)) if axis else None
     device, dtype = placement(device, dtype)
     vec = (
         SteeringVector.load_for(vector_file, model_name, allow_other_model, blocks, writer)[0] if vector_file else None
@@ -568,18 +604,59 @@ def evaluate(
     chosen = load_mfv(mfv_dir) if items == "mfv" else load_vignettes()
     if 0 < n_items < len(chosen):
         chosen = stratified_subset(chosen, n_items)
+    vignettes = Vignettes(items=chosen, think_tokens=think_tokens, progress=not as_json)
     model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
+    changed = round_adapter is not None or vec is not None or system is not None
     with ExitStack() as stack:
         stack.enter_context(attention_backends(input_device(model)))
+        plain = {"vignettes": vignettes(model, tok)} if changed else {}
+        if logodds is not None and changed:
+            plain["logodds"] = logodds(model, tok)
         if round_adapter is not None:
             history = History(model)
             stack.callback(history.close)
             history.fold(round_adapter, allow_other_model)
         if vec is not None:
             stack.enter_context(vec.apply(model, coeff, allow_other_model))
-        result = Vignettes(items=chosen, think_tokens=think_tokens, system=system, progress=True)(model, tok)
-    for key, value in result.metrics.items():
-        click.echo(f"{key:>20s}  {value:.4f}")
+        this = {"vignettes": replace(vignettes, system=system)(model, tok)}
+        if logodds is not None:
+            this["logodds"] = replace(logodds, system=system)(model, tok)
+    shifts = {}
+    if "logodds" in plain:
+        shifts = {c: shift(plain["logodds"], this["logodds"], c) for c in ("stance", "wording", "off_axis")}
+    coherence = this["vignettes"].metrics["coherence"]
+    base_coherence = plain["vignettes"].metrics["coherence"] if plain else None
+    if as_json:
+        record = {
+            "model": model_name,
+            "adapter": adapter,
+            "vector": vector_file,
+            "coeff": coeff if vec is not None else None,
+            "system": system,
+            "axis": axis or None,
+            "metrics": {k: r.metrics for k, r in this.items()},
+            "plain": {k: r.metrics for k, r in plain.items()},
+            "shifts": {c: x.to_dict() | {"z": x.z} for c, x in shifts.items()},
+        }
+        click.echo(json.dumps(record))
+        return
+    for name, result in this.items():
+        click.echo(f"{name}:")
+        for key, value in result.metrics.items():
+            click.echo(f"{key:>22s}  {value:.4f}")
+    if shifts:
+        cells = "; ".join(
+            f"{c.replace('_', '-')} {x.mean:+.3f} nats [{x.ci[0]:+.3f}, {x.ci[1]:+.3f}]{' (noise)' if x.noise else ''}"
+            for c, x in shifts.items()
+        )
+        click.echo(
+            f"Against the plain model on {len(logodds.scenarios)} held-out {axis} scenarios: {cells}; 7-way "
+            f"coherence {coherence:.3f} against {base_coherence:.3f} ({coherence / base_coherence:.3f} x)."
+        )
+    elif base_coherence is not None:
+        click.echo(f"7-way coherence {coherence:.3f} against the plain model's {base_coherence:.3f}.")
+    else:
+        click.echo("The plain model (nothing applied): pass --adapter, --vector or --system to compare against it.")
 
 
 @main.group(cls=_Group)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from steer_heal.models.model import LayerSpec
@@ -75,3 +77,46 @@ def placement(device: str, dtype: str) -> tuple[str, str]:
     chosen = resolve(device, dtype)
     click.echo(f"steer-heal: {chosen}", err=True)
     return str(chosen.device), str(chosen.dtype).removeprefix("torch.")
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever `sys.stderr` is at each line (a test runner swaps it)."""
+
+    @property
+    def stream(self):
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def set_verbosity(level: str) -> None:
+    """What the command line says on stderr: `normal` one progress line per stage (the library's
+    `steer_heal` logger at INFO) and the tqdm bars of long stages; `quiet` warnings and errors
+    only; `verbose` debug lines, plus transformers' own logs and download/loading bars, which are
+    kept quiet otherwise (they repeat what the stage lines say)."""
+    import os
+
+    logger = logging.getLogger("steer_heal")
+    logger.setLevel({"quiet": logging.WARNING, "normal": logging.INFO, "verbose": logging.DEBUG}[level])
+    if not any(getattr(h, "_steer_heal", False) for h in logger.handlers):
+        handler = _Stderr()  # stderr: stdout stays the command's result
+        handler.setFormatter(logging.Formatter("steer-heal: %(message)s"))
+        handler._steer_heal = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        logger.propagate = False
+    if level == "quiet":
+        os.environ["TQDM_DISABLE"] = "1"
+    if level != "verbose":
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass

@@ -453,3 +453,47 @@ def test_every_error_the_library_raises_on_purpose_is_typed():
                 if not internal and not (isinstance(cls, type) and issubclass(cls, SteerHealError)):
                     untyped.append(f"{path.relative_to(ROOT)}:{node.lineno} {name_}")
     assert untyped == [], untyped
+
+
+def test_a_run_says_what_it_does_per_stage_and_quiet_silences_it(tmp_path):
+    import logging
+
+    loud = cli("run", "--preset", "tiny", "--out", tmp_path / "a")
+    assert loud.exit_code == 0, loud.output
+    for stage in ("loading tiny-llama", "base: evaluate", "round 0 (of 1): extract", "dose walk", "heal (", "drift"):
+        assert "steer-heal: " in loud.output and stage in loud.output, stage
+    quiet = cli("--quiet", "run", "--preset", "tiny", "--out", tmp_path / "b")
+    assert quiet.exit_code == 0 and "round 0 (of 1)" not in quiet.output, quiet.output
+    logging.getLogger("steer_heal").setLevel(logging.INFO)  # the next CliRunner test starts as the CLI does
+
+
+def test_eval_compares_against_the_plain_model_with_the_log_odds_probe(tmp_path):
+    import json
+
+    vec = SteeringVector({1: torch.ones(64)}, 64, 4, "tiny-llama").save(tmp_path / "v.safetensors")
+    args = ["eval", "--model", "tiny-llama", "--axis", "authority", "--n-items", "7"]
+    text = cli(*args, "--vector", vec, "--coeff", "2")
+    assert text.exit_code == 0, text.output
+    assert "Against the plain model on 32 held-out authority scenarios: stance" in text.output
+    assert "7-way coherence" in text.output and "logodds:" in text.output
+    record = json.loads(cli(*args, "--vector", vec, "--coeff", "2", "--json").output.strip().splitlines()[-1])
+    assert {"stance", "wording", "off_axis"} == set(record["shifts"]) and record["coeff"] == 2.0
+    assert (
+        record["shifts"]["stance"]["ci"][0] <= record["shifts"]["stance"]["mean"] <= record["shifts"]["stance"]["ci"][1]
+    )
+    zero = json.loads(cli(*args, "--vector", vec, "--coeff", "0", "--json").output.strip().splitlines()[-1])
+    assert all(x["mean"] == 0.0 for x in zero["shifts"].values())  # coeff 0 == the plain model
+
+
+def test_steer_and_extract_print_json(tmp_path):
+    import json
+
+    out = tmp_path / "v.safetensors"
+    done = cli("extract", "--model", "tiny-llama", "--n-contexts", "4", "--out", out, "--json")
+    assert done.exit_code == 0, done.output
+    record = json.loads(done.output.strip().splitlines()[-1])
+    assert record["out"] == str(out) and record["contexts"] == 4 and record["norms"]
+    done = cli("steer", "--vector", out, "--prompt", "hi", "--prompt", "yo", "--max-new-tokens", "4", "--json")
+    assert done.exit_code == 0, done.output
+    rows = json.loads(done.output.strip().splitlines()[-1])["rows"]
+    assert [r["prompt"] for r in rows] == ["hi", "yo"] and all({"unsteered", "steered"} <= set(r) for r in rows)

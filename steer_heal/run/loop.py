@@ -23,6 +23,7 @@ from which `run(..., resume=True)` continues with the same numbers.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 from typing import Any
@@ -59,6 +60,8 @@ from ..vocab import RegName
 from .config import RunConfig
 from .neutral import Neutral, neutral_stage, prompt_sets
 from .runlog import RunDir
+
+log = logging.getLogger("steer_heal")  # one progress line per stage (INFO); the CLI shows it on stderr
 
 
 @dataclass
@@ -130,6 +133,7 @@ def setup(config: RunConfig) -> Setup:
             minilm_folder()
         except (ModuleNotFoundError, FileNotFoundError) as exc:
             raise ConfigError(f"{exc}, or set drift.enabled = false") from None
+    log.info("loading %s", config.run.model)
     model, tok = load_model(
         config.run.model,
         dtype=config.run.dtype,
@@ -189,6 +193,10 @@ def base_stage(config: RunConfig, s: Setup, run: RunDir) -> None:
     `prompted_2`, ... for the axis's other `pos_wordings`). With a
     log-odds probe, the neg persona too: pos minus neg persona is the stance probe's positive
     control, which the report checks before it trusts a stance number."""
+    log.info(
+        "base: evaluate the base model, the persona prompt (%d wordings) and the neg persona",
+        1 + len(s.axis.pos_wordings),
+    )
     results, seconds = timed(evaluate, s)
     log_stage(run, "base", -1, results, seconds=seconds)
     results, seconds = timed(evaluate, s, system=s.axis.pos)
@@ -250,6 +258,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
     seed = config.run.seed * 1000 + r * 100  # every stochastic step of round r derives from this
     d, c = config.dose, config.collect
     t0 = time.perf_counter()
+    log.info("round %d (of %d): extract the vector from %d contexts", r, config.run.rounds, len(s.contexts))
     vec = SteeringVector.from_persona_pair(
         s.model,
         s.tok,
@@ -268,6 +277,14 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
     graphs = compiled_graphs()
     if calibration is not None:
         run.log("calibration", r, **calibration.to_dict())
+    log.info(
+        "round %d: dose walk in [%g, %g], up to %d probes of %d completions",
+        r,
+        d.c_min,
+        d.c_max,
+        d.steps + 2,
+        d.probe_size,
+    )
     dose = walk_dose(
         s.model,
         s.tok,
@@ -297,6 +314,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
     )
     timings["dose"] = time.perf_counter() - t0
     t0 = time.perf_counter()
+    log.info("round %d: dose %.3g; collect %d completions that pass the filter", r, dose.coeff, c.n_keep)
     kept = collect(
         s.model,
         s.tok,
@@ -326,6 +344,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
     timings["collect"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    log.info("round %d: kept %d; evaluate the steered model (%s)", r, len(kept.kept), ", ".join(s.probes))
     with vec.apply(s.model, dose.coeff):
         log_stage(run, "steered", r, evaluate(s), coeff=dose.coeff)
         run.log("samples", r, stage="steered", rows=samples(config, s))
@@ -333,6 +352,9 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
 
     t0 = time.perf_counter()
     h = config.heal
+    log.info(
+        "round %d: heal (%s, %d epochs, batch %d) on %d completions", r, h.reg, h.epochs, h.batch_size, len(kept.kept)
+    )
     result = heal(
         s.history,
         s.tok,
@@ -358,6 +380,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
     timings["heal"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+    log.info("round %d: evaluate the healed student", r)
     healed = evaluate(s)
     log_stage(run, "healed", r, healed)
     run.log("samples", r, stage="healed", rows=samples(config, s))
@@ -376,6 +399,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
     timings["healed_eval"] = time.perf_counter() - t0
     if s.neutral is not None and s.neutral.drift is not None:
         t0 = time.perf_counter()
+        log.info("round %d: drift on the held-out neutral prompts (NeutralKL, register shift)", r)
         drift = s.neutral.drift(s.model, s.tok)
         run.log("drift", r, result=drift.to_dict(rows=True))
         summary["drift"] = {k: drift.metrics[k] for k in ("kl_rev", "kl_fwd", "auc", "student_base_ppl")}
@@ -430,8 +454,8 @@ def _run(config: RunConfig, run_dir: RunDir, s: Setup, progress: bool) -> dict[s
         base_stage(config, s, run_dir)
         start = 0
     s.neutral = neutral_stage(config, s, run_dir)
-    if s.neutral.controls is not None and progress:
-        print(s.neutral.controls.verdict(), flush=True)
+    if s.neutral.controls is not None:
+        log.info(s.neutral.controls.verdict())
     stopped = None
     floor = config.eval.coherence_floor * base_coherence(run_dir)
     finished = [e for e in run_dir.events() if e["event"] == "round"]
@@ -453,15 +477,13 @@ def _run(config: RunConfig, run_dir: RunDir, s: Setup, progress: bool) -> dict[s
             run_dir.log("stop", r, reason=stopped)
             break
         v0 = v0 or summary["vector"]
-        if progress:
-            drift = summary.get("drift")
-            drift_line = f", drift AUC {drift['auc']:.2f} KL {drift['kl_rev']:.4f}" if drift else ""
-            print(
-                f"round {r}: coeff {summary['coeff']:.3g}, kept {summary['n_kept']}, coherence {summary['coherence']:.3f}, "
-                f"cos(v_r, v_0) {summary['cos_v0']:.3f}, cos(v_student, v_r) {summary['cos_student_teacher']:.3f}"
-                f"{drift_line}",
-                flush=True,
-            )
+        drift = summary.get("drift")
+        drift_line = f", drift AUC {drift['auc']:.2f} KL {drift['kl_rev']:.4f}" if drift else ""
+        log.info(
+            f"round {r} done: coeff {summary['coeff']:.3g}, kept {summary['n_kept']}, coherence "
+            f"{summary['coherence']:.3f}, cos(v_r, v_0) {summary['cos_v0']:.3f}, cos(v_student, v_r) "
+            f"{summary['cos_student_teacher']:.3f}{drift_line}"
+        )
         stopped = stop_reason(config, summary, floor, r)
         if stopped:
             run_dir.log("stop", r, reason=stopped)

@@ -9,6 +9,7 @@ the same way, from the same seeds, the first time it is resumed.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -69,6 +70,11 @@ def neutral_stage(config: RunConfig, s: Any, run: RunDir) -> Neutral:
             else None
         )
     else:
+        logging.getLogger("steer_heal").info(
+            "neutral text: the base completes %d held-out neutral and %d anchor prompts (once per run)",
+            len(neutral_prompts) if config.drift.enabled else 0,
+            len(anchor_prompts) if config.heal.anchor != "none" else 0,
+        )
         with s.history.base():
             base = _sample(s, neutral_prompts, sampling, seed["drift_base"]) if config.drift.enabled else []
             anchor = _sample(s, anchor_prompts, sampling, seed["anchor"]) if config.heal.anchor != "none" else []
