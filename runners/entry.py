@@ -47,7 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         if "click" in sys.modules:
             import click
 
-            if isinstance(exc, click.exceptions.Abort):
+            if isinstance(exc, click.exceptions.Abort):  # click turns a KeyboardInterrupt into Abort
+                if isinstance(exc.__cause__, Terminated) or isinstance(exc.__context__, Terminated):
+                    print("Terminated", file=sys.stderr)
+                    return 143
                 print("Aborted", file=sys.stderr)
                 return 130
             if isinstance(exc, click.ClickException):

@@ -497,3 +497,41 @@ def test_steer_and_extract_print_json(tmp_path):
     assert done.exit_code == 0, done.output
     rows = json.loads(done.output.strip().splitlines()[-1])["rows"]
     assert [r["prompt"] for r in rows] == ["hi", "yo"] and all({"unsteered", "steered"} <= set(r) for r in rows)
+
+
+def test_the_gguf_model_hint_is_the_model_type(tmp_path):
+    import gguf
+
+    from steer_heal.data import load_contexts
+
+    model, tok = tiny_model("qwen2")
+    vec = SteeringVector.from_persona_pair(
+        model, tok, "You are warm.", "You are cold.", load_contexts()[:4], layers=[1]
+    )
+    path = vec.to_gguf(tmp_path / "v.gguf")
+    field = gguf.GGUFReader(path).fields["controlvector.model_hint"]
+    assert bytes(field.parts[field.data[0]]).decode() == "qwen2" != vec.model_id
+
+
+def test_sigterm_during_an_export_leaves_no_staging_folder(tiny_run, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = (
+        "import sys, threading, runners.entry as e, steer_heal.run.export as x\n"
+        "def stuck(*a, **k):\n"
+        "    print('saving', flush=True); threading.Event().wait()\n"  # inside the staging folder, until SIGTERM
+        "x.History.export_merged = stuck\n"
+        f"sys.exit(e.main(['export', 'merged', {str(tiny_run)!r}, '--out', {str(tmp_path / 'merged')!r}]))"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path
+    )
+    assert proc.stdout.readline().strip() == "saving"
+    assert [p.name for p in tmp_path.iterdir() if "steer-heal-export" in p.name]  # the staging folder exists now
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "Terminated", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the export nor its staging folder

@@ -41,6 +41,7 @@ from ..models.model import (
     n_layers,
     placement,
     residual_writer,
+    unwrap,
 )
 from ..vocab import Number
 from .extract import mean_difference
@@ -105,7 +106,11 @@ class SteeringVector:
             method="mean_diff",
             pos=pos,
             neg=neg,
-            extra={"n_contexts": str(len(contexts))},
+            # the HF model type (e.g. "llama"): what llama.cpp's control-vector loader reads as the model hint
+            extra={
+                "n_contexts": str(len(contexts)),
+                "model_type": str(getattr(unwrap(model).config, "model_type", "")),
+            },
         )
 
     # ------------------------------------------------------------ algebra
@@ -279,7 +284,8 @@ class SteeringVector:
 
         coeff = check_coeff(coeff)
         provenance = {k: v for k, v in self.metadata().items() if k != "format"}
-        return write_control_vector(path, self.directions, model_hint or self.model_id, provenance, coeff)
+        hint = model_hint or self.extra.get("model_type") or self.model_id  # the model type where we know it
+        return write_control_vector(path, self.directions, hint, provenance, coeff)
 
     @classmethod
     def from_gguf(cls, path: str | os.PathLike, model: nn.Module | None = None) -> SteeringVector:
