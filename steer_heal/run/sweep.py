@@ -16,7 +16,9 @@ It says nothing about whether the trait moved; read the profile for that.
 
 from __future__ import annotations
 
+import logging
 import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -94,8 +96,12 @@ def dose_sweep(
     random.Random(seed).shuffle(pool)
     gen_prompts = [pool[i % len(pool)] for i in range(n)] if pool else []
     points = []
-    for c in coeffs:
+    log = logging.getLogger("steer_heal")
+    started = time.perf_counter()
+    for k, c in enumerate(coeffs):
         c = float(c)
+        eta = "" if k == 0 else f", about {(time.perf_counter() - started) / k * (len(coeffs) - k):.0f} s left"
+        log.info("sweep: dose %d of %d, coeff %g (%s%s)", k + 1, len(coeffs), c, ", ".join(probes), eta)
         with vec.apply(model, c, allow_other_model):
             results = {name: probe(model, tok) for name, probe in probes.items()}
             rows = (

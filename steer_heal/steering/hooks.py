@@ -35,7 +35,18 @@ How = Literal["hooks", "slot", "bias"]
 BAKED_ATTR = "_steer_heal_baked"
 
 
-class AddDelta:
+class SteeringHook:
+    """A forward hook that changes a block's hidden-state output; `active_steering` finds every
+    one (so a filter that scores "under the original model" refuses a steered one)."""
+
+    coeff: float
+    how: How = "hooks"
+
+    def active(self) -> bool:
+        return self.coeff != 0
+
+
+class AddDelta(SteeringHook):
     """A forward hook adding `delta` to a block's hidden-state output (tensor or tuple)."""
 
     def __init__(self, delta: Tensor, coeff: float, how: How = "hooks") -> None:
@@ -79,7 +90,7 @@ def active_steering(model: nn.Module) -> list[Active]:
     out = []
     for name, module in base.named_modules():
         for hook in module._forward_hooks.values():
-            if isinstance(hook, AddDelta) and hook.active():
+            if isinstance(hook, SteeringHook) and hook.active():
                 out.append(Active(hook.how, name, hook.coeff))
         for baked in getattr(module, BAKED_ATTR, ()):
             if baked.coeff != 0:

@@ -46,6 +46,7 @@ from ..models.model import (
 from ..vocab import Number
 from .extract import mean_difference
 from .hooks import BAKED_ATTR, AddDelta, Baked, check_coeff, finite_delta, per_row_coeffs, steer
+from .operators import Operated, check_operator, operator_hook
 
 __all__ = ["SteeringVector", "block_param", "check_coeff", "placement", "steer"]
 
@@ -186,17 +187,40 @@ class SteeringVector:
                 f"but this model has {depth} layers; extract a vector on this model"
             )
 
+    def using(self, operator: str) -> Operated:
+        """This vector applied with another operator (`steering.operators`: add, ablate, norm_add),
+        wherever a `Steering` goes (`generate(steering=vec.using("ablate"))`)."""
+        return Operated(self, operator)
+
     @contextmanager
     def apply(
-        self, model: nn.Module, coeff: Number | Sequence[Number] = 1.0, allow_other_model: bool = False
+        self,
+        model: nn.Module,
+        coeff: Number | Sequence[Number] = 1.0,
+        allow_other_model: bool = False,
+        operator: str = "add",
     ) -> Iterator[nn.Module]:
-        """Forward hooks adding `coeff * v_l` to block l's output at every position.
+        """Forward hooks adding `coeff * v_l` to block l's output at every position; or, with
+        `operator` "ablate" or "norm_add", the other operators of `steer_heal.steering.operators`.
 
         A sequence of coefficients steers each row of the batch at its own strength: row i
         gets `coeff[i] * v_l`, so one forward serves several doses (the speculative dose walk
         uses this). The batch must then have exactly `len(coeff)` rows; any other batch
         fails to broadcast rather than steering the wrong rows."""
         rows = per_row_coeffs(coeff)
+        if check_operator(operator) != "add":
+            if rows is not None:
+                raise InputError(f"per-row coefficients are for the add operator only, not {operator}")
+            coeff = check_coeff(coeff)
+            self.check_compatible(model, allow_other_model)
+            blocks = decoder_blocks(model)
+            with ExitStack() as stack:
+                for layer, v in self.directions.items():
+                    finite_delta((coeff * v).float(), coeff, layer)
+                    hook = operator_hook(operator, v.to(placement(blocks[layer])[0]), coeff)
+                    stack.callback(blocks[layer].register_forward_hook(hook).remove)
+                yield model
+            return
         if rows is None:
             scale = mark = check_coeff(coeff)
         else:  # (rows, 1, 1) x v: broadcasts over positions, not over other batch sizes (directions are fp32)
