@@ -91,6 +91,23 @@ def main(quiet: bool, verbose: bool) -> None:
     help="file of user messages, one per line (default: the bundled set)",
 )
 @click.option("--n-contexts", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option(
+    "--pairs",
+    "pairs_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="contrastive pairs instead of a persona pair: JSONL {pos, neg[, prompt]}, CAA A/B JSON or repeng JSON",
+)
+@click.option(
+    "--method", type=click.Choice(["mean_diff", "pca"]), default="mean_diff", show_default=True, help="with --pairs"
+)
+@click.option(
+    "--read",
+    type=click.Choice(["last", "mean"]),
+    default="last",
+    show_default=True,
+    help="with --pairs: last token or answer mean",
+)
 @click.option("--layers", default="0.45,0.55", show_default=True, help="'lo,hi' depth fractions or ints '13,14'")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="where to write the .safetensors vector")
@@ -103,6 +120,9 @@ def extract(
     neg,
     contexts_file,
     n_contexts,
+    pairs_file,
+    method,
+    read,
     layers,
     batch_size,
     out,
@@ -113,43 +133,48 @@ def extract(
     blocks,
     writer,
 ) -> None:
-    """Extract a mean-difference steering vector from a persona pair."""
+    """Extract a steering vector: mean difference of a persona pair, or of your own contrastive pairs (--pairs)."""
     from steer_heal.data import load_axis, load_contexts
     from steer_heal.io import check_output
     from steer_heal.models.devices import attention_backends
     from steer_heal.models.loading import load_model
     from steer_heal.models.model import input_device
     from steer_heal.steering.extract import check_personas
+    from steer_heal.steering.pairs import read_pairs
     from steer_heal.steering.vector import SteeringVector
 
-    persona = load_axis(axis)
-    pos = persona.pos if pos is None else pos  # an empty --pos '' is refused, not replaced
-    neg = persona.neg if neg is None else neg
-    check_personas(pos, neg)  # before the model loads
     check_output(out)
-    contexts = load_contexts(contexts_file)[:n_contexts]
+    # every input is read and checked before the model loads
+    if pairs_file is not None:
+        if pos is not None or neg is not None or contexts_file is not None:
+            raise click.UsageError("--pairs replaces the persona pair: drop --pos, --neg and --contexts")
+        pairs = read_pairs(pairs_file)
+        source, count = f"{len(pairs)} pairs ({method}, read {read})", {"pairs": len(pairs)}
+    else:
+        persona = load_axis(axis)
+        pos = persona.pos if pos is None else pos  # an empty --pos '' is refused, not replaced
+        neg = persona.neg if neg is None else neg
+        check_personas(pos, neg)
+        contexts = load_contexts(contexts_file)[:n_contexts]
+        source, count = f"{len(contexts)} contexts", {"contexts": len(contexts)}
     device, dtype = placement(device, dtype)
     model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
     start = time.perf_counter()
     with attention_backends(input_device(model)):
-        vec = SteeringVector.from_persona_pair(
-            model,
-            tok,
-            pos=pos,
-            neg=neg,
-            contexts=contexts,
-            layers=parse_layers(layers),
-            batch_size=batch_size,
-            progress=True,
-        )
+        if pairs_file is not None:
+            vec = SteeringVector.from_pairs(model, tok, pairs, parse_layers(layers), read, method, batch_size, True)
+        else:
+            vec = SteeringVector.from_persona_pair(
+                model, tok, pos, neg, contexts, layers=parse_layers(layers), batch_size=batch_size, progress=True
+            )
     vec.save(out)
     seconds = time.perf_counter() - start
     if as_json:
-        record = {"out": str(out), "model": vec.model_id, "contexts": len(contexts), "seconds": round(seconds, 3)}
+        record = {"out": str(out), "model": vec.model_id, **count, "seconds": round(seconds, 3)}
         click.echo(json.dumps(record | {"norms": {str(k): v for k, v in vec.norms().items()}}))
         return
     norms = ", ".join(f"{layer}: {norm:.2f}" for layer, norm in vec.norms().items())
-    click.echo(f"{len(contexts)} contexts in {seconds:.1f}s; layers {{{norms}}} -> {out}")
+    click.echo(f"{source} in {seconds:.1f}s; layers {{{norms}}} -> {out}")
 
 
 @main.command()

@@ -40,7 +40,6 @@ class _Enough(Exception):
     """Raised by the deepest hook: later blocks and the LM head are not needed."""
 
 
-@torch.inference_mode()
 def last_token_states(
     model: nn.Module,
     tok,
@@ -56,19 +55,42 @@ def last_token_states(
     """
     if not texts:
         raise InputError("no texts to read hidden states from")
+    return token_states(model, [encode(tok, text) for text in texts], pad_id(tok), layers, batch_size, progress)
+
+
+@torch.inference_mode()
+def token_states(
+    model: nn.Module,
+    token_lists: Sequence[Sequence[int]],
+    pad: int,
+    layers: Sequence[int],
+    batch_size: int = 8,
+    progress: bool = False,
+    spans: Sequence[int] | None = None,
+) -> dict[int, Float[Tensor, "n hidden"]]:
+    """Block outputs of token sequences, fp32 on CPU: at each row's last token, or, with
+    `spans`, the mean over row i's tokens from index `spans[i]` to its end (e.g. an answer)."""
+    if not token_lists:
+        raise InputError("no texts to read hidden states from")
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
+    if spans is not None and any(not 0 <= s < len(t) for s, t in zip(spans, token_lists)):
+        raise InputError("every span must start inside its sequence (an empty answer has no tokens to average)")
     blocks = decoder_blocks(model)
     layers = sorted(set(layers))
-    token_lists = [encode(tok, text) for text in texts]
-    order = sorted(range(len(texts)), key=lambda i: len(token_lists[i]))  # less padding per batch
-    out = {layer: torch.empty(len(texts), hidden_size(model)) for layer in layers}
+    order = sorted(range(len(token_lists)), key=lambda i: len(token_lists[i]))  # less padding per batch
+    out = {layer: torch.empty(len(token_lists), hidden_size(model)) for layer in layers}
     captured: dict[int, Tensor] = {}
+    weights: list[Tensor] = []  # per batch: (rows, columns) averaging weights, or none for the last token
 
     def reader(layer: int):
         def hook(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
-            captured[layer] = hidden[:, -1, :].float().cpu()
+            if weights:
+                w = weights[0].to(hidden.device)
+                captured[layer] = ((hidden.float() * w[..., None]).sum(1) / w.sum(1, keepdim=True)).cpu()
+            else:
+                captured[layer] = hidden[:, -1, :].float().cpu()
             if layer == layers[-1]:
                 raise _Enough
 
@@ -80,8 +102,14 @@ def last_token_states(
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc="hidden states", disable=not progress, leave=False):
             rows = order[start : start + batch_size]
-            ids, mask, positions = left_pad([token_lists[i] for i in rows], pad_id(tok), device)
+            ids, mask, positions = left_pad([list(token_lists[i]) for i in rows], pad, device)
             captured.clear()
+            weights.clear()
+            if spans is not None:  # left padded: row i's span is its last len - span columns
+                width = ids.shape[1]
+                column = torch.arange(width)
+                first = torch.tensor([width - (len(token_lists[i]) - spans[i]) for i in rows])
+                weights.append((column[None, :] >= first[:, None]).float())
             try:
                 model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
             except _Enough:

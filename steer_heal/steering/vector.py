@@ -47,6 +47,7 @@ from ..vocab import Number
 from .extract import mean_difference
 from .hooks import BAKED_ATTR, AddDelta, Baked, check_coeff, finite_delta, per_row_coeffs, steer
 from .operators import Operated, check_operator, operator_hook
+from .pairs import ContrastPair, pair_directions
 
 __all__ = ["SteeringVector", "block_param", "check_coeff", "placement", "steer"]
 
@@ -112,6 +113,31 @@ class SteeringVector:
                 "n_contexts": str(len(contexts)),
                 "model_type": str(getattr(unwrap(model).config, "model_type", "")),
             },
+        )
+
+    @classmethod
+    def from_pairs(
+        cls,
+        model: nn.Module,
+        tok,
+        pairs: Sequence[ContrastPair],
+        layers: LayerSpec = Depth(0.45, 0.55),
+        read: str = "last",
+        method: str = "mean_diff",
+        batch_size: int = 8,
+        progress: bool = False,
+    ) -> SteeringVector:
+        """A vector from contrastive text pairs (CAA, repeng or your own): where to read the
+        activation (`read`: last token or the answer's mean) and how (`method`: mean
+        difference or repeng's PCA of the differences) are in `steer_heal.steering.pairs`."""
+        directions = pair_directions(model, tok, pairs, layers, read, method, batch_size, progress)
+        return cls(
+            directions=directions,
+            hidden_size=hidden_size(model),
+            n_layers=n_layers(model),
+            model_id=model_id(model),
+            method=method if read == "last" else f"{method}/{read}",
+            extra={"n_pairs": str(len(pairs)), "model_type": str(getattr(unwrap(model).config, "model_type", ""))},
         )
 
     # ------------------------------------------------------------ algebra
