@@ -684,6 +684,17 @@ def evaluate(
         click.echo("The plain model (nothing applied): pass --adapter, --vector or --system to compare against it.")
 
 
+@main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="print the rows as one JSON list instead of a markdown table")
+def compare(run_dirs, as_json) -> None:
+    """One table across runs: stance, wording, retain, coherence, rounds, stop reason and drift."""
+    from steer_heal.run.table import markdown, runs_table
+
+    rows = runs_table(list(run_dirs))
+    click.echo(json.dumps(rows) if as_json else markdown(rows))
+
+
 @main.group(cls=_Group)
 def export() -> None:
     """Write plain files other tools load: a merged or baked checkpoint, peft adapters, a llama.cpp control vector."""

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from steer_heal.evaluate import EvalResult, compare, stage_table
-from steer_heal.plot import _stages
-from steer_heal.runlog import read_events
+from steer_heal.run.plot import _stages
+from steer_heal.run.runlog import read_events
 
 RUNS = Path(__file__).resolve().parent
 TARGET, DIRECTION = "Care", 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -49,12 +50,20 @@ def _jsonable(value: Any) -> Any:
 
 
 def read_events(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Events in order; a torn last line (killed mid-write) is ignored."""
+    """Events in order; a torn last line (killed mid-write) is ignored. A missing log that was
+    archived beside itself as `events.jsonl.gz` (run records under docs/runs) is read from that."""
     path = Path(path)
-    if not path.exists():
+    archived = path.with_name(path.name + ".gz")
+    if not path.exists() and not archived.exists():
         return []
     events = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.exists():
+        lines = path.read_text(encoding="utf-8").splitlines()
+    else:
+        import gzip
+
+        with gzip.open(archived, "rt", encoding="utf-8") as f:
+            lines = f.read().splitlines()
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -165,6 +174,14 @@ class RunDir:
         self.config = config
         self.events_path = path / "events.jsonl"
         self._lock = lock
+        self._sinks: list = []
+
+    def add_sink(self, sink) -> None:
+        """Also send every event, once it is on disk, to `sink(record)` (an experiment tracker:
+        `steer_heal.run.sinks`). A sink that raises is dropped with one warning; the run goes on."""
+        if not callable(sink):
+            raise InputError(f"a sink is a callable taking one event dict, got {type(sink).__name__}")
+        self._sinks.append(sink)
 
     @property
     def writable(self) -> bool:
@@ -312,6 +329,12 @@ class RunDir:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        for sink in list(self._sinks):
+            try:
+                sink(record)
+            except Exception as exc:  # a tracker's failure must not end the run
+                self._sinks.remove(sink)
+                logging.getLogger("steer_heal").warning("event sink %r failed (%s); it gets no more events", sink, exc)
         return record
 
     def events(self) -> list[dict[str, Any]]:
