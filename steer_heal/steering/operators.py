@@ -92,11 +92,14 @@ def operator_hook(operator: str, v: Tensor, coeff: float) -> SteeringHook:
 
 
 class Operated:
-    """A steering vector with another operator: `vec.using("ablate")`. It goes wherever a
-    `Steering` goes; `apply` installs the operator's hooks and `bake` refuses (a bias can only add)."""
+    """A steering vector with another operator or positions: `vec.using("ablate")`,
+    `vec.using(positions="generated")`. It goes wherever a `Steering` goes; `apply` installs
+    its hooks and `bake` refuses all but add at every position (a bias adds everywhere)."""
 
-    def __init__(self, vector: Any, operator: str) -> None:
-        self.vector, self.operator = vector, check_operator(operator)
+    def __init__(self, vector: Any, operator: str = "add", positions: Any = "all") -> None:
+        from .positions import check_positions
+
+        self.vector, self.operator, self.positions = vector, check_operator(operator), check_positions(positions)
 
     @property
     def directions(self) -> dict:
@@ -110,11 +113,13 @@ class Operated:
         self.vector.check_compatible(model, allow_other_model)
 
     def apply(self, model: nn.Module, coeff: Any = 1.0, allow_other_model: bool = False) -> AbstractContextManager:
-        return self.vector.apply(model, coeff, allow_other_model, operator=self.operator)
+        return self.vector.apply(model, coeff, allow_other_model, operator=self.operator, positions=self.positions)
 
     @contextmanager
     def bake(self, model: nn.Module, coeff: Any = 1.0, allow_other_model: bool = False) -> Iterator[nn.Module]:
         if self.operator != "add":
             raise InputError(f"a bias can only add; {self.operator} reads each position's state: steer with hooks")
+        if self.positions != "all":
+            raise InputError(f"a bias changes every position; positions={self.positions!r} needs hooks (how='hooks')")
         with self.vector.bake(model, coeff, allow_other_model):
             yield model

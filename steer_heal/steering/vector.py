@@ -22,6 +22,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from jaxtyping import Float
@@ -48,6 +49,7 @@ from .extract import mean_difference
 from .hooks import BAKED_ATTR, AddDelta, Baked, check_coeff, finite_delta, per_row_coeffs, steer
 from .operators import Operated, check_operator, operator_hook
 from .pairs import ContrastPair, pair_directions
+from .positions import Positioned, PositionTracker, check_positions
 
 __all__ = ["SteeringVector", "block_param", "check_coeff", "placement", "steer"]
 
@@ -213,10 +215,11 @@ class SteeringVector:
                 f"but this model has {depth} layers; extract a vector on this model"
             )
 
-    def using(self, operator: str) -> Operated:
-        """This vector applied with another operator (`steering.operators`: add, ablate, norm_add),
-        wherever a `Steering` goes (`generate(steering=vec.using("ablate"))`)."""
-        return Operated(self, operator)
+    def using(self, operator: str = "add", positions: Any = "all") -> Operated:
+        """This vector applied with another operator (`steering.operators`: add, ablate, norm_add)
+        or at some positions only (`steering.positions`), wherever a `Steering` goes
+        (`generate(steering=vec.using(positions="generated"))`)."""
+        return Operated(self, operator, positions)
 
     @contextmanager
     def apply(
@@ -225,28 +228,21 @@ class SteeringVector:
         coeff: Number | Sequence[Number] = 1.0,
         allow_other_model: bool = False,
         operator: str = "add",
+        positions: Any = "all",
     ) -> Iterator[nn.Module]:
         """Forward hooks adding `coeff * v_l` to block l's output at every position; or, with
-        `operator` "ablate" or "norm_add", the other operators of `steer_heal.steering.operators`.
+        `operator` "ablate" or "norm_add", the other operators of `steer_heal.steering.operators`;
+        `positions` ("all", "prompt", "generated" or a slice of token indices) restricts the
+        change to those tokens (`steer_heal.steering.positions`).
 
         A sequence of coefficients steers each row of the batch at its own strength: row i
         gets `coeff[i] * v_l`, so one forward serves several doses (the speculative dose walk
         uses this). The batch must then have exactly `len(coeff)` rows; any other batch
         fails to broadcast rather than steering the wrong rows."""
         rows = per_row_coeffs(coeff)
-        if check_operator(operator) != "add":
-            if rows is not None:
-                raise InputError(f"per-row coefficients are for the add operator only, not {operator}")
-            coeff = check_coeff(coeff)
-            self.check_compatible(model, allow_other_model)
-            blocks = decoder_blocks(model)
-            with ExitStack() as stack:
-                for layer, v in self.directions.items():
-                    finite_delta((coeff * v).float(), coeff, layer)
-                    hook = operator_hook(operator, v.to(placement(blocks[layer])[0]), coeff)
-                    stack.callback(blocks[layer].register_forward_hook(hook).remove)
-                yield model
-            return
+        tracker = None if check_positions(positions) == "all" else PositionTracker()
+        if check_operator(operator) != "add" and rows is not None:
+            raise InputError(f"per-row coefficients are for the add operator only, not {operator}")
         if rows is None:
             scale = mark = check_coeff(coeff)
         else:  # (rows, 1, 1) x v: broadcasts over positions, not over other batch sizes (directions are fp32)
@@ -255,11 +251,18 @@ class SteeringVector:
         self.check_compatible(model, allow_other_model)
         blocks = decoder_blocks(model)
         with ExitStack() as stack:
+            if tracker is not None:  # numbers the tokens of every call, for the positional hooks
+                stack.callback(model.register_forward_pre_hook(tracker, with_kwargs=True).remove)
             for layer, v in self.directions.items():
                 device, dtype = placement(blocks[layer])  # each layer's delta lives on that layer's device
                 delta = finite_delta((scale * v).to(device=device, dtype=dtype), coeff, layer)
-                handle = blocks[layer].register_forward_hook(AddDelta(delta, mark, "hooks"))
-                stack.callback(handle.remove)
+                if operator == "add":
+                    hook = AddDelta(delta, mark, "hooks")
+                else:
+                    hook = operator_hook(operator, v.to(device), mark)
+                if tracker is not None:
+                    hook = Positioned(hook, positions, tracker)
+                stack.callback(blocks[layer].register_forward_hook(hook).remove)
             yield model
 
     @contextmanager
