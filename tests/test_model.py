@@ -79,13 +79,13 @@ def test_chat_prompt_folds_system_into_user_when_template_has_no_system_role():
     assert text == "<|im_start|>user\nYou are kind.\n\nhello<|im_end|>\n<|im_start|>assistant\n"
 
 
-def test_chat_prompt_refuses_tokenizer_without_template():
+def test_a_tokenizer_without_a_template_gets_the_base_prompt():
     tok = tiny_tokenizer("chatml")
     saved = tok.chat_template
-    tok.chat_template = None
+    tok.chat_template = None  # a base model's tokenizer (issue 30: gpt2, opt, ... failed here before)
     try:
-        with pytest.raises(ValueError, match="no chat template"):
-            chat_prompt(tok, "hello")
+        assert chat_prompt(tok, "hello") == "User: hello\nAssistant:\n"
+        assert chat_prompt(tok, "hello", system="You are warm.") == "You are warm.\n\nUser: hello\nAssistant:\n"
     finally:
         tok.chat_template = saved
 

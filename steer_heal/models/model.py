@@ -107,16 +107,21 @@ def resolve_layers(spec: LayerSpec, n: int) -> tuple[int, ...]:
 # ---------------------------------------------------------------- chat formatting
 
 
+BASE_PROMPT = "User: {user}\nAssistant:\n"  # a base model's dialogue prefix (no chat template)
+
+
 def chat_prompt(tok, user: str, system: str | None = None) -> str:
     """The chat-templated prompt text, ending with the generation prompt (assistant tag).
 
     Templates without a system role (Gemma2 raises, others drop it silently) get the system
-    text folded into the first user turn.
+    text folded into the first user turn. A tokenizer without a chat template (a base model:
+    gpt2, opt, bloom, falcon, gpt_neox) gets plain text instead: the tokenizer's BOS where it
+    adds one, the system text and a blank line if given, then `BASE_PROMPT` ("User: ...",
+    newline, "Assistant:", newline), so a persona pair is a prefix and answers start a line.
     """
     if getattr(tok, "chat_template", None) is None:
-        raise InputError(
-            "tokenizer has no chat template; use an instruction-tuned model's tokenizer or set tok.chat_template"
-        )
+        bos = tok.bos_token if tok.bos_token and _adds_bos(tok) else ""
+        return bos + (f"{system}\n\n" if system else "") + BASE_PROMPT.format(user=user)
     if system:
         try:
             text = tok.apply_chat_template(
@@ -130,6 +135,12 @@ def chat_prompt(tok, user: str, system: str | None = None) -> str:
             pass
         user = f"{system}\n\n{user}"
     return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+
+
+def _adds_bos(tok) -> bool:
+    """Whether the tokenizer puts its BOS in front of text by itself (then a base prompt writes it)."""
+    ids = tok("a", add_special_tokens=True)["input_ids"]
+    return tok.bos_token_id is not None and bool(ids) and ids[0] == tok.bos_token_id
 
 
 def encode(tok, text: str) -> list[int]:

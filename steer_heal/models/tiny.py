@@ -9,6 +9,7 @@ full-size models. Families with a multiplier get a non-default one (Granite's
 
 from __future__ import annotations
 
+import copy
 from functools import lru_cache
 
 import torch
@@ -165,15 +166,22 @@ def _generic_config(family: str, vocab_size: int, layers: int, hidden: int):
 
 
 def tiny_model(family: str = "llama", seed: int = 0, layers: int = 4, hidden: int = 64, template: str = "chatml"):
-    """`(model, tokenizer)`: a random fp32 model of the family, in eval mode, on CPU."""
+    """`(model, tokenizer)`: a random fp32 model of the family, in eval mode, on CPU. A family
+    named `<family>-base` (e.g. "gpt2-base") is the same model with a tokenizer without a chat
+    template, as a base model ships."""
     from transformers import AutoModelForCausalLM
 
+    base = family.endswith("-base")
+    family = family.removesuffix("-base")
     tok = tiny_tokenizer(template)
+    if base:  # a copy: the cached tokenizer keeps its template for every other tiny model
+        tok = copy.deepcopy(tok)
+        tok.chat_template = None
     config = tiny_config(family, len(tok), layers=layers, hidden=hidden)
-    config.name_or_path = f"tiny-{family}"
+    config.name_or_path = f"tiny-{family}" + ("-base" if base else "")
     with seeded(seed):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.config._name_or_path = f"tiny-{family}"
+    model.config._name_or_path = f"tiny-{family}" + ("-base" if base else "")
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.eval(), tok
