@@ -13,7 +13,7 @@ from steer_heal.errors import SteerHealError
 from steer_heal.run.config import PRESETS
 from steer_heal.vocab import Aggregation, AnchorName, ItemSet, Reference, RegName, SteerHow, choices
 
-from .options import device_options, parse_layers, placement, side_by_side
+from .options import device_options, model_kwargs, parse_layers, placement, side_by_side
 
 MODEL_HELP = "HF model id, local path, 'smollm2-135m' (embedded) or 'tiny-<family>' (random, for tests)"
 
@@ -158,7 +158,9 @@ def extract(
         contexts = load_contexts(contexts_file)[:n_contexts]
         source, count = f"{len(contexts)} contexts", {"contexts": len(contexts)}
     device, dtype = placement(device, dtype)
-    model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
+    model, tok = load_model(
+        model_name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer, **model_kwargs()
+    )
     start = time.perf_counter()
     with attention_backends(input_device(model)):
         if pairs_file is not None:
@@ -222,7 +224,9 @@ def steer(
     vec, name = SteeringVector.load_for(
         vector_file, model_name, allow_other_model, blocks, writer
     )  # before the weights load
-    model, tok = load_model(name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
+    model, tok = load_model(
+        name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer, **model_kwargs()
+    )
     settings = dict(sampling=Sampling(max_new_tokens=max_new_tokens, do_sample=sample), seed=seed, system=system)
     with attention_backends(input_device(model)):
         plain = generate(model, tok, list(prompts), **settings)
@@ -510,7 +514,9 @@ def sweep(
     vec, name = SteeringVector.load_for(
         vector_file, model_name, allow_other_model, blocks, writer
     )  # before the weights load
-    model, tok = load_model(name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
+    model, tok = load_model(
+        name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer, **model_kwargs()
+    )
     chosen = {
         k: replace(p, progress=True) if hasattr(p, "progress") else p
         for k, p in probes(
@@ -630,7 +636,9 @@ def evaluate(
     if 0 < n_items < len(chosen):
         chosen = stratified_subset(chosen, n_items)
     vignettes = Vignettes(items=chosen, think_tokens=think_tokens, progress=not as_json)
-    model, tok = load_model(model_name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
+    model, tok = load_model(
+        model_name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer, **model_kwargs()
+    )
     changed = round_adapter is not None or vec is not None or system is not None
     with ExitStack() as stack:
         stack.enter_context(attention_backends(input_device(model)))
@@ -711,7 +719,9 @@ def export_merged(run_dir, out, overwrite, device, dtype, device_map, blocks, wr
 
     check_target(out, overwrite)  # before the model loads
     device, dtype = placement(device, dtype)
-    path = export_merged(run_dir, out, overwrite, device=device, dtype=dtype, blocks=blocks, writer=writer)
+    path = export_merged(
+        run_dir, out, overwrite, device=device, dtype=dtype, blocks=blocks, writer=writer, **model_kwargs()
+    )
     click.echo(f"merged checkpoint -> {path} (loads with AutoModelForCausalLM.from_pretrained)")
 
 
@@ -751,7 +761,9 @@ def export_baked(
     check_target(out, overwrite, inputs=(vector_file,))
     device, dtype = placement(device, dtype)
     vec, name = SteeringVector.load_for(vector_file, model_name, allow_other_model, blocks, writer)
-    model, tok = load_model(name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer)
+    model, tok = load_model(
+        name, dtype=dtype, device=device, device_map=device_map, blocks=blocks, writer=writer, **model_kwargs()
+    )
     path = export_baked(model, tok, vec, coeff, out, overwrite, allow_other_model)
     click.echo(f"baked checkpoint (coeff {coeff:g}) -> {path}")
 

@@ -42,6 +42,14 @@ def device_options(command=None, *, default: str | None = "auto"):
     if command is None:
         return lambda f: device_options(f, default=default)
     shown = default is not None
+    if default is not None:  # commands that call load_model themselves (run reads its config)
+        command = click.option(
+            "--model-kwargs",
+            default=None,
+            expose_value=False,
+            callback=_model_kwargs,
+            help='JSON passed to from_pretrained, e.g. \'{"attn_implementation": "sdpa", "revision": "main"}\'',
+        )(command)
     command = click.option(
         "--writer",
         default=None,
@@ -68,6 +76,26 @@ def device_options(command=None, *, default: str | None = "auto"):
         show_default=shown,
         help=f"{' | '.join(DEVICE_NAMES)} (auto: a GPU if one is visible)",
     )(command)
+
+
+def _model_kwargs(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    """Parse --model-kwargs into the context (`model_kwargs()` hands them to load_model)."""
+    import json
+
+    if value is None:
+        return
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON ({exc.msg}): {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter(f"a JSON object of keyword arguments, got {type(parsed).__name__}")
+    ctx.meta["steer_heal.model_kwargs"] = parsed
+
+
+def model_kwargs() -> dict:
+    """What --model-kwargs gave (revision, attn_implementation, quantization settings, ...)."""
+    return dict(click.get_current_context().meta.get("steer_heal.model_kwargs", {}))
 
 
 def placement(device: str, dtype: str) -> tuple[str, str]:

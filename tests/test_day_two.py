@@ -535,3 +535,30 @@ def test_sigterm_during_an_export_leaves_no_staging_folder(tiny_run, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143 and err.strip().splitlines()[-1] == "Terminated", err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the export nor its staging folder
+
+
+def test_model_kwargs_reach_from_pretrained(tiny_run, tmp_path):
+    from steer_heal.models.loading import load_model
+
+    checkpoint = export_merged(tiny_run, tmp_path / "merged")
+    model, _ = load_model(str(checkpoint), attn_implementation="eager")
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(InputError, match="pass torch_dtype as load_model's own argument"):
+        load_model(str(checkpoint), torch_dtype="float32")
+    refused(cli("steer", "--vector", vector(tmp_path), "--prompt", "hi", "--model-kwargs", "{nope"), "not JSON")
+    done = cli(
+        "steer",
+        "--vector",
+        vector(tmp_path),
+        "--model",
+        str(checkpoint),
+        "--allow-other-model",
+        "--prompt",
+        "hi",
+        "--max-new-tokens",
+        "2",
+        "--model-kwargs",
+        '{"attn_implementation": "eager"}',
+        "--json",
+    )
+    assert done.exit_code == 0, done.output

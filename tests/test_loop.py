@@ -61,6 +61,7 @@ def test_tiny_run_writes_everything(tmp_path):
     gen = next(e for e in events if e["event"] == "gen")
     assert all({"keep", "reasons", "scores", "text"} <= set(c) for c in gen["completions"])
     dose = next(e for e in events if e["event"] == "dose")
+    assert dose["steering"] == {"operator": "add", "positions": "all"}  # recorded in the run
     assert dose["compiled"] is False and dose["graphs"] == 0  # run.compiled false (the default): eager
     assert dose["speculative"] is False  # dose.speculative auto: sequential off CUDA
     files = render(run.path)

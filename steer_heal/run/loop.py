@@ -307,6 +307,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
         "dose",
         r,
         coeff=dose.coeff,
+        steering={"operator": "add", "positions": "all"},  # how the loop steers (steering.operators, .positions)
         probes=dose.to_dict()["probes"],
         compiled=compiled,
         speculative=speculative,
