@@ -389,6 +389,8 @@ def test_ctrl_c_during_imports_and_sigterm_end_in_one_line(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     code = (
         "import signal, sys, threading, runners.entry as e\n"
+        # as at a terminal: a background or nohup parent leaves SIGINT ignored, and children inherit that
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import builtins; real = builtins.__import__\n"
         "def slow(name, *a, **k):\n"
         "    if name == 'runners.cli':\n"
