@@ -6,6 +6,7 @@ see `--jaxtyping-packages` in pyproject.toml.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -25,6 +26,7 @@ def pytest_collection_modifyitems(config, items):
     so `make test-kernels` can rerun exactly those under other CPU kernels and thread counts."""
     for item in items:
         function = getattr(item, "function", None)
+        function = inspect.unwrap(function) if function is not None else None  # through @torch.no_grad()
         if function is not None and ROUNDING_HELPERS & set(function.__code__.co_names):
             item.add_marker(pytest.mark.rounding)
 
