@@ -52,3 +52,17 @@ def smollm2():
     from steer_heal import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished one-round run of the tiny preset (a run directory), made once per test module."""
+    from steer_heal.run import config as cfg
+    from steer_heal.run import loop
+    from steer_heal.run.runlog import RunDir
+
+    path = tmp_path_factory.mktemp("run") / "run"
+    config = cfg.resolve("tiny")
+    with RunDir.create(path, config) as run:
+        loop.run(config, run, progress=False)
+    return path

@@ -19,7 +19,6 @@ from steer_heal.errors import ConfigError, InputError, RunDirError
 from steer_heal.io import atomic_write_text, check_output, temp_dir
 from steer_heal.models.tiny import tiny_model
 from steer_heal.run import config as cfg
-from steer_heal.run import loop
 from steer_heal.run.export import export_merged
 from steer_heal.run.runlog import RunDir
 from steer_heal.steering.hooks import check_coeff
@@ -46,15 +45,6 @@ def refused(result, *needles: str) -> None:
 
 def vector(tmp_path: Path) -> Path:
     return SteeringVector({1: torch.ones(64)}, 64, 4, "tiny-llama").save(tmp_path / "v.safetensors")
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("run") / "run"
-    config = cfg.resolve("tiny")
-    with RunDir.create(path, config) as run:
-        loop.run(config, run, progress=False)
-    return path
 
 
 # ---------------------------------------------------------------- data loss

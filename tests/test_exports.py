@@ -11,21 +11,9 @@ from transformers import AutoModelForCausalLM
 from steer_heal import SteeringVector
 from steer_heal.errors import InputError, ModelMismatch
 from steer_heal.models.tiny import tiny_model
-from steer_heal.run import config as cfg
-from steer_heal.run import loop
 from steer_heal.run.export import MARKER, export_adapters, export_baked, export_merged, student
-from steer_heal.run.runlog import RunDir
 
 IDS = torch.tensor([[5, 6, 7, 8, 9, 10]])
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    path = tmp_path_factory.mktemp("run") / "run"
-    config = cfg.resolve("tiny")
-    with RunDir.create(path, config) as run:
-        loop.run(config, run, progress=False)
-    return path
 
 
 def rel(a, b):
