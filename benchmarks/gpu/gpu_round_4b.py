@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from steer_heal.data import load_axis, load_contexts
-from steer_heal.filters import Verdict
 from steer_heal.healing.history import History
 from steer_heal.models.tiny import tiny_tokenizer
 from steer_heal.run import config as cfg
@@ -34,6 +33,7 @@ from steer_heal.run import loop
 from steer_heal.run.runlog import RunDir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpu_loop import KeepAll  # noqa: E402
 from gpu_throughput import SHAPES  # noqa: E402
 
 SHAPES = {
@@ -47,13 +47,6 @@ SHAPES = {
         vocab_size=128256,
     ),
 }
-
-
-class KeepAll:
-    name = "keep_all"
-
-    def __call__(self, completions):
-        return [Verdict(True, {}, []) for _ in completions]
 
 
 def random_model(shape: str, device: str, dtype: torch.dtype):
