@@ -11,7 +11,16 @@ import click
 
 from steer_heal.errors import SteerHealError
 from steer_heal.run.config import PRESETS
-from steer_heal.vocab import Aggregation, AnchorName, ItemSet, Reference, RegName, SteerHow, choices
+from steer_heal.vocab import (
+    Aggregation,
+    AnchorName,
+    ItemSet,
+    PairMethod,
+    Reference,
+    RegName,
+    SteerHow,
+    choices,
+)
 
 from .options import device_options, model_kwargs, parse_layers, placement, side_by_side
 
@@ -99,7 +108,7 @@ def main(quiet: bool, verbose: bool) -> None:
     help="contrastive pairs instead of a persona pair: JSONL {pos, neg[, prompt]}, CAA A/B JSON or repeng JSON",
 )
 @click.option(
-    "--method", type=click.Choice(["mean_diff", "pca"]), default="mean_diff", show_default=True, help="with --pairs"
+    "--method", type=click.Choice(choices(PairMethod)), default="mean_diff", show_default=True, help="with --pairs"
 )
 @click.option(
     "--read",

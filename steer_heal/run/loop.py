@@ -442,14 +442,21 @@ def stop_reason(config: RunConfig, summary: dict[str, Any], floor: float, r: int
 
 
 def run(config: RunConfig, run_dir: RunDir, s: Setup | None = None, progress: bool = True) -> dict[str, Any]:
-    """The whole loop into `run_dir`, continuing after its last checkpoint."""
+    """The whole loop into `run_dir`, continuing after its last checkpoint. `progress=False`
+    keeps its per-stage lines (the `steer_heal` logger at INFO) quiet for this call."""
     torch.manual_seed(config.run.seed)
-    s = s or setup(config)
-    with attention_backends(input_device(s.model)):
-        return _run(config, run_dir, s, progress)
+    level = log.level
+    if not progress:
+        log.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
+    try:
+        s = s or setup(config)
+        with attention_backends(input_device(s.model)):
+            return _run(config, run_dir, s)
+    finally:
+        log.setLevel(level)
 
 
-def _run(config: RunConfig, run_dir: RunDir, s: Setup, progress: bool) -> dict[str, Any]:
+def _run(config: RunConfig, run_dir: RunDir, s: Setup) -> dict[str, Any]:
     start, v0 = restore(config, s, run_dir)
     if start == -1:
         base_stage(config, s, run_dir)

@@ -25,9 +25,10 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..vocab import Operator, choices
 from .hooks import SteeringHook
 
-OPERATORS = ("add", "ablate", "norm_add")
+OPERATORS = choices(Operator)
 
 
 def check_operator(operator: str) -> str:

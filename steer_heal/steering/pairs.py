@@ -42,10 +42,8 @@ from torch import Tensor, nn
 
 from ..errors import FileFormatError, InputError, MissingFile
 from ..models.model import Depth, LayerSpec, chat_prompt, encode, n_layers, pad_id, resolve_layers
+from ..vocab import PairMethod, PairRead, check_choice
 from .extract import token_states
-
-READS = ("last", "mean")
-METHODS = ("mean_diff", "pca")
 
 
 @dataclass(frozen=True)
@@ -77,10 +75,8 @@ def pair_directions(
     progress: bool = False,
 ) -> dict[int, Float[Tensor, " hidden"]]:
     """The directions of `pairs` per layer (fp32, CPU): see the module docstring."""
-    if read not in READS:
-        raise InputError(f"read must be one of {', '.join(READS)}, got {read!r}")
-    if method not in METHODS:
-        raise InputError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    check_choice("read", read, PairRead)
+    check_choice("method", method, PairMethod)
     if len(pairs) < (2 if method == "pca" else 1):
         raise InputError(f"{method} needs at least {2 if method == 'pca' else 1} pairs, got {len(pairs)}")
     for i, pair in enumerate(pairs):

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..vocab import Positions, choices
 from .hooks import SteeringHook
 
-NAMED = ("all", "prompt", "generated")
+NAMED = choices(Positions)
 
 
 def check_positions(positions: Any) -> Any:
