@@ -359,8 +359,17 @@ def run(
     """Run the distill-and-heal loop and write a run directory."""
     from steer_heal.errors import InputError
     from steer_heal.run import config as cfg
-    from steer_heal.run import loop, plot
+    from steer_heal.run import loop, parallel, plot
     from steer_heal.run.runlog import RunDir, read_events, run_name
+
+    if dry_run and parallel.env_rank() != 0:
+        return  # under a launcher the plan is printed once, by rank 0
+    where = None if dry_run else parallel.launch()  # torchrun / accelerate launch: this process's rank
+    speaks = where is None or where.writer  # rank 0 prints and writes for the launch
+    if not speaks:
+        from .options import set_verbosity
+
+        set_verbosity("quiet")  # rank 0 speaks for the launch
 
     overrides = _overrides(
         model=model,
@@ -392,13 +401,18 @@ def run(
         # a preset or config file must match the saved config; single options change only
         # what may change on resume (more rounds, another coherence floor)
         given = cfg.resolve(preset, config_file, overrides) if (preset or config_file) else None
-        run_dir = RunDir.resume(resume_dir, given, None if given else overrides, write=not dry_run)
+        run_dir = parallel.open_run(
+            where, lambda: RunDir.resume(resume_dir, given, None if given else overrides, write=not dry_run)
+        )
         config = run_dir.config
     else:
         config = cfg.resolve(preset or "quick", config_file, overrides)
         target = Path(out or Path("out") / run_name(config))
-        RunDir.check_target(target, overwrite)  # refuse before any slow work; writes nothing
-    placement(config.run.device, config.run.dtype)  # a device that is not there fails here, in one line
+        # refuse before any slow work; writes nothing (rank 0 looks, before anyone writes)
+        parallel.on_writer(where, lambda: RunDir.check_target(target, overwrite))
+    local = parallel.local_config(config, where)  # under a launch: this rank's own GPU
+    if speaks:
+        placement(local.run.device, local.run.dtype)  # a device that is not there fails here, in one line
     if dry_run:
         click.echo(cfg.to_toml(config))
         click.echo(
@@ -410,12 +424,16 @@ def run(
             + (" -> drift on held-out neutral prompts" if config.drift.enabled else "")
         )
         return
-    setup = loop.setup(config)  # loads the model and data: a failure here leaves nothing on disk
+    setup = loop.setup(local)  # loads the model and data: a failure here leaves nothing on disk
     if not resume_dir:
-        run_dir = RunDir.create(target, config, overwrite=overwrite)
-    click.echo(f"run directory: {run_dir.path}")
+        run_dir = parallel.open_run(where, lambda: RunDir.create(target, config, overwrite=overwrite))
+    if not speaks:
+        with run_dir:
+            loop.run(config, run_dir, setup, sharder=where)
+        return
+    click.echo(f"run directory: {run_dir.path}" + (f" ({where.world} processes)" if where else ""))
     with run_dir:
-        result = loop.run(config, run_dir, setup)
+        result = loop.run(config, run_dir, setup, sharder=where)
         files = plot.render(run_dir.path)
     click.echo("\n" + files["stages"].read_text())
     if result["stopped"]:

@@ -22,6 +22,13 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+def _terminated() -> str:
+    """`Terminated`, and under a launcher the rank whose death made it stop the others."""
+    parallel = sys.modules.get("steer_heal.run.parallel")
+    lost = parallel.lost_ranks() if parallel is not None else None
+    return f"Terminated: {lost}" if lost else "Terminated"
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
@@ -35,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         except PipeClosed:
             raise BrokenPipeError from None
     except Terminated:
-        print("Terminated", file=sys.stderr)
+        print(_terminated(), file=sys.stderr)
         return 143
     except (KeyboardInterrupt, EOFError):
         print("Aborted", file=sys.stderr)
@@ -49,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if isinstance(exc, click.exceptions.Abort):  # click turns a KeyboardInterrupt into Abort
                 if isinstance(exc.__cause__, Terminated) or isinstance(exc.__context__, Terminated):
-                    print("Terminated", file=sys.stderr)
+                    print(_terminated(), file=sys.stderr)
                     return 143
                 print("Aborted", file=sys.stderr)
                 return 130

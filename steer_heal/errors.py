@@ -13,6 +13,7 @@
     ├── StateError (also a RuntimeError)    an object used out of order (a slot outside its `with`)
     ├── DoseError (also a RuntimeError)     no usable steering dose, too little kept text
     ├── OutOfMemory (also a MemoryError)    a batch that did not fit; names the setting to lower
+    ├── RankFailed (also a RuntimeError)    another process of a launch (torchrun) failed or died
     └── HealDiverged (also a RuntimeError)  training blew up; nothing was folded
 
 Every message is one line that says what to do next. `InputError` subclasses `ValueError`
@@ -75,6 +76,11 @@ class DoseError(SteerHealError, RuntimeError):
 
 class OutOfMemory(SteerHealError, MemoryError):
     """A batch that did not fit the device's memory; the message names the setting to lower."""
+
+
+class RankFailed(SteerHealError, RuntimeError):
+    """Another process of the same launch (torchrun, accelerate) raised or died mid-stage;
+    the message names its rank. The run resumes from its last checkpoint."""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -50,6 +50,7 @@ from ..models.logprobs import make_batch, target_logprobs
 from ..models.model import input_device, pad_id
 from ..runtime import eval_mode
 from ..sampling import Sampling
+from ..shards import map_batches
 from ..steering.generation import Completion, generate
 from ..vocab import Number
 from .base import EvalResult
@@ -75,17 +76,24 @@ def neutral_kl(
     if not examples:
         raise InputError("no neutral completion tokens to score; the neutral completions are all empty")
     pad, device = pad_id(tok), input_device(model)
+    starts = range(0, len(examples), batch_size)
+
+    def one(b: int) -> tuple[float, float, int]:
+        batch = make_batch(examples[starts[b] : starts[b] + batch_size], pad, device)
+        student = target_logprobs(model, batch).float()
+        with reference():
+            base = target_logprobs(model, batch).float()
+        return (
+            float(kl_rev(student, base).double().sum()),
+            float(kl_fwd(student, base).double().sum()),
+            len(batch.targets),
+        )
+
     rev = fwd = 0.0
     tokens = 0
     with eval_mode(model):
-        for start in range(0, len(examples), batch_size):
-            batch = make_batch(examples[start : start + batch_size], pad, device)
-            student = target_logprobs(model, batch).float()
-            with reference():
-                base = target_logprobs(model, batch).float()
-            rev += float(kl_rev(student, base).double().sum())
-            fwd += float(kl_fwd(student, base).double().sum())
-            tokens += int(batch.targets.numel())
+        for batch_rev, batch_fwd, batch_tokens in map_batches(one, len(starts)):  # summed in batch order
+            rev, fwd, tokens = rev + batch_rev, fwd + batch_fwd, tokens + batch_tokens
     return {"kl_rev": rev / tokens, "kl_fwd": fwd / tokens, "tokens": float(tokens)}
 
 

@@ -45,6 +45,7 @@ from ..errors import InputError
 from ..models.logprobs import Example, nll_per_example
 from ..models.model import chat_prompt, encode, input_device, pad_id
 from ..runtime import eval_mode
+from ..shards import map_batches
 from .base import EvalResult
 from .forced import _forward, _sliding_window
 
@@ -144,11 +145,12 @@ class AnswerLogOdds:
         n = len(prompts)
         out = {a: np.zeros((n, 2), dtype=np.float64) for a in answers}
         with eval_mode(model):
-            if shared_prefix:
-                for i, prompt in enumerate(prompts):
-                    for a, value in zip(
-                        answers, _shared_prompt_scores(model, prompt, list(answers.values()), pad_id(tok))
-                    ):
+            if shared_prefix:  # a scenario's prompt and its answers are one batch
+                scored_by_prompt = map_batches(
+                    lambda i: _shared_prompt_scores(model, prompts[i], list(answers.values()), pad_id(tok)), n
+                )
+                for i, values in enumerate(scored_by_prompt):
+                    for a, value in zip(answers, values):
                         out[a][i] = value
                 return out
             examples = [Example(tuple(p + ids), len(p)) for ids in answers.values() for p in prompts]

@@ -62,6 +62,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..models.model import chat_prompt, encode, input_device, pad_id, stop_token_ids
+from ..shards import map_batches
 from .base import EvalResult, eval_mode
 from .forced import think_and_answer
 from .items import FOUNDATIONS, Vignette, fingerprint, foundation_key, load_vignettes
@@ -249,11 +250,13 @@ class Vignettes:
             group = sorted(range(o, len(rows), n_orders), key=lambda i: len(prompt_ids[i]))
             batches += [group[k : k + self.batch_size] for k in range(0, len(group), self.batch_size)]
         device, stops, pad = input_device(model), stop_token_ids(model, tok), pad_id(tok)
-        for batch in tqdm(batches, desc="vignettes", disable=not self.progress, leave=False):
+        bar = tqdm(total=len(batches), desc="vignettes", disable=not self.progress, leave=False)
+
+        def one(b: int) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
             with eval_mode(model):
-                thought, label_logp, prefill_nll = think_and_answer(
+                answered = think_and_answer(
                     model,
-                    [prompt_ids[i] for i in batch],
+                    [prompt_ids[i] for i in batches[b]],
                     self.think_tokens,
                     prefill_ids,
                     option_ids,
@@ -261,6 +264,14 @@ class Vignettes:
                     pad,
                     device,
                 )
+            bar.update(1)
+            return answered
+
+        try:
+            answers = map_batches(one, len(batches))
+        finally:
+            bar.close()
+        for batch, (thought, label_logp, prefill_nll) in zip(batches, answers):
             for row, i in enumerate(batch):
                 columns = [index_of[f] for f in rows[i][1]]  # label k names foundation order[k]
                 logp[i, columns] = label_logp[row].double()

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import DoseError, InputError
 from ..sampling import SAMPLED, Sampling
+from ..shards import map_batches, width
 from ..steering.generation import Completion, generate
 from ..steering.slot import SteeringSlot
 from ..steering.vector import SteeringVector
@@ -160,16 +161,42 @@ def _filter(flt: FilterLike, completions: list[Completion]) -> list[Verdict]:
     return verdicts
 
 
+def _mid(lo: float, hi: float) -> float:
+    return math.exp(0.5 * (math.log(lo) + math.log(hi)))
+
+
 def bisection_levels(c_min: float, c_max: float, steps: int) -> list[list[float]]:
     """Every coefficient a walk can probe, by position: [c_min], [c_max], then the 2**d
     midpoints the d-th bisection step may take, computed as the walk computes them (so a
     speculative walk's lookups match its coefficients exactly)."""
     levels, intervals = [[c_min], [c_max]], [(c_min, c_max)]
     for _ in range(steps):
-        mids = [math.exp(0.5 * (math.log(lo) + math.log(hi))) for lo, hi in intervals]
+        mids = [_mid(lo, hi) for lo, hi in intervals]
         levels.append(mids)
         intervals = [part for (lo, hi), mid in zip(intervals, mids) for part in ((lo, mid), (mid, hi))]
     return levels
+
+
+def _upcoming(
+    key: tuple[int, float], lo: float, hi: float, c_min: float, c_max: float, steps: int, n: int
+) -> list[tuple[int, float]]:
+    """Probe `key` and the probes that may follow it, breadth first, `n` at most: the walk's
+    tree from here (c_min, then c_max, then each bisection step's two possible midpoints).
+    With n processes the walk decodes the next probes of both outcomes at once; the one it
+    takes is the probe a single process would have decoded."""
+    out, frontier = [], [(key, lo, hi)]
+    while frontier and len(out) < n:
+        ((index, coeff), a, b), frontier = frontier[0], frontier[1:]
+        out.append((index, coeff))
+        if index == 0:  # c_min: a failure ends the walk, a pass goes on to c_max
+            frontier.append(((1, c_max), c_min, c_max))
+        elif index == 1:  # c_max: a pass ends the walk, a failure starts the bisection
+            if steps > 0:
+                frontier.append(((2, _mid(c_min, c_max)), c_min, c_max))
+        elif index - 1 < steps:  # bisection step index - 2 probed `coeff`, the midpoint of [a, b]
+            frontier.append(((index + 1, _mid(coeff, b)), coeff, b))  # passed: lo = coeff
+            frontier.append(((index + 1, _mid(a, coeff)), a, coeff))  # failed: hi = coeff
+    return out
 
 
 def walk_dose(
@@ -236,12 +263,18 @@ def walk_dose(
     def prompts_of(index: int) -> list[str]:  # probe `index` of the walk takes the next probe_size prompts
         return [prompts[(index * probe_size + j) % len(prompts)] for j in range(probe_size)]
 
-    def probe(coeff: float) -> Probe:
-        if speculative:
-            completions, verdicts = ahead[(len(probes), coeff)]
-        else:
-            completions = sample(prompts_of(len(probes)), coeff, seed + len(probes) * seeds_per_probe)
-            verdicts = _filter(filter, completions)
+    def judged(key: tuple[int, float]) -> tuple[list[Completion], list[Verdict]]:
+        index, coeff = key  # probe `index` of the walk: its prompts and seed follow from its position
+        completions = sample(prompts_of(index), coeff, seed + index * seeds_per_probe)
+        return completions, _filter(filter, completions)
+
+    def probe(coeff: float, lo: float, hi: float) -> Probe:
+        key = (len(probes), coeff)
+        if key not in ahead:  # this probe, and as many of the ones that may follow as run at once
+            keys = _upcoming(key, lo, hi, c_min, c_max, steps, width())
+            for k, answer in zip(keys, map_batches(lambda i: judged(keys[i]), len(keys))):
+                ahead[k] = answer
+        completions, verdicts = ahead[key]
         kept = sum(v.keep for v in verdicts)
         passed = kept / probe_size >= target
         why = [
@@ -273,19 +306,19 @@ def walk_dose(
             for k, key in enumerate(plan):
                 part = slice(k * probe_size, (k + 1) * probe_size)
                 ahead[key] = (made[part], judged[part])
-        first = probe(c_min)
+        first = probe(c_min, c_min, c_max)
         if not first.passed:
             drops = ", ".join(f"{k} {v}" for k, v in first.report.rows[0].drops.items()) or "none"
             raise DoseError(
                 f"no dose passes: at c_min={c_min:g} {first.why} (drops: {drops}); lower c_min, lower the target "
                 "or loosen the filter"
             )
-        if probe(c_max).passed:
+        if probe(c_max, c_min, c_max).passed:
             return DoseResult(c_max, target, tuple(probes))
         lo, hi = c_min, c_max
         for _ in range(steps):
-            mid = math.exp(0.5 * (math.log(lo) + math.log(hi)))
-            if probe(mid).passed:
+            mid = _mid(lo, hi)
+            if probe(mid, lo, hi).passed:
                 lo = mid
             else:
                 hi = mid
@@ -332,17 +365,24 @@ def collect(
     kept: list[Completion] = []
     batches = 0
     with _Sampler(model, tok, vector, settings, compiled) as sample:
-        while batches < max_batches and len(kept) < n_keep:
-            start = batches * batch_size
-            batch = [prompts[(start + j) % len(prompts)] for j in range(batch_size)]
+
+        def one(b: int) -> tuple[list[Completion], list[Verdict]]:
+            batch = [prompts[(b * batch_size + j) % len(prompts)] for j in range(batch_size)]
             made: list[Completion] = []
             for j, c in enumerate(coeffs):
-                made += sample(batch, c, seed + batches * len(coeffs) + j)
-            judged = _filter(filter, made)  # one call per batch: the perplexity forward is batched
-            completions += made
-            verdicts += judged
-            kept += [c for c, v in zip(made, judged) if v.keep]
-            batches += 1
+                made += sample(batch, c, seed + b * len(coeffs) + j)
+            return made, _filter(filter, made)  # one call per batch: the perplexity forward is batched
+
+        while batches < max_batches and len(kept) < n_keep:
+            # a wave of as many batches as run at once; keep what one process would have made
+            first, wave = batches, min(width(), max_batches - batches)
+            for made, judged in map_batches(lambda k, first=first: one(first + k), wave):
+                if len(kept) >= n_keep:
+                    break
+                completions += made
+                verdicts += judged
+                kept += [c for c, v in zip(made, judged) if v.keep]
+                batches += 1
     if len(kept) < min_keep:
         raise DoseError(
             f"only {len(kept)} of {len(completions)} completions survived the filter at coeff "

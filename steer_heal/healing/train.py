@@ -39,6 +39,7 @@ from ..errors import InputError, OutOfMemory, SteerHealError, is_out_of_memory
 from ..models.logprobs import Example, make_batch, mean_nll, target_logprobs
 from ..models.model import hidden_size, input_device, model_id, n_layers, pad_id, unwrap
 from ..runtime import eval_mode, seeded
+from ..shards import map_batches, sum_, width
 from ..steering.generation import Completion
 from ..vocab import Number, Reference, Schedule, check_choice, choices
 from .encoding import context_length, encode_completions
@@ -166,6 +167,7 @@ def _add_into(acc: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
 
 class _NonFinite(Exception):
     def __init__(self, step: int, what: str) -> None:
+        super().__init__(step, what)  # picklable: a launch re-raises it on every rank
         self.step, self.what = step, what
 
 
@@ -439,10 +441,13 @@ def _step(
     model, params = hist.model, slot.params
     sft: list[Tensor | None] = [None] * len(params)
     reg_grads: list[Tensor | None] = [None] * len(params)
-    nll_sum, tokens, split, divergence = 0.0, 0, train.split_grads, None
-    extra: dict[str, float] = {}
-    for micro in group:
-        batch = make_batch(micro, pad, device)
+    split = train.split_grads
+    # drawn for every micro-batch in order, whichever process computes it (`steer_heal.shards`)
+    anchor_batches = [next(anchors) for _ in group] if anchors is not None else None
+
+    def micro_batch(k: int) -> tuple[float, int, float | None, dict[str, float]]:
+        """Micro-batch k's gradient added into sft / reg_grads; its logs returned."""
+        batch = make_batch(group[k], pad, device)
         ref = None
         if need_ref:
             with torch.no_grad(), hist.reference(reference):
@@ -450,23 +455,21 @@ def _step(
         logp = target_logprobs(model, batch)
         nll = -logp.gather(1, batch.targets[:, None]).mean()
         ctx = RegContext(logp, ref, batch.targets, batch.rows, batch.mask, r, slot.name, slot.modules, params)
-        anchor_ctx = _anchor_context(hist, slot, next(anchors), r, pad, device) if anchors is not None else None
+        anchor_ctx = None
+        if anchor_batches is not None:
+            anchor_ctx = _anchor_context(hist, slot, anchor_batches[k], r, pad, device)
         penalties: list[Penalty] = [reg(anchor_ctx if on_anchor(reg) else ctx) for reg in regs]
         reg_loss = sum((p.loss for p in penalties), logp.new_zeros(()))
         # only active terms are differentiated; an idle barrier's gradient is exactly zero
         reg_grad_loss = sum((p.loss for p in penalties if p.active), logp.new_zeros(()))
         if not torch.isfinite(nll + reg_loss):
             raise _NonFinite(step, f"loss (nll {float(nll.detach()):.4g}, regularisers {float(reg_loss.detach()):.4g})")
-        for reg, pen in zip(regs, penalties):
-            for key, value in pen.logs.items():
-                extra[f"{reg.name}.{key}"] = extra.get(f"{reg.name}.{key}", 0.0) + value / len(group)
+        logs = {f"{reg.name}.{key}": value for reg, pen in zip(regs, penalties) for key, value in pen.logs.items()}
         # the headline divergence is the first divergence regulariser's
         # (the anchor's divergence is on other text: it is logged as anchor.divergence only)
         first = next(
             (p.logs["divergence"] for g, p in zip(regs, penalties) if "divergence" in p.logs and not on_anchor(g)), None
         )
-        if first is not None:
-            divergence = (divergence or 0.0) + first / len(group)
         scale = 1.0 / len(group)
         active = reg_grad_loss.requires_grad
         if active and split:
@@ -474,8 +477,20 @@ def _step(
             _add_into(reg_grads, torch.autograd.grad(reg_grad_loss * scale, params, allow_unused=True))
         else:
             _add_into(sft, torch.autograd.grad((nll + reg_grad_loss) * scale, params, allow_unused=True))
-        n = int(batch.targets.numel())
-        nll_sum, tokens = nll_sum + float(nll.detach()) * n, tokens + n
+        return float(nll.detach()), int(batch.targets.numel()), first, logs
+
+    nll_sum, tokens, divergence = 0.0, 0, None
+    extra: dict[str, float] = {}
+    for nll, n, first, logs in map_batches(micro_batch, len(group)):  # in micro-batch order, as one process sums
+        for key, value in logs.items():
+            extra[key] = extra.get(key, 0.0) + value / len(group)
+        if first is not None:
+            divergence = (divergence or 0.0) + first / len(group)
+        nll_sum, tokens = nll_sum + nll * n, tokens + n
+    if width() > 1:  # the micro-batches ran in several processes: their gradients summed over them
+        sft = [torch.zeros_like(p) if g is None else g for p, g in zip(params, sft)]
+        reg_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, reg_grads)]
+        sum_([*sft, *reg_grads])
     total = [s if b is None else (b if s is None else s + b) for s, b in zip(sft, reg_grads)]
     for p, g in zip(params, total):
         p.grad = g if g is not None else torch.zeros_like(p)

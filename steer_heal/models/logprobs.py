@@ -23,6 +23,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 from ..errors import InputError
+from ..shards import map_batches
 from .model import input_device, left_pad, unwrap
 
 
@@ -93,15 +94,19 @@ def token_nlls(model: nn.Module, examples: Sequence[Example], pad: int, batch_si
     if batch_size < 1:
         raise InputError(f"batch_size must be >= 1, got {batch_size}")
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))
-    out: list[Tensor] = [torch.empty(0)] * len(examples)
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
     device = input_device(model)
-    for start in range(0, len(order), batch_size):
-        chosen = order[start : start + batch_size]
-        batch = make_batch([examples[i] for i in chosen], pad, device)
+
+    def one(b: int) -> list[Tensor]:
+        batch = make_batch([examples[i] for i in batches[b]], pad, device)
         nll = target_nll(target_logprobs(model, batch), batch).double().cpu()
         rows = batch.rows.cpu()
-        for row, i in enumerate(chosen):
-            out[i] = nll[rows == row]  # row-major: in token order
+        return [nll[rows == row] for row in range(len(batches[b]))]  # row-major: in token order
+
+    out: list[Tensor] = [torch.empty(0)] * len(examples)
+    for chosen, nlls in zip(batches, map_batches(one, len(batches))):
+        for i, nll in zip(chosen, nlls):
+            out[i] = nll
     return out
 
 

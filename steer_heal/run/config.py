@@ -111,6 +111,9 @@ class HealSection:
     lora_layers: list = field(default_factory=lambda: [0.2, 0.8])
     epochs: int = 6
     batch_size: int = 4
+    # micro-batches of batch_size per optimiser step; under a launch (run.parallel) they are
+    # spread over the ranks, so an N-way heal needs grad_accum a multiple of N
+    grad_accum: int = 1
     lr: float = 1e-4
     # hold the register: a divergence to the base on the base's own completions of neutral prompts
     # (data/anchor_prompts.txt), every step beside the trait batch (`healing.Anchor`); none | klrev | klfwd
@@ -249,6 +252,7 @@ class RunConfig:
             (_layer_spec_error(h.lora_layers) is None, f"heal.lora_layers: {_layer_spec_error(h.lora_layers)}"),
             (h.epochs >= 1, f"heal.epochs must be >= 1, got {h.epochs}"),
             (h.batch_size >= 1, f"heal.batch_size must be >= 1, got {h.batch_size}"),
+            (h.grad_accum >= 1, f"heal.grad_accum must be >= 1, got {h.grad_accum}"),
             (h.lr > 0, f"heal.lr must be > 0, got {h.lr}"),
             (
                 h.anchor in choices(AnchorName),

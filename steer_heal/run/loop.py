@@ -53,6 +53,7 @@ from ..healing.train import TrainSettings, heal
 from ..models.devices import attention_backends
 from ..models.loading import load_model
 from ..models.model import chat_prompt, input_device, n_layers
+from ..shards import Sharder, sharded
 from ..steering.extract import last_token_states
 from ..steering.generation import compiled_graphs
 from ..steering.vector import SteeringVector
@@ -363,7 +364,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
         regularizers(config),
         reference=h.reference,
         lora=LoraSettings(r=h.rank, alpha=h.alpha, layers=tuple(h.lora_layers)),
-        train=TrainSettings(epochs=h.epochs, batch_size=h.batch_size, lr=h.lr, seed=seed + 70),
+        train=TrainSettings(epochs=h.epochs, batch_size=h.batch_size, grad_accum=h.grad_accum, lr=h.lr, seed=seed + 70),
         round=r,
         anchor=s.neutral.anchor if s.neutral is not None else (),
     )
@@ -405,9 +406,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
         run.log("drift", r, result=drift.to_dict(rows=True))
         summary["drift"] = {k: drift.metrics[k] for k in ("kl_rev", "kl_fwd", "auc", "student_base_ppl")}
         timings["drift"] = time.perf_counter() - t0
-    out_dir = run.round_dir(r)
-    vec.save(out_dir / "vector.safetensors")
-    s.history.save_round(r, out_dir / "adapter")
+    run.save_round(r, vec, s.history)
     run.log("round", r, **summary, timings=timings)
     run.checkpoint(r)
     return {**summary, "vector": vec}
@@ -441,16 +440,24 @@ def stop_reason(config: RunConfig, summary: dict[str, Any], floor: float, r: int
     return None
 
 
-def run(config: RunConfig, run_dir: RunDir, s: Setup | None = None, progress: bool = True) -> dict[str, Any]:
+def run(
+    config: RunConfig,
+    run_dir: RunDir,
+    s: Setup | None = None,
+    progress: bool = True,
+    sharder: Sharder | None = None,
+) -> dict[str, Any]:
     """The whole loop into `run_dir`, continuing after its last checkpoint. `progress=False`
-    keeps its per-stage lines (the `steer_heal` logger at INFO) quiet for this call."""
+    keeps its per-stage lines (the `steer_heal` logger at INFO) quiet for this call.
+    `sharder`: the processes every stage's batches are spread over (`run.parallel.launch()`
+    under torchrun; None: this process alone)."""
     torch.manual_seed(config.run.seed)
     level = log.level
     if not progress:
         log.setLevel(max(logging.WARNING, log.getEffectiveLevel()))
     try:
         s = s or setup(config)
-        with attention_backends(input_device(s.model)):
+        with attention_backends(input_device(s.model)), sharded(sharder):
             return _run(config, run_dir, s)
     finally:
         log.setLevel(level)

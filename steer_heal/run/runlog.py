@@ -38,14 +38,14 @@ from .lock import LOCK_FILE, FolderLock
 __all__ = ["RunDir", "atomic_write_text", "is_run_dir", "read_events", "run_name"]
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
     """NaN/inf are not JSON: write them as strings so the log stays valid JSON."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     return value
 
 
@@ -324,7 +324,7 @@ class RunDir:
     def log(self, event: str, round: int, **payload: Any) -> dict[str, Any]:
         if not self.writable:
             raise RunDirError(f"{self.path} was opened read-only (a dry run) or closed; nothing is logged")
-        record = {"event": event, "round": round, "time": time.time(), **_jsonable(payload)}
+        record = {"event": event, "round": round, "time": time.time(), **jsonable(payload)}
         with open(self.events_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
@@ -366,3 +366,9 @@ class RunDir:
 
     def round_dir(self, round: int) -> Path:
         return self.path / f"round_{round}"
+
+    def save_round(self, round: int, vector: Any, history: Any) -> None:
+        """Round r's vector and adapter into `round_<r>/` (a `SteeringVector`, a `History`)."""
+        out = self.round_dir(round)
+        vector.save(out / "vector.safetensors")
+        history.save_round(round, out / "adapter")

@@ -34,6 +34,7 @@ from ..models.model import (
     pad_id,
     resolve_layers,
 )
+from ..shards import map_batches
 
 
 class _Enough(Exception):
@@ -98,25 +99,32 @@ def token_states(
 
     handles = [blocks[layer].register_forward_hook(reader(layer)) for layer in layers]
     device = input_device(model)
+    batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+    bar = tqdm(total=len(batches), desc="hidden states", disable=not progress, leave=False)
+
+    def one(b: int) -> dict[int, Tensor]:
+        rows = batches[b]
+        ids, mask, positions = left_pad([list(token_lists[i]) for i in rows], pad, device)
+        captured.clear()
+        weights.clear()
+        if spans is not None:  # left padded: row i's span is its last len - span columns
+            width = ids.shape[1]
+            column = torch.arange(width)
+            first = torch.tensor([width - (len(token_lists[i]) - spans[i]) for i in rows])
+            weights.append((column[None, :] >= first[:, None]).float())
+        try:
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        except _Enough:
+            pass
+        bar.update(1)
+        return {layer: captured[layer] for layer in layers}
+
     try:
-        starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc="hidden states", disable=not progress, leave=False):
-            rows = order[start : start + batch_size]
-            ids, mask, positions = left_pad([list(token_lists[i]) for i in rows], pad, device)
-            captured.clear()
-            weights.clear()
-            if spans is not None:  # left padded: row i's span is its last len - span columns
-                width = ids.shape[1]
-                column = torch.arange(width)
-                first = torch.tensor([width - (len(token_lists[i]) - spans[i]) for i in rows])
-                weights.append((column[None, :] >= first[:, None]).float())
-            try:
-                model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-            except _Enough:
-                pass
+        for rows, states in zip(batches, map_batches(one, len(batches))):
             for layer in layers:
-                out[layer][rows] = captured[layer]
+                out[layer][rows] = states[layer]
     finally:
+        bar.close()
         for handle in handles:
             handle.remove()
     return out

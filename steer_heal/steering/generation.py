@@ -22,6 +22,7 @@ from ..errors import InputError, OutOfMemory, is_out_of_memory
 from ..models.model import chat_prompt, context_window, encode, input_device, left_pad, pad_id, stop_token_ids
 from ..runtime import seeded
 from ..sampling import GREEDY, Sampling
+from ..shards import map_batches
 from ..vocab import Number, SteerHow
 from .hooks import Steering, check_coeff, per_row_coeffs, steer, steering_coeff
 
@@ -174,7 +175,10 @@ def generate(
     with torch.inference_mode(), guards, shared:
         applied = steering_coeff(model)
         label = f"c={applied:g}" if rows_coeff is None else "per-prompt coefficients"
-        for index, rows in enumerate(tqdm(batches, desc=f"generate {label}", disable=not show, leave=False)):
+        bar = tqdm(total=len(batches), desc=f"generate {label}", disable=not show, leave=False)
+
+        def one(index: int) -> list[Completion]:
+            rows = batches[index]
             ids, mask, _ = left_pad(
                 [token_lists[i] for i in rows], pad_id(tok), device, multiple=PROMPT_BUCKET if compiled else 1
             )
@@ -197,17 +201,29 @@ def generate(
                         f"tokens on {device}; lower the batch size (Sampling.batch_size, {sampling.batch_size} now; "
                         "generate.batch_size in a run config) or max_new_tokens"
                     ) from None
+            made = []
             for row, i in enumerate(rows):
                 new = out[row, ids.shape[1] :].tolist()
                 cut = next((k for k, t in enumerate(new) if t in stops), None)
                 kept = new if cut is None else new[:cut]
-                results[i] = Completion(
-                    prompt=prompts[i],
-                    text=tok.decode(kept, skip_special_tokens=True),
-                    token_ids=tuple(kept),
-                    coeff=applied if rows_coeff is None else rows_coeff[i],
-                    finish_reason="length" if cut is None else "stop",
-                    system=system,
-                    prompt_text=texts[i],
+                made.append(
+                    Completion(
+                        prompt=prompts[i],
+                        text=tok.decode(kept, skip_special_tokens=True),
+                        token_ids=tuple(kept),
+                        coeff=applied if rows_coeff is None else rows_coeff[i],
+                        finish_reason="length" if cut is None else "stop",
+                        system=system,
+                        prompt_text=texts[i],
+                    )
                 )
+            bar.update(1)
+            return made
+
+        try:
+            for rows, made in zip(batches, map_batches(one, len(batches))):  # seeded by batch: any process, same rows
+                for i, completion in zip(rows, made):
+                    results[i] = completion
+        finally:
+            bar.close()
     return results  # type: ignore[return-value]
