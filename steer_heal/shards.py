@@ -11,9 +11,10 @@ formed and computed exactly as in one process and the caller sees the same list.
 
 The primitives never see ranks: they ask for `map_batches`, `width()` (how many batches are
 computed at once, for loops that stop early: a collection asks for one wave of `width()`
-batches and keeps the prefix a single process would have made) and, in the heal, `share(n)`
-(which of n micro-batches this process computes) and `sum_(tensors)` (their sums over the
-processes, in place). Inside a mapped batch everything is local again: a generation inside a
+batches and keeps the prefix a single process would have made) and, in the heal,
+`send(b, tensors)` (micro-batch b's
+gradients from the process that computed them to every other, so each process adds them up
+in micro-batch order, as one process does, and the adapter comes out bitwise the same). Inside a mapped batch everything is local again: a generation inside a
 collection's batch decodes that batch here, never spreads it further.
 """
 
@@ -28,7 +29,7 @@ from torch import Tensor
 
 T = TypeVar("T")
 
-__all__ = ["Sharder", "map_batches", "share", "sharded", "sum_", "width"]
+__all__ = ["Sharder", "map_batches", "send", "sharded", "width"]
 
 
 @runtime_checkable
@@ -37,9 +38,7 @@ class Sharder(Protocol):
 
     def map(self, fn: Callable[[int], T], n: int) -> list[T]: ...  # every batch's result, in batch order
 
-    def share(self, n: int) -> list[int]: ...  # the batches of n this process computes
-
-    def sum_(self, tensors: Sequence[Tensor]) -> None: ...  # sum each tensor over the processes, in place
+    def send(self, b: int, tensors: Sequence[Tensor]) -> None: ...  # batch b's tensors, from its process to all
 
 
 _current: ContextVar[Sharder | None] = ContextVar("steer_heal_sharder", default=None)
@@ -77,14 +76,9 @@ def width() -> int:
     return 1 if sharder is None else sharder.width
 
 
-def share(n: int) -> list[int]:
-    """Which of n batches this process computes (all of them in one process)."""
-    sharder = _current.get()
-    return list(range(n)) if sharder is None else sharder.share(n)
-
-
-def sum_(tensors: Sequence[Tensor]) -> None:
-    """Each tensor summed over the processes, in place (nothing to do in one process)."""
+def send(b: int, tensors: Sequence[Tensor]) -> None:
+    """Batch b's tensors, computed by one process, copied into the same-shaped `tensors` of every
+    other (nothing to do in one process)."""
     sharder = _current.get()
     if sharder is not None:
-        sharder.sum_(tensors)
+        sharder.send(b, tensors)

@@ -39,7 +39,7 @@ from ..errors import InputError, OutOfMemory, SteerHealError, is_out_of_memory
 from ..models.logprobs import Example, make_batch, mean_nll, target_logprobs
 from ..models.model import hidden_size, input_device, model_id, n_layers, pad_id, unwrap
 from ..runtime import eval_mode, seeded
-from ..shards import map_batches, sum_, width
+from ..shards import map_batches, send, width
 from ..steering.generation import Completion
 from ..vocab import Number, Reference, Schedule, check_choice, choices
 from .encoding import context_length, encode_completions
@@ -439,14 +439,16 @@ def _step(
     hist, slot, group, regs, reference, need_ref, anchors, train, r, pad, device, step, epoch, opt, sched
 ) -> StepLog:
     model, params = hist.model, slot.params
-    sft: list[Tensor | None] = [None] * len(params)
-    reg_grads: list[Tensor | None] = [None] * len(params)
     split = train.split_grads
     # drawn for every micro-batch in order, whichever process computes it (`steer_heal.shards`)
     anchor_batches = [next(anchors) for _ in group] if anchors is not None else None
+    sft: list[Tensor | None] = [None] * len(params)
+    reg_grads: list[Tensor | None] = [None] * len(params)
+    spread = width() > 1  # micro-batches spread over processes (`steer_heal.shards`)
+    grads: dict[int, tuple[Sequence[Tensor | None], Sequence[Tensor | None]]] = {}  # this process's, when spread
 
-    def micro_batch(k: int) -> tuple[float, int, float | None, dict[str, float]]:
-        """Micro-batch k's gradient added into sft / reg_grads; its logs returned."""
+    def micro_batch(k: int) -> tuple[float, int, float | None, dict[str, float], list[bool], list[bool]]:
+        """Micro-batch k's gradients (kept in `grads`) and its logs, with which gradients exist."""
         batch = make_batch(group[k], pad, device)
         ref = None
         if need_ref:
@@ -471,26 +473,41 @@ def _step(
             (p.logs["divergence"] for g, p in zip(regs, penalties) if "divergence" in p.logs and not on_anchor(g)), None
         )
         scale = 1.0 / len(group)
-        active = reg_grad_loss.requires_grad
-        if active and split:
-            _add_into(sft, torch.autograd.grad(nll * scale, params, retain_graph=True, allow_unused=True))
-            _add_into(reg_grads, torch.autograd.grad(reg_grad_loss * scale, params, allow_unused=True))
+        nones: list[Tensor | None] = [None] * len(params)
+        if reg_grad_loss.requires_grad and split:
+            sft_k = torch.autograd.grad(nll * scale, params, retain_graph=True, allow_unused=True)
+            reg_k = torch.autograd.grad(reg_grad_loss * scale, params, allow_unused=True)
         else:
-            _add_into(sft, torch.autograd.grad((nll + reg_grad_loss) * scale, params, allow_unused=True))
-        return float(nll.detach()), int(batch.targets.numel()), first, logs
+            sft_k, reg_k = torch.autograd.grad((nll + reg_grad_loss) * scale, params, allow_unused=True), nones
+        if spread:
+            grads[k] = (sft_k, reg_k)
+        else:  # added at once, so one micro-batch's gradients are held at a time
+            _add_into(sft, sft_k)
+            _add_into(reg_grads, reg_k)
+        has = lambda gs: [g is not None for g in gs]  # noqa: E731
+        return float(nll.detach()), int(batch.targets.numel()), first, logs, has(sft_k), has(reg_k)
 
     nll_sum, tokens, divergence = 0.0, 0, None
     extra: dict[str, float] = {}
-    for nll, n, first, logs in map_batches(micro_batch, len(group)):  # in micro-batch order, as one process sums
+    # logs (and, when spread, gradients) added up in micro-batch order, as one process adds them:
+    # each micro-batch's gradients are sent on by the process that computed them
+    for k, (nll, n, first, logs, has_sft, has_reg) in enumerate(map_batches(micro_batch, len(group))):
         for key, value in logs.items():
             extra[key] = extra.get(key, 0.0) + value / len(group)
         if first is not None:
             divergence = (divergence or 0.0) + first / len(group)
         nll_sum, tokens = nll_sum + nll * n, tokens + n
-    if width() > 1:  # the micro-batches ran in several processes: their gradients summed over them
-        sft = [torch.zeros_like(p) if g is None else g for p, g in zip(params, sft)]
-        reg_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, reg_grads)]
-        sum_([*sft, *reg_grads])
+        if spread:
+            mine = grads.pop(k, None)
+            for acc, has, which in ((sft, has_sft, 0), (reg_grads, has_reg, 1)):
+                if mine is not None:
+                    got = [g for g in mine[which] if g is not None]
+                else:  # another process computed it: receive into buffers of the same shapes
+                    got = [torch.empty_like(p) for p, h in zip(params, has) if h]
+                if got:
+                    send(k, got)
+                received = iter(got)
+                _add_into(acc, [next(received) if h else None for h in has])
     total = [s if b is None else (b if s is None else s + b) for s, b in zip(sft, reg_grads)]
     for p, g in zip(params, total):
         p.grad = g if g is not None else torch.zeros_like(p)

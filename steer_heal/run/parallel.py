@@ -137,13 +137,13 @@ class Launch:
                 raise RankFailed(f"rank {rank} failed: {line}")
         return [parts[b % self.world][0][b] for b in range(n)]
 
-    def sum_(self, tensors: Sequence[Tensor]) -> None:
+    def send(self, b: int, tensors: Sequence[Tensor]) -> None:
         groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
         for t in tensors:
             groups.setdefault((t.dtype, t.device), []).append(t)
         for parts in groups.values():  # one collective per dtype and device
             flat = torch.cat([t.reshape(-1) for t in parts])
-            self._collective(dist.all_reduce, flat)
+            self._collective(dist.broadcast, flat, src=b % self.world)
             offset = 0
             for t in parts:
                 t.copy_(flat[offset : offset + t.numel()].view_as(t))
@@ -231,7 +231,8 @@ def launch() -> Launch | None:
     peers: list[Any] = [None] * world
     dist.all_gather_object(peers, (socket.gethostname(), os.getpid()), group=objects)
     _ACTIVE = Launch(rank, world, local_rank, objects, [tuple(p) for p in peers])
-    log.info("rank %d of %d (local rank %d)", rank, world, local_rank)
+    if rank == 0:
+        log.info("a launch of %d processes: every stage's batches are spread over them", world)
     return _ACTIVE
 
 
