@@ -1,9 +1,10 @@
 """Data-parallel runs: the same `steer-heal run` in every process of a launcher.
 
     torchrun --nproc-per-node 4 -m runners run --preset full --axis love
-    accelerate launch --num-processes 4 -m runners run --preset full --axis love
+    accelerate launch --multi_gpu --num_processes 4 -m runners run --preset full --axis love
 
-Both launchers start N copies of the command with RANK, WORLD_SIZE, LOCAL_RANK and a
+Both launchers start N copies (accelerate through torchrun; its `--cpu` starts one process
+unless MPI is set up, so on CPUs use torchrun) of the command with RANK, WORLD_SIZE, LOCAL_RANK and a
 rendezvous address in the environment; `launch()` reads them and joins the process group
 (NCCL for CUDA tensors and gloo for CPU ones, or gloo alone without CUDA). Outside a
 launcher it returns None and nothing here runs.
@@ -14,16 +15,21 @@ over a gloo group in batch order, so each batch is formed, seeded and computed a
 process and every rank holds the whole result. Loops that stop early ask for a wave of N
 batches and keep the prefix one process would have made (a collection), or decode the next
 probes of both outcomes at once and take the one the walk takes (the dose walk). The heal
-splits each optimiser step's micro-batches (`heal.grad_accum` of them) over the ranks and
-sums their gradients with `all_reduce`; the step's logs are gathered and summed in
-micro-batch order. So the kept set, the dose decisions and every metric equal the
-single-process run's, and the adapter equals it up to the order in which the micro-batch
-gradients are added (bitwise with two micro-batches on two ranks: a + b = b + a).
+splits each optimiser step's micro-batches (`heal.grad_accum` of them) over the ranks; each
+micro-batch's gradients are broadcast by the rank that computed them and every rank adds them
+up in micro-batch order, as one process does. So the kept set, the dose decisions, every
+metric and the adapter equal the single-process run's bit for bit on CPUs with the same
+thread count (tests/test_parallel.py); on GPUs, as far as one process's run repeats itself
+on that GPU (cuBLAS and attention kernels are deterministic for fixed shapes; a few backward
+kernels use atomics). Broadcasting per micro-batch moves grad_accum x the adapter's size per step
+where an all-reduce would move about twice it: the price of an order-independent sum is
+small for a LoRA and buys a run whose result does not depend on how many GPUs it had.
 
 What is not split: loading the model (each rank holds a replica on its own GPU), the few
-small reductions after a stage (a vector's mean, a metric's bootstrap), and a heal with one
-micro-batch per step (set heal.batch_size B/N and heal.grad_accum N for an N-way heal with
-the same global batch).
+small reductions after a stage (a vector's mean, a metric's bootstrap, the register-shift
+classifier), and a heal with one micro-batch per step: for an N-way heal set heal.grad_accum
+to a multiple of N (with heal.batch_size B/N the optimiser sees the same B rows a step; that
+is another run than batch_size B with grad_accum 1, whose loss is one token mean over B rows).
 
 Who writes. Rank 0 alone opens the run directory (lock, config, events, checkpoints,
 adapters, report); the other ranks keep the same events in memory (`Follower`), since they

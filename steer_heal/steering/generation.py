@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import InputError, OutOfMemory, is_out_of_memory
+from ..models.compile_cache import use_compile_cache
 from ..models.model import chat_prompt, context_window, encode, input_device, left_pad, pad_id, stop_token_ids
 from ..runtime import seeded
 from ..sampling import GREEDY, Sampling
@@ -149,6 +150,8 @@ def generate(
             f"per prompt; got {len(rows_coeff)} coefficients for {len(prompts)} prompts, how={how!r}, "
             f"compiled={compiled}, steering={'given' if steering is not None else 'None'}"
         )
+    if compiled:
+        use_compile_cache()  # a second process on this machine loads the graphs instead of compiling
     stops = stop_token_ids(model, tok)
     settings = dict(sampling.hf_settings(), pad_token_id=pad_id(tok), eos_token_id=stops)
     batch_size = sampling.batch_size
