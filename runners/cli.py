@@ -80,11 +80,21 @@ class _Group(click.Group):
 @click.version_option(package_name="steer-heal")
 @click.option("--quiet", "-q", is_flag=True, help="only warnings and errors on stderr (no progress lines)")
 @click.option("--verbose", "-v", is_flag=True, help="debug lines, and transformers' own logs and bars")
-def main(quiet: bool, verbose: bool) -> None:
+@click.pass_context
+def main(ctx: click.Context, quiet: bool, verbose: bool) -> None:
     """Distil activation steering into LoRA adapters and heal the incoherence it injects."""
+    import os
+
     from .options import set_verbosity
 
     set_verbosity("quiet" if quiet else "verbose" if verbose else "normal")
+    world = os.environ.get("WORLD_SIZE", "1")
+    if ctx.invoked_subcommand not in (None, "run") and world not in ("", "1"):
+        # N copies of another command would each write the same files
+        raise click.UsageError(
+            f"only `steer-heal run` spreads over a launch ({world} processes here); run "
+            f"`steer-heal {ctx.invoked_subcommand}` in one process, without torchrun / accelerate launch"
+        )
 
 
 @main.command()

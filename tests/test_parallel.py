@@ -266,3 +266,11 @@ def test_a_dry_run_under_the_launcher_prints_the_plan_once(tmp_path):
     done = steer_heal("run", "--preset", "tiny", "--dry-run", launch=TORCHRUN, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("# plan:") == 1 and not list(tmp_path.iterdir())
+
+
+def test_other_commands_refuse_a_launch(tmp_path):
+    env = {**ENV, "WORLD_SIZE": "2", "RANK": "0"}
+    done = subprocess.run(
+        [sys.executable, "-m", "runners", "eval", "--help"], env=env, capture_output=True, text=True, cwd=tmp_path
+    )
+    assert done.returncode == 2 and "only `steer-heal run` spreads over a launch (2 processes here)" in done.stderr
