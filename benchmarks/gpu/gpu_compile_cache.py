@@ -42,7 +42,7 @@ def child(shape: str, mode: str) -> dict:
     from steer_heal.data import load_axis
     from steer_heal.filters.dose import collect
     from steer_heal.models.compile_cache import use_compile_cache
-    from steer_heal.models.model import resolve_layers
+    from steer_heal.models.model import n_layers, resolve_layers
     from steer_heal.models.tiny import tiny_tokenizer
     from steer_heal.sampling import Sampling
 
@@ -50,7 +50,7 @@ def child(shape: str, mode: str) -> dict:
     folder = use_compile_cache()
     tok = tiny_tokenizer("chatml")
     model = random_model(shape, "cuda", torch.bfloat16)
-    vec = random_vector(model, resolve_layers(model, [0.25, 0.75]))
+    vec = random_vector(model, resolve_layers([0.25, 0.75], n_layers(model)))
     prompts = load_axis("love").prompts
     out = {"shape": shape, "mode": mode, "folder": str(folder), "build_s": time.perf_counter() - t0}
 
