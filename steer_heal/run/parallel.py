@@ -36,8 +36,9 @@ adapters, report); the other ranks keep the same events in memory (`Follower`), 
 compute the same results, and read the finished rounds' files on resume (the run directory
 must be on a filesystem every rank sees: always so on one machine).
 
-Failures. An exception inside a batch on one rank is raised on every rank (the same
-exception where it can be sent, else `RankFailed` naming the rank). A rank that dies
+Failures. An exception inside a batch on one rank is raised on every rank: the same type
+when it is one of the library's errors (rebuilt from its message), else `RankFailed` naming
+the rank and the error's line. A rank that dies
 (`kill -9`) breaks the next collective; the others raise `RankFailed` with one line naming
 the dead rank and its pid (found through /proc when it ran on the same machine), and the run
 continues from its last checkpoint with `--resume`, under the launcher or in one process.
@@ -52,7 +53,6 @@ import atexit
 import json
 import logging
 import os
-import pickle
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -63,6 +63,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import errors
 from ..errors import ConfigError, RankFailed
 from .config import RunConfig
 from .runlog import RunDir, jsonable
@@ -137,10 +138,7 @@ class Launch:
             if error is not None:
                 if failed is not None:
                     raise failed
-                sent, line = error
-                if sent is not None:
-                    raise sent  # the exception one process would have raised
-                raise RankFailed(f"rank {rank} failed: {line}")
+                raise _rebuilt(error, rank)  # the library's error one process would have raised
         return [parts[b % self.world][0][b] for b in range(n)]
 
     def send(self, b: int, tensors: Sequence[Tensor]) -> None:
@@ -178,13 +176,19 @@ class Launch:
             ) from None
 
 
-def _portable(exc: Exception) -> tuple[Exception | None, str]:
-    """The exception itself if it survives pickling (so every rank raises the same one), and its line."""
-    try:
-        sent = pickle.loads(pickle.dumps(exc))  # our own bytes, made just now
-    except Exception:
-        sent = None
-    return sent, _first_line(exc)
+def _portable(exc: Exception) -> tuple[str | None, str]:
+    """What travels of an exception: the name of the library's error type, when it is one (so
+    every rank raises the same type, rebuilt from the message by `_rebuilt`), and its line.
+    Never the exception object: a peer's bytes are not unpickled into exceptions here."""
+    name = type(exc).__name__
+    return (name if getattr(errors, name, None) is type(exc) else None), _first_line(exc)
+
+
+def _rebuilt(error: tuple[str | None, str], rank: int) -> Exception:
+    name, line = error
+    if name is not None:
+        return getattr(errors, name)(line.split(": ", 1)[1] if ": " in line else line)
+    return RankFailed(f"rank {rank} failed: {line}")
 
 
 def lost_ranks(launch: Launch | None = None) -> str | None:
@@ -277,8 +281,7 @@ def on_writer(where: Launch | None, fn: Callable[[], T]) -> T:
     if failed is not None:
         raise failed
     if error is not None:
-        sent, line = error
-        raise sent if sent is not None else RankFailed(f"rank 0 failed: {line}")
+        raise _rebuilt(error, 0)
     return value
 
 
