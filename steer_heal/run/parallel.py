@@ -181,10 +181,11 @@ def _portable(exc: Exception) -> tuple[str | None, str]:
     every rank raises the same type, rebuilt from the message by `_rebuilt`), and its line.
     Never the exception object: a peer's bytes are not unpickled into exceptions here."""
     name = type(exc).__name__
-    return (name if getattr(errors, name, None) is type(exc) else None), _first_line(exc)
+    ours = getattr(errors, name, None) is type(exc) and isinstance(exc, errors.SteerHealError)
+    return (name if ours else None), _first_line(exc)
 
 
-def _rebuilt(error: tuple[str | None, str], rank: int) -> Exception:
+def _rebuilt(error: tuple[str | None, str], rank: int) -> errors.SteerHealError:
     name, line = error
     if name is not None:
         return getattr(errors, name)(line.split(": ", 1)[1] if ": " in line else line)
