@@ -1,7 +1,7 @@
 """A whole loop round at the size users run (issue 26, item 1): the loop's own code on a
 random-weight model of the Qwen2/Qwen3 4B shape (and the Llama-3-8B shape), bfloat16, one GPU.
 
-    PYTHONPATH=. python benchmarks/gpu/gpu_round_4b.py --out OUT [--shape 4b|8b] [--compiled false|true]
+    PYTHONPATH=. python benchmarks/gpu/gpu_round_4b.py --out OUT [--shape 4b|8b] [--compiled false|true] [--rounds N]
     PYTHONPATH=. python benchmarks/gpu/gpu_round_4b.py --shape tiny --device cpu --out OUT   # CPU smoke test
 
 `steer_heal.run.loop.run` with the full preset's sizes, one round: base and prompted
@@ -13,6 +13,9 @@ off (the MiniLM embedder is not staged on the GPU machine; their cost on SmolLM2
 docs/benchmarks.md). Everything else is the loop's code. Reported: seconds per stage,
 generated tokens per second in collect, heal seconds and trained tokens per second, peak
 GPU memory. Random weights rarely emit a stop token: completions run to the token limit.
+With `--rounds N` the loop runs N rounds in the one process and each round's stages are
+reported (`per_round`): later rounds show the steady state, after the first has paid for
+whatever compiles or warms up; the top-level fields describe round 0.
 """
 
 from __future__ import annotations
@@ -62,11 +65,12 @@ def random_model(shape: str, device: str, dtype: torch.dtype):
     return model
 
 
-def one_round(shape: str, device: str, compiled: str, root: Path) -> dict:
+def one_round(shape: str, device: str, compiled: str, root: Path, rounds: int = 1) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     overrides = {
-        "run": {"rounds": 1, "device": device, "dtype": str(dtype).removeprefix("torch."), "compiled": compiled},
+        "run": {"rounds": rounds, "device": device, "dtype": str(dtype).removeprefix("torch."), "compiled": compiled},
         "drift": {"enabled": False},
+        "eval": {"coherence_floor": 0.0},  # random text: never stop on coherence, so later rounds run
     }
     config = cfg.resolve("full", overrides=overrides)
     tok = tiny_tokenizer("chatml")
@@ -96,6 +100,11 @@ def one_round(shape: str, device: str, compiled: str, root: Path) -> dict:
     gen = next(e for e in events if e["event"] == "gen")
     heal = next(e for e in events if e["event"] == "heal")
     timings = round_event["timings"]
+    per_round = [
+        {"round": e["round"], "round_s": sum(e["timings"].values()), "timings": e["timings"]}
+        for e in events
+        if e["event"] == "round"
+    ]
     tokens = sum(len(c["token_ids"]) for c in gen["completions"])
     trained = sum(s.get("tokens", 0) for s in heal["steps"])
     base = {e["stage"]: e.get("seconds", 0.0) for e in events if e["event"] == "eval" and e["round"] == -1}
@@ -108,6 +117,7 @@ def one_round(shape: str, device: str, compiled: str, root: Path) -> dict:
         "base_stage_s": base,
         "round_s": sum(timings.values()),
         "timings": timings,
+        "per_round": per_round,
         "collect_completions": len(gen["completions"]),
         "collect_tokens": tokens,
         "collect_tok_s": tokens / timings["collect"],
@@ -123,13 +133,15 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(SHAPES), default="4b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--compiled", choices=["false", "true"], default="false")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--tag", default="", help="appended to the result file's name")
     ap.add_argument("--out", default="out/gpu_round_4b")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = one_round(args.shape, args.device, args.compiled, out / "runs")
+    result = one_round(args.shape, args.device, args.compiled, out / f"runs{args.tag}", args.rounds)
     print(json.dumps(result, indent=1), flush=True)
-    (out / f"round_{args.shape}_compiled_{args.compiled}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"round_{args.shape}_compiled_{args.compiled}{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
