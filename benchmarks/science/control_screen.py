@@ -21,6 +21,18 @@ Pre-registered rule, written 2026-12-07 before any candidate below was read:
 - Then read once on seed 2 (held out): it must be >= 0.8 there too (and the negative control,
   the base against itself, <= 0.6), else the screen failed and the control stays as it is.
 The five-year-old stays in the report as a sensitivity reference (a milder register change).
+
+Stage 1 result (2026-12-07, CPU, `--out docs/runs/science/control_screen/screen.json`): no
+candidate's dev minimum reached 0.9 (five-year-old 0.822, pirate 0.844, Shakespeare 0.805,
+commentator 0.759, terse 0.521); the five-year-old read 0.806 on the held-out seed: screen failed,
+the control stays. Re-reading the stored GPU runs' controls with other classifiers (L2 0.01-10,
+nearest centroid, shrunk LDA) moved the positive control by at most 0.03: the classifier is not
+the limit, the text is.
+
+Stage 2, written after stage 1 and before its run: the same rule with more text per sample,
+`--tokens 96 --candidates five_year_old,pirate` (dev seeds 0, 1; held-out seed 2). If it passes,
+the full preset's drift instruments read 96 tokens (their controls with them) and the stored
+48-token drift numbers stay as they are, labelled with their size.
 """
 
 from __future__ import annotations
@@ -60,6 +72,7 @@ def main() -> None:
     ap.add_argument("--confirm", type=int, default=2)
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--tokens", type=int, default=48)
+    ap.add_argument("--candidates", default=",".join(CANDIDATES))
     ap.add_argument("--out", default="")
     args = ap.parse_args()
     model, tok = load_model("smollm2-135m", device="cpu")
@@ -69,7 +82,8 @@ def main() -> None:
     started = time.perf_counter()
     base = [c.text for c in generate(model, tok, prompts, sampling=sampling, seed=990, progress=False)]
     result: dict = {"prompts": args.n, "tokens": args.tokens, "dev": {}, "texts": {}}
-    for name, system in CANDIDATES.items():
+    for name in args.candidates.split(","):
+        system = CANDIDATES[name]
         for seed in (int(s) for s in args.seeds.split(",")):
             auc, texts = read(model, tok, embed, prompts, sampling, base, system, seed)
             result["dev"].setdefault(name, {})[seed] = auc
