@@ -1,5 +1,5 @@
 """A whole loop round at the size users run (issue 26, item 1): the loop's own code on a
-random-weight model of the Qwen2/Qwen3 4B shape (and the Llama-3-8B shape), bfloat16, one GPU.
+random-weight model of the Qwen2/Qwen3 4B shape (and the Llama-3-8B and SmolLM2-135M shapes), bfloat16, one GPU.
 
     PYTHONPATH=. python benchmarks/gpu/gpu_round_4b.py --out OUT [--shape 4b|8b] [--compiled false|true] [--rounds N]
     PYTHONPATH=. python benchmarks/gpu/gpu_round_4b.py --shape tiny --device cpu --out OUT   # CPU smoke test
@@ -49,13 +49,23 @@ SHAPES = {
         intermediate_size=14336,
         vocab_size=128256,
     ),
+    "smollm2": dict(  # SmolLM2-135M's shape, random weights: the host-bound end of the range
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
 }
+LLAMA_SHAPES = {"8b", "smollm2"}
 
 
 def random_model(shape: str, device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    make, kind = (LlamaConfig, LlamaForCausalLM) if shape == "8b" else (Qwen2Config, Qwen2ForCausalLM)
+    make, kind = (LlamaConfig, LlamaForCausalLM) if shape in LLAMA_SHAPES else (Qwen2Config, Qwen2ForCausalLM)
     config = make(**SHAPES[shape], max_position_embeddings=4096, bos_token_id=1, eos_token_id=3, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device(device):
@@ -141,7 +151,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     result = one_round(args.shape, args.device, args.compiled, out / f"runs{args.tag}", args.rounds)
     print(json.dumps(result, indent=1), flush=True)
-    (out / f"round_{args.shape}_compiled_{args.compiled}{args.tag}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"round_{args.shape}_compiled_{args.compiled}{args.tag}.json").write_text(
+        json.dumps(result, indent=1) + "\n"
+    )
 
 
 if __name__ == "__main__":
