@@ -17,7 +17,7 @@ from steer_heal.run import config as cfg
 from steer_heal.run.neutral import seeds
 from steer_heal.steering import generate
 
-# Measured at this size (64 prompts, 48 tokens) on 7 control seeds (4 on this CPU, 3 on GPUs),
+# Measured at this size (64 prompts, 48 tokens) on 8 control seeds (5 on this CPU, 3 on GPUs),
 # the positive control read 0.79-0.87 (docs/results.md, issue 25): it clears the report's bar of
 # POSITIVE_AUC = 0.8 by less than its seed-to-seed spread, and a screen of four other registers
 # and of twice the text found none that clears it by a margin (benchmarks/science/control_screen.py).
