@@ -33,6 +33,10 @@ Stage 2, written after stage 1 and before its run: the same rule with more text 
 `--tokens 96 --candidates five_year_old,pirate` (dev seeds 0, 1; held-out seed 2). If it passes,
 the full preset's drift instruments read 96 tokens (their controls with them) and the stored
 48-token drift numbers stay as they are, labelled with their size.
+
+Stage 2 result (2026-12-07, CPU, `docs/runs/science/control_screen/screen_96.json`): dev minimum
+five-year-old 0.818, pirate 0.867; none >= 0.9, the five-year-old read 0.792 on the held-out
+seed: failed; the instruments stay at 48 tokens and the control stays the five-year-old.
 """
 
 from __future__ import annotations
