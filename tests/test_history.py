@@ -98,16 +98,80 @@ def test_contexts_restore_on_exceptions_and_nest(folded3):
     assert torch.equal(logits(model), student)
 
 
-def test_forward_cost_is_the_total_rank(folded3):
+def test_forward_cost_is_one_pass_of_the_total_rank(folded3):
+    """The folded rounds run as one stacked low-rank pass per layer, not one peft pass per round."""
     from peft.tuners.lora import LoraLayer
 
     model, _, hist, _ = folded3
     layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
     assert layers
-    for m in layers:  # one pass per round adapter: sum of ranks, no per-round copy of W
-        assert list(m.active_adapters) == list(hist.names) and not m.merged
-        assert sum(m.r[name] for name in m.active_adapters) == 12
+    for m in layers:  # peft runs no folded round itself; no per-round copy of W
+        assert list(m.active_adapters) == [] and not m.merged
+        assert len(m._forward_hooks) == 1
+    assert hist._fused.on and set(hist._fused.total_rank.values()) == {12}  # 3 rounds of rank 4
     assert not any(p.requires_grad for n, p in model.named_parameters())  # nothing trains outside heal
+
+
+def peft_sum(model, hist: History, rounds, last_scale: float = 1.0) -> torch.Tensor:
+    """The same view through peft's own one-pass-per-round sum (the fused pass switched off)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [dict(m.scaling) for m in layers]
+    hist._fused.on = False
+    try:
+        for m in layers:
+            m.set_adapter(list(rounds))
+            if rounds and rounds[-1] in m.scaling:
+                m.scaling[rounds[-1]] *= last_scale
+        return logits(model)
+    finally:
+        for m, scaling in zip(layers, saved):
+            m.scaling.update(scaling)
+        hist._set(hist._active, hist._disabled, hist._scale)
+
+
+@pytest.mark.parametrize(
+    "view, rounds, last_scale",
+    [
+        ("student", ("round_000", "round_001", "round_002"), 1.0),
+        ("previous", ("round_000", "round_001"), 1.0),
+        ("first1", ("round_000",), 1.0),
+        ("scaled", ("round_000", "round_001", "round_002"), -1.5),
+    ],
+)
+def test_every_view_equals_peft_one_pass_per_round(folded3, view, rounds, last_scale):
+    model, _, hist, _ = folded3
+    contexts = {
+        "student": hist.student,
+        "previous": hist.previous,
+        "first1": lambda: hist.first(1),
+        "scaled": lambda: hist.scaled(-1.5),
+    }
+    with contexts[view]():
+        fused = logits(model)
+        reference = peft_sum(model, hist, rounds, last_scale)
+        assert torch.equal(logits(model), fused)  # the view is back after the reference was read
+        with torch.no_grad():
+            scale = forward_scale(model, IDS)
+    # the sum over rounds moves inside one matmul: equal up to rounding, at the forward's scale
+    assert_close_rounding(fused, reference, scale)
+
+
+def test_a_heal_trains_through_the_fused_rounds():
+    """Gradients reach the adapter in training through the folded rounds' pass, and only it."""
+    model, _ = tiny_model("llama")
+    with History(model) as hist:
+        for seed in range(2):
+            hist.fold(random_round(hist, seed))
+        with hist.train_adapter(LoraSettings(r=4, alpha=8, layers=(0.0, 1.0)).config(hist.model)) as slot:
+            with torch.no_grad():
+                for p in slot.params:
+                    p.normal_(0, 0.2)
+            model(input_ids=IDS).logits.pow(2).mean().backward()
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in slot.params)
+            assert not any(p.grad is not None for n, p in model.named_parameters() if "heal_in_progress" not in n)
+        assert [list(m.active_adapters) for m in slot.modules.values()] == [[]] * len(slot.modules)
 
 
 def test_last_good_advances_only_when_coherent():

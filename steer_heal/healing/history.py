@@ -7,11 +7,13 @@ wrapped linear computes
     y = W x + sum_{i in S} scale_i * B_i (A_i x)
 
 so the student after round r is S = {0..r}, the previous student {0..r-1}, `first(k)` is
-{0..k-1}, and `scaled(c)` is the student with scale_r replaced by c * scale_r. A forward
-costs W plus O(sum_i rank_i) per wrapped layer: linear in the total rank, the same as one
-concatenated adapter. The base is the adapters disabled: each wrapped layer then calls
-its untouched base layer, so base logits are bitwise equal to the model before any
-round, with no second copy of W. (Merging into W and unmerging is not exact in floating
+{0..k-1}, and `scaled(c)` is the student with scale_r replaced by c * scale_r. The folded
+rounds run as one concatenated low-rank pass per wrapped layer (`fused.FusedRounds`: a
+forward costs W plus O(sum_i rank_i) in one pass, however many rounds), and every view is
+that pass with other columns live, so views with equal updates agree bitwise; only the
+adapter being trained runs through peft. The base is the adapters disabled: each wrapped
+layer then calls its untouched base layer, so base logits are bitwise equal to the model
+before any round, with no second copy of W. (Merging into W and unmerging is not exact in floating
 point, W + dW - dW != W, and keeping W to restore it is a second copy: hence no merges.)
 
 Outside its context managers the model runs as the current student (all folded rounds).
@@ -47,6 +49,7 @@ from ..models.model import family_of, hidden_size, model_id, n_layers, unwrap
 from ..runtime import seeded
 from ..vocab import Reference, choices
 from .adapter import Adapter
+from .fused import FusedRounds
 
 FORMAT = "steer_heal.history/1"
 REFERENCES = choices(Reference)
@@ -84,6 +87,8 @@ class History:
         self._n_good = 0
         self._active: tuple[str, ...] = ()
         self._disabled = False
+        self._scale: float | None = None  # the last folded round's factor in `scaled` (None: as folded)
+        self._fused = FusedRounds()  # the folded rounds, one pass per layer; peft runs only the trainable
         self._trainable: str | None = None
         self._grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
         self._layer_cache: list[tuple[str, nn.Module]] | None = None
@@ -124,24 +129,29 @@ class History:
             self._layer_cache = [(n, m) for n, m in self._model.named_modules() if isinstance(m, LoraLayer)]
         return self._layer_cache
 
-    def _set(self, active: tuple[str, ...], disabled: bool) -> None:
+    def _set(self, active: tuple[str, ...], disabled: bool, scale: float | None = None) -> None:
+        folded = set(self.names)
+        through_peft = [name for name in active if name not in folded]  # the adapter in training, if any
         for _, module in self._layers():
             module.enable_adapters(not disabled)
             # inference_mode freezes every adapter; only the one in training gets grads back
-            module.set_adapter(list(active), inference_mode=True)
+            module.set_adapter(through_peft, inference_mode=True)
             if self._trainable is not None and self._trainable in module.lora_A:
                 module.lora_A[self._trainable].requires_grad_(True)
                 module.lora_B[self._trainable].requires_grad_(True)
-        self._active, self._disabled = tuple(active), disabled
+        self._fused.show([name for name in active if name in folded], scale, disabled)
+        self._active, self._disabled, self._scale = tuple(active), disabled, scale
 
     def _student(self) -> tuple[str, ...]:
         return self.names + ((self._trainable,) if self._trainable else ())
 
     @contextmanager
-    def _using(self, active: tuple[str, ...], disabled: bool = False) -> Iterator[nn.Module]:
+    def _using(
+        self, active: tuple[str, ...], disabled: bool = False, scale: float | None = None
+    ) -> Iterator[nn.Module]:
         self._check_open()
-        saved = (self._active, self._disabled)
-        self._set(active, disabled)
+        saved = (self._active, self._disabled, self._scale)
+        self._set(active, disabled, scale)
         try:
             yield self._model
         finally:
@@ -175,16 +185,8 @@ class History:
             raise InputError(f"coeff must be a finite number, got {coeff}")
         if not self._rounds:
             raise InputError("scaled() needs at least one folded round; fold a heal result first")
-        last = self.names[-1]
-        with self._using(self.names):
-            saved = [(m, m.scaling[last]) for _, m in self._layers() if last in m.scaling]
-            try:
-                for module, scale in saved:
-                    module.scaling[last] = scale * coeff
-                yield self._model
-            finally:
-                for module, scale in saved:
-                    module.scaling[last] = scale  # the saved float itself: exact restore
+        with self._using(self.names, scale=coeff):  # the folded pass's live columns; exact restore on exit
+            yield self._model
 
     def reference(self, name: str):
         """The heal reference: `base`, `prev` (all folded rounds) or `last_good` (first k)."""
@@ -244,7 +246,7 @@ class History:
         if self._trainable is not None:
             raise InputError("an adapter is already being trained on this History")
         name = "heal_in_progress"
-        saved = (self._active, self._disabled)
+        saved = (self._active, self._disabled, self._scale)
         self._add(name, config)
         self._trainable = name
         try:
@@ -254,8 +256,8 @@ class History:
             yield TrainSlot(name, modules, params)
         finally:
             self._trainable = None
+            self._set(*saved)  # inactive before it goes: peft would otherwise re-activate a folded round
             self._delete(name)
-            self._set(*saved)
 
     def fold(self, adapter, allow_other_model: bool = False) -> int:
         """Add a round (an `Adapter` or a `HealResult`); the model becomes the new student. An
@@ -292,6 +294,7 @@ class History:
             self._delete(name)
             raise
         self._rounds.append(Round(name, dict(adapter.meta)))
+        self._fused.build(self._layers(), self.names)
         self._set(self._student(), False)
         return index
 
@@ -429,6 +432,7 @@ class History:
             return self._model
         if self._trainable is not None:
             raise InputError("cannot close a History while an adapter is being trained")
+        self._fused.remove()
         if self._peft is not None:
             self._peft.unload()
             self._peft = None
