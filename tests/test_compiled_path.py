@@ -40,7 +40,7 @@ def test_compiled_walk_and_collect_equal_eager_and_leave_no_hooks(llama):
 def test_run_compiled_switch(llama):
     model = llama[0]
     assert not loop.use_compiled(cfg.resolve("tiny"), model)  # the default: eager
-    assert not loop.use_compiled(cfg.resolve("tiny", overrides={"run": {"compiled": "auto"}}), model)  # auto on CPU
+    assert not loop.use_compiled(cfg.resolve("tiny", overrides={"run": {"compiled": "auto"}}), model)  # auto: eager
     assert not loop.use_compiled(cfg.resolve("tiny", overrides={"run": {"compiled": "false"}}), model)
     assert loop.use_compiled(cfg.resolve("tiny", overrides={"run": {"compiled": "true"}}), model)
 

@@ -45,7 +45,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ({"heal": {"lam": float("nan")}}, "must be finite"),
         ({"dose": {"speculative": "yes"}}, "dose.speculative must be auto, true or false, got 'yes'"),
         (
-            {"dose": {"speculative": "true"}, "run": {"compiled": "auto"}},
+            {"dose": {"speculative": "true"}, "run": {"compiled": "true"}},
             "dose.speculative = true decodes eager .*set run.compiled = false",
         ),
     ],

@@ -64,6 +64,8 @@ def test_tiny_run_writes_everything(tmp_path):
     assert dose["steering"] == {"operator": "add", "positions": "all"}  # recorded in the run
     assert dose["compiled"] is False and dose["graphs"] == 0  # run.compiled false (the default): eager
     assert dose["speculative"] is False  # dose.speculative auto: sequential off CUDA
+    heal_steps = next(e for e in events if e["event"] == "heal")["steps"]
+    assert heal_steps and all(s["sft_grad_norm"] is None for s in heal_steps)  # heal.split_grads false: one backward
     files = render(run.path)
     assert "| healed r0 |" in files["stages"].read_text()
     assert files["trajectory"].stat().st_size > 10_000
@@ -97,6 +99,14 @@ def test_tiny_run_with_the_calibrated_filter(tmp_path, speculative):
 
 
 @pytest.mark.slow
+def test_heal_split_grads_logs_both_gradient_norms(tmp_path):
+    config = cfg.resolve("tiny", overrides={"heal": {"split_grads": True}})
+    run = RunDir.create(tmp_path / "run", config)
+    loop.run(config, run, progress=False)
+    steps = next(e for e in run.events() if e["event"] == "heal")["steps"]
+    assert steps and all(isinstance(s["sft_grad_norm"], float) for s in steps)
+
+
 def test_coherence_floor_is_relative_to_the_base(tmp_path):
     """floor 1.0 stops exactly when round 0's coherence is below the base's, and says by how much."""
     config = cfg.resolve("tiny", overrides={"run": {"rounds": 2}, "eval": {"coherence_floor": 1.0}})

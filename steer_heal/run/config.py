@@ -43,9 +43,10 @@ class RunSection:
     device_map: str = ""  # "" (one device) or "auto" (accelerate shards a model larger than one card)
     blocks: str = ""  # override: the decoder-block ModuleList path ("" = table, then structural discovery)
     writer: str = ""  # override: the MLP output linear inside a block ("" = table / discovery)
-    # decode the dose walk and collection compiled (static cache + one SteeringSlot): false | true | auto (on
-    # CUDA). Off by default: on one H200 it paid off at the 4B shape (1,908 vs 361 tok/s after a 52 s
-    # compile) but not for SmolLM2 in one round (123 vs 514 tok/s, compile included; docs/benchmarks.md)
+    # decode the dose walk and collection compiled (static cache + one SteeringSlot): false | true | auto.
+    # auto decodes eager: measured over two loop rounds on an H100 with the compile cache warm, compiled
+    # decoding lost at SmolLM2's shape (1.62 x eager over five rounds) and at the 4B shape (1.06 x): the
+    # compiled walk cannot be speculative and recompiles after every fold (docs/benchmarks.md)
     compiled: str = "false"
 
 
@@ -115,6 +116,9 @@ class HealSection:
     # spread over the ranks, so an N-way heal needs grad_accum a multiple of N
     grad_accum: int = 1
     lr: float = 1e-4
+    # also differentiate the NLL and the regularisers apart, to log each gradient's norm: one more backward
+    # a step while a barrier is active (on a 30-layer model's heal, KLRev + anchor: 1.05-1.2 x a step)
+    split_grads: bool = False
     # hold the register: a divergence to the base on the base's own completions of neutral prompts
     # (data/anchor_prompts.txt), every step beside the trait batch (`healing.Anchor`); none | klrev | klfwd
     anchor: str = "none"
@@ -207,7 +211,7 @@ class RunConfig:
                 f"dose.speculative must be auto, true or false, got {d.speculative!r}",
             ),
             (
-                d.speculative != "true" or r.compiled == "false",
+                d.speculative != "true" or r.compiled != "true",
                 "dose.speculative = true decodes eager (per-row coefficients); set run.compiled = false, "
                 "or dose.speculative = auto",
             ),

@@ -215,9 +215,9 @@ def base_stage(config: RunConfig, s: Setup, run: RunDir) -> None:
 
 
 def use_compiled(config: RunConfig, model: nn.Module) -> bool:
-    """`run.compiled`: auto decodes compiled on CUDA (static cache, one slot per walk), eager elsewhere."""
-    if config.run.compiled == "auto":
-        return input_device(model).type == "cuda"
+    """`run.compiled`: true decodes the walk and collect compiled (static cache, one slot per walk).
+    auto decodes eager: the rule measured in docs/benchmarks.md (issue 26) found compiled decoding
+    slower over a loop's rounds at both shapes measured, SmolLM2's and 4B, with the compile cache warm."""
     return config.run.compiled == "true"
 
 
@@ -364,7 +364,14 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
         regularizers(config),
         reference=h.reference,
         lora=LoraSettings(r=h.rank, alpha=h.alpha, layers=tuple(h.lora_layers)),
-        train=TrainSettings(epochs=h.epochs, batch_size=h.batch_size, grad_accum=h.grad_accum, lr=h.lr, seed=seed + 70),
+        train=TrainSettings(
+            epochs=h.epochs,
+            batch_size=h.batch_size,
+            grad_accum=h.grad_accum,
+            lr=h.lr,
+            seed=seed + 70,
+            split_grads=h.split_grads,
+        ),
         round=r,
         anchor=s.neutral.anchor if s.neutral is not None else (),
     )
