@@ -185,7 +185,7 @@ class History:
             raise InputError(f"coeff must be a finite number, got {coeff}")
         if not self._rounds:
             raise InputError("scaled() needs at least one folded round; fold a heal result first")
-        with self._using(self.names, scale=coeff):  # the folded pass's live columns; exact restore on exit
+        with self._using(self.names, scale=coeff):  # a B of its own for this factor: nothing to restore
             yield self._model
 
     def reference(self, name: str):
