@@ -83,6 +83,50 @@ def test_nothing_passes_at_c_min(steered):
         walk_dose(model, tok, vec, POOL, KeepBelow(0.1), probe_size=4, **FAST)
 
 
+class DropPrompts(KeepBelow):
+    """KeepBelow that also drops every completion of the prompts in `bad`, at any coefficient."""
+
+    def __init__(self, threshold: float, bad: set[str]) -> None:
+        super().__init__(threshold)
+        self.bad = bad
+
+    def __call__(self, completions):
+        verdicts = super().__call__(completions)
+        return [
+            Verdict(False, v.scores, ["prompt"]) if c.prompt in self.bad else v for c, v in zip(completions, verdicts)
+        ]
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_confirm_pools_more_probes_at_c_min(steered, speculative):
+    model, tok, vec = steered
+    walk = dict(c_min=0.25, c_max=4.0, steps=2, probe_size=4, target=0.8, speculative=speculative, **FAST)
+    # c_min's probe takes POOL[0:4] and keeps 3/4 < 0.8: without confirmation the walk ends there
+    with pytest.raises(DoseError, match=r"only 3/4 completions were kept \(target 0.8\)"):
+        walk_dose(model, tok, vec, POOL, DropPrompts(1.3, {POOL[0]}), **walk)
+    flt = DropPrompts(1.3, {POOL[0]})
+    result = walk_dose(model, tok, vec, POOL, flt, confirm=2, **walk)
+    first = result.probes[0]
+    # two more probes at c_min on walk positions 1 and 2's prompts (POOL[4,5,6,0], POOL[1:5]): 10 of 12 kept
+    assert (first.coeff, first.kept, first.n, first.passed) == (0.25, 10, 12, True)
+    assert "kept 10/12 >= target 0.8" in first.why and "the first probe's 3/4 and 2 more at c_min" in first.why
+    assert first.report.rows[0].n == 12
+    # from the pooled pass the walk goes on as from a single probe's: 4 fails, 1 passes, 2 fails
+    assert [p.coeff for p in result.probes] == pytest.approx([0.25, 4.0, 1.0, 2.0])
+    assert result.coeff == pytest.approx(1.0)
+    if not speculative:  # the sequential walk filters in probe order: c_min, its confirmations, then c_max
+        assert flt.prompts[:12] == POOL[0:4] + [POOL[4], POOL[5], POOL[6], POOL[0]] + POOL[1:5]
+    # pooled, a real failure still fails: 8 of 12 kept
+    with pytest.raises(DoseError, match=r"only 8/12 completions were kept \(target 0.8\).*3/4 and 2 more"):
+        walk_dose(model, tok, vec, POOL, DropPrompts(1.3, {POOL[0], POOL[4]}), confirm=2, **walk)
+    # a passing c_min needs no confirmation: nothing more is generated
+    once = KeepBelow(1.3)
+    plain = walk_dose(model, tok, vec, POOL, once, confirm=2, **{**walk, "target": 0.75})
+    assert plain.probes[0].n == 4 and [p.coeff for p in plain.probes] == pytest.approx([0.25, 4.0, 1.0, 2.0])
+    with pytest.raises(ValueError, match=r"confirm is a number of extra probes at c_min \(>= 0\), got -1"):
+        walk_dose(model, tok, vec, POOL, once, confirm=-1)
+
+
 def test_collect_until_n_keep(steered):
     model, tok, vec = steered
     flt = KeepBelow(1.5)  # keeps 1.0x, drops 2.0x

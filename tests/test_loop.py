@@ -270,10 +270,11 @@ def test_resume_extends_rounds_and_keeps_a_stopped_run_stopped(tmp_path):
 def test_a_later_round_without_a_passing_dose_stops_the_loop_with_the_reason(tmp_path, monkeypatch):
     from steer_heal.errors import DoseError
 
-    config = cfg.resolve("tiny", overrides={"run": {"rounds": 3}})
+    config = cfg.resolve("tiny", overrides={"run": {"rounds": 3}, "dose": {"confirm": 2}})
     real, calls = loop.walk_dose, []
 
     def fails_from_round_1(*args, **kwargs):
+        assert kwargs["confirm"] == 2  # dose.confirm reaches the walk
         calls.append(1)
         if len(calls) > 1:
             raise DoseError("no dose passes: at c_min=0.25 only 0/4 completions were kept")

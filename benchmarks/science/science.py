@@ -412,7 +412,21 @@ def loop_phase(
     and whether the anchor lowers the last round's AUC and NeutralKL against no anchor on every
     seed. The student-calibrated love loops (`--calibrate-on student`, `klrev`, 3 seeds) are re-run
     only for the instrument: the drift target holds if their AUC is >= 0.8 in round 3 or 4 (where
-    they reach it) and <= 0.7 in round 0, on every seed that reaches round 3."""
+    they reach it) and <= 0.7 in round 0, on every seed that reaches round 3.
+
+    A further `+k<n>` (e.g. `klrev+a1+c0.1+k3`) sets dose.confirm = n: when the c_min probe
+    fails, n more probes there, judged pooled with it. Written 2026-12-07 before its runs, from
+    the stored runs' stops: 20 of the 35 loops (of 44 stored) that stopped at c_min dropped 2-4 of 16
+    completions there, while the student's c_min probes failed 1.7 % of their completions at
+    round 0 and 2.4 % at round 1 (pooled over all stored runs), 4.6 % at round 2, 13 % at 3 and
+    24 % at 4, so a part of the stops are one probe's noise and a part real. Hypothesis: with
+    three confirmations, `klrev+a1+c0.1+k3` on love lasts (the rule above: 5 rounds, stance at
+    round 4 not below round 0's beyond the intervals, AUC <= 0.7, coherence >= 0.95 x base) on
+    >= 2 of 3 seeds; `nll+a1+c0.1+k3` is run beside it, 3 seeds, under the same rule. If one
+    arm meets it, the full preset takes dose.confirm = 3 (and that arm's regulariser); if
+    neither does, the number of rounds each seed makes and its stop reason are reported, and
+    the preset keeps confirm = 0. Either way, how many stops the confirmation overturned and
+    what the pooled probe read are reported."""
     from steer_heal.run import config as cfg
     from steer_heal.run import loop
     from steer_heal.run.runlog import RunDir
@@ -420,11 +434,13 @@ def loop_phase(
     out["runs"] = {}
     for seed in seeds:
         for arm in regs:
-            head, _, c_min = arm.partition("+c")
-            reg, _, anchor_lam = head.partition("+a")
-            anchor = {"anchor": "klrev", "anchor_lam": float(anchor_lam)} if anchor_lam else {"anchor": "none"}
+            reg, *parts = arm.split("+")  # <reg>[+a<lam>][+c<c_min>][+k<confirm>]
+            knobs = {part[0]: part[1:] for part in parts}
+            if len(knobs) != len(parts) or not set(knobs) <= {"a", "c", "k"}:
+                raise SystemExit(f"arm {arm!r}: write <reg>[+a<lam>][+c<c_min>][+k<confirm>], each at most once")
+            anchor = {"anchor": "klrev", "anchor_lam": float(knobs["a"])} if "a" in knobs else {"anchor": "none"}
             # c_min explicit: the full preset's floor moved to 0.1 after these arms were defined
-            dose = {"probe_size": probe_size, "c_min": float(c_min) if c_min else 0.25}
+            dose = {"probe_size": probe_size, "c_min": float(knobs.get("c", 0.25)), "confirm": int(knobs.get("k", 0))}
             name = f"{axis_name} {arm} seed={seed}" + (
                 "" if calibrate_on == "base" else f" calibrate_on={calibrate_on}"
             )

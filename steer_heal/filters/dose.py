@@ -218,6 +218,7 @@ def walk_dose(
     coherence_floor: Number = 0.9,
     compiled: bool = False,
     speculative: bool = False,
+    confirm: int = 0,
 ) -> DoseResult:
     """Bisect (log space) for the largest coefficient whose probe kept fraction >= target.
 
@@ -237,6 +238,16 @@ def walk_dose(
     the sampled tokens differ from a sequential walk's, since the rows share one batch
     and seed. Worth it where a batch costs about what one row costs (a GPU decoding a
     model that leaves it idle between kernels); eager decoding only.
+
+    `confirm=k`: a failure at c_min ends a loop, so it is decided on more evidence than the
+    walk's other steps. When the c_min probe fails, k more probes at c_min run on the
+    prompts that follow the walk's own (fresh seeds), and c_min is judged on all
+    (1 + k) x probe_size completions pooled, by the same two rules. Why: a probe of 16 lets
+    one failure through the default coherence floor (0.9), and a model that fails 5 % of
+    its completions fails two of 16 about one time in five; pooled over 64, such a model
+    passes (expected 0.95), while one failing a quarter of its text still fails (0.75).
+    The walk goes on from the pooled answer exactly as from a single probe's; the result's
+    first probe is the pooled one.
     """
     _check_prompts(prompts)
     target = float(target)
@@ -252,6 +263,8 @@ def walk_dose(
         raise InputError(f"coherence_floor is a fraction of the unsteered coherence in [0, 1], got {coherence_floor}")
     if steps < 0 or probe_size < 1:
         raise InputError(f"steps must be >= 0 and probe_size >= 1, got {steps} and {probe_size}")
+    if confirm < 0:
+        raise InputError(f"confirm is a number of extra probes at c_min (>= 0), got {confirm}")
     settings = dict(sampling=sampling, system=system, how=how)
     # generate seeds batch b with seed + b: space the probes so no two batches share a seed
     seeds_per_probe = math.ceil(probe_size / sampling.batch_size)
@@ -268,19 +281,14 @@ def walk_dose(
         completions = sample(prompts_of(index), coeff, seed + index * seeds_per_probe)
         return completions, _filter(filter, completions)
 
-    def probe(coeff: float, lo: float, hi: float) -> Probe:
-        key = (len(probes), coeff)
-        if key not in ahead:  # this probe, and as many of the ones that may follow as run at once
-            keys = _upcoming(key, lo, hi, c_min, c_max, steps, width())
-            for k, answer in zip(keys, map_batches(lambda i: judged(keys[i]), len(keys))):
-                ahead[k] = answer
-        completions, verdicts = ahead[key]
+    def decide(coeff: float, completions: list[Completion], verdicts: list[Verdict], note: str = "") -> Probe:
+        n = len(completions)
         kept = sum(v.keep for v in verdicts)
-        passed = kept / probe_size >= target
+        passed = kept / n >= target
         why = [
-            f"kept {kept}/{probe_size} >= target {target:g}"
+            f"kept {kept}/{n} >= target {target:g}"
             if passed
-            else f"only {kept}/{probe_size} completions were kept (target {target:g})"
+            else f"only {kept}/{n} completions were kept (target {target:g})"
         ]
         coherence = None
         if calibration is not None:
@@ -293,9 +301,33 @@ def walk_dose(
             )
             passed = passed and ok
         report = FilterReport.from_verdicts(completions, verdicts, calibration=calibration)
-        result = Probe(coeff, kept, probe_size, passed, report, coherence, "; ".join(why))
+        return Probe(coeff, kept, n, passed, report, coherence, "; ".join(why) + note)
+
+    def probe(coeff: float, lo: float, hi: float) -> Probe:
+        key = (len(probes), coeff)
+        if key not in ahead:  # this probe, and as many of the ones that may follow as run at once
+            keys = _upcoming(key, lo, hi, c_min, c_max, steps, width())
+            for k, answer in zip(keys, map_batches(lambda i: judged(keys[i]), len(keys))):
+                ahead[k] = answer
+        result = decide(coeff, *ahead[key])
         probes.append(result)
         return result
+
+    def confirmed(first: Probe) -> Probe:
+        """c_min failed: `confirm` more probes there, pooled with the first. Each takes the prompts
+        of walk position 1 + j (the ones after c_min's own) and a seed past every walk position's."""
+
+        def more(j: int) -> tuple[list[Completion], list[Verdict]]:
+            completions = sample(prompts_of(1 + j), c_min, seed + (steps + 2 + j) * seeds_per_probe)
+            return completions, _filter(filter, completions)
+
+        completions, verdicts = list(ahead[(0, c_min)][0]), list(ahead[(0, c_min)][1])
+        for made, judgements in map_batches(more, confirm):
+            completions += made
+            verdicts += judgements
+        note = f" (pooled: the first probe's {first.kept}/{first.n} and {confirm} more at c_min)"
+        probes[0] = decide(c_min, completions, verdicts, note)
+        return probes[0]
 
     with _Sampler(model, tok, vector, settings, compiled) as sample:
         if speculative:
@@ -307,6 +339,8 @@ def walk_dose(
                 part = slice(k * probe_size, (k + 1) * probe_size)
                 ahead[key] = (made[part], judged[part])
         first = probe(c_min, c_min, c_max)
+        if not first.passed and confirm:
+            first = confirmed(first)
         if not first.passed:
             drops = ", ".join(f"{k} {v}" for k, v in first.report.rows[0].drops.items()) or "none"
             raise DoseError(

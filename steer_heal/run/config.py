@@ -66,6 +66,8 @@ class DoseSection:
     probe_size: int = 8
     multiples: list = field(default_factory=lambda: [1.0])  # collect at these multiples of the dose
     coherence_floor: float = 0.9  # a probe's calibrated coherence must be >= this x the unsteered one
+    # when c_min fails (which ends a loop), this many more probes there, judged pooled with the first
+    confirm: int = 0
     # decode all 2**steps + 1 probes the bisection may ask for in one batch (per-row coefficients), then
     # walk the tree: auto | true | false. auto = on CUDA with eager decoding, where a batch of 136 rows costs
     # about what 8 do (docs/benchmarks.md); on a CPU it would be 2.8x the compute of a sequential walk
@@ -202,6 +204,7 @@ class RunConfig:
             (0 < d.c_min < d.c_max, f"dose needs 0 < c_min < c_max, got {d.c_min} and {d.c_max}"),
             (d.steps >= 0, f"dose.steps must be >= 0, got {d.steps}"),
             (d.probe_size >= 1, f"dose.probe_size must be >= 1, got {d.probe_size}"),
+            (d.confirm >= 0, f"dose.confirm is a number of extra probes at c_min (>= 0), got {d.confirm}"),
             (
                 len(d.multiples) > 0 and all(_is_number(m) and m > 0 for m in d.multiples),
                 f"dose.multiples must be a non-empty list of numbers > 0, got {d.multiples!r}",

@@ -303,6 +303,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
         coherence_floor=d.coherence_floor,
         compiled=compiled,
         speculative=speculative,
+        confirm=d.confirm,
     )
     run.log(
         "dose",
