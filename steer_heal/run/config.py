@@ -66,8 +66,7 @@ class DoseSection:
     probe_size: int = 8
     multiples: list = field(default_factory=lambda: [1.0])  # collect at these multiples of the dose
     coherence_floor: float = 0.9  # a probe's calibrated coherence must be >= this x the unsteered one
-    # when c_min fails (which ends a loop), this many more probes there, judged pooled with the first
-    confirm: int = 0
+    confirm: int = 0  # a failed c_min probe (it ends a loop): this many more there, judged pooled with it
     # decode all 2**steps + 1 probes the bisection may ask for in one batch (per-row coefficients), then
     # walk the tree: auto | true | false. auto = on CUDA with eager decoding, where a batch of 136 rows costs
     # about what 8 do (docs/benchmarks.md); on a CPU it would be 2.8x the compute of a sequential walk
@@ -360,9 +359,12 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # on its own completions of neutral prompts, lam 1) held the register on both axes (AUC <= 0.59
         # against 0.82-0.97 without), and with the dose floor at 0.1 it made 5 rounds with the stance
         # growing on 2 of 3 authority seeds and 1 of 3 love seeds; no other arm made 5 on any seed.
-        # Probes of 16 completions: the preset's 8 ended a KLRev loop on one completion in eight
+        # Probes of 16 completions: the preset's 8 ended a KLRev loop on one completion in eight.
+        # confirm 3: a failed c_min probe is judged again pooled with 3 more (64 completions); with it the
+        # same arm made 5 rounds on 2 of 3 love seeds (its one stop at two dropped completions was overturned,
+        # its stop at ten stood; rule written before the runs in benchmarks/science/science.py)
         "run": {"model": "smollm2-135m", "rounds": 5, "axis": "love"},
-        "dose": {"c_min": 0.1, "probe_size": 16},
+        "dose": {"c_min": 0.1, "probe_size": 16, "confirm": 3},
         # 64 rows a forward everywhere: on a GPU a round is host-bound (Python per forward, not FLOPs), so
         # fewer, larger forwards are faster. Collect's 48 survivors usually come from one batch; on one
         # H200 that took collect from 13.4-14.2 s to 2.7 s (docs/benchmarks.md)
