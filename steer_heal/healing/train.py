@@ -19,7 +19,9 @@ Regularisers whose `Penalty.active` is False (an idle barrier) are not different
 one is active, its gradient and the NLL's are computed separately (one more backward
 through the network) so the log can compare their norms (`split_grads=False` saves that).
 A non-finite loss or gradient stops the run before the update is applied: the raised
-`HealDiverged` names the step and carries the last good adapter.
+`HealDiverged` names the step and carries the last good adapter. The frozen views' log-probs
+(the reference's, the base's on the anchor) are computed once per example, not once per
+epoch (`steer_heal.healing.frozen`, `frozen_cache_gib`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ..shards import map_batches, send, width
 from ..steering.generation import Completion
 from ..vocab import Number, Reference, Schedule, check_choice, choices
 from .encoding import context_length, encode_completions
+from .frozen import FrozenLogprobs
 from .history import Adapter, History, TrainSlot
 from .lora import LoraSettings
 from .regularizers import MIN_ANCHOR, KLRev, Penalty, RegContext, Regularizer, on_anchor
@@ -65,6 +68,9 @@ class TrainSettings:
     max_len: int | None = None  # tokens per sequence; None: the model's context length
     max_steps: int | None = None  # stop after this many optimiser steps
     split_grads: bool = True  # log barrier vs NLL gradient norms (one more backward while a barrier is active)
+    # keep the frozen views' log-probs (the reference's, the base's on the anchor) per example, up to this
+    # many GiB for the heal (`steer_heal.healing.frozen`); 0: every micro-batch runs them again
+    frozen_cache_gib: Number = 2.0
     # blow-up check after each epoch: the held-out NLL (the training NLL without a held-out
     # set) may not exceed this multiple of its value before training (None: no check)
     max_nll_rise: Number | None = 2.0
@@ -89,6 +95,8 @@ class TrainSettings:
             raise InputError(f"TrainSettings.max_len must be >= 2 tokens or None, got {self.max_len!r}")
         if self.max_nll_rise is not None and not (math.isfinite(self.max_nll_rise) and self.max_nll_rise > 1):
             raise InputError(f"TrainSettings.max_nll_rise must be a number > 1 or None, got {self.max_nll_rise!r}")
+        if not (math.isfinite(self.frozen_cache_gib) and self.frozen_cache_gib >= 0):
+            raise InputError(f"TrainSettings.frozen_cache_gib must be a number >= 0, got {self.frozen_cache_gib!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise InputError(f"TrainSettings.max_steps must be >= 1 or None, got {self.max_steps!r}")
 
@@ -288,6 +296,7 @@ def _train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: train.lr_factor(step, total))
     need_ref = any(reg.needs_reference for reg in regs if not on_anchor(reg))
     anchors = _anchor_batches(anchor_examples, train.batch_size, train.seed + 1) if anchor_examples else None
+    frozen = _frozen_views(hist, pad, device, reference if need_ref else None, trainset, anchor_examples, train)
     steps: list[StepLog] = []
     epochs: list[EpochLog] = []
     val_start = _val_nll(model, val, pad, train.batch_size)
@@ -342,8 +351,7 @@ def _train(
                         slot,
                         batches[g : g + train.grad_accum],
                         regs,
-                        reference,
-                        need_ref,
+                        frozen,
                         anchors,
                         train,
                         r,
@@ -426,22 +434,48 @@ def _val_nll(model: nn.Module, val: Sequence[Example], pad: int, batch_size: int
     return mean_nll(model, val, pad, batch_size)
 
 
-def _anchor_context(hist, slot, examples, r, pad, device) -> RegContext:
+def _frozen_views(hist, pad, device, reference, trainset, anchor_examples, train) -> dict[str, FrozenLogprobs]:
+    """The frozen log-probs a heal reads: "reference" on the training completions (when a
+    barrier needs it), "anchor" (the base) on the anchor's; one budget for both, the
+    reference's first."""
+    model = hist.model
+    vocab = unwrap(model).get_output_embeddings().weight.shape[0]
+
+    def under(view: str):
+        def compute(batch):
+            with torch.no_grad(), hist.reference(view):
+                return target_logprobs(model, batch)
+
+        return compute
+
+    make = lambda examples: make_batch(examples, pad, device)  # noqa: E731
+    budget = float(train.frozen_cache_gib) * 2**30
+    views = {}
+    for name, view, examples in (("reference", reference, trainset), ("anchor", "base", anchor_examples)):
+        if view is not None and examples:
+            views[name] = FrozenLogprobs(under(view), make, examples, vocab, budget)
+            budget -= views[name].need if views[name].on else 0
+    return views
+
+
+def _anchor_context(hist, slot, examples, r, pad, device, base: FrozenLogprobs) -> RegContext:
     """The anchor batch under the student (with grad) and under the base (its reference, always)."""
     batch = make_batch(examples, pad, device)
-    with torch.no_grad(), hist.reference("base"):
-        base = target_logprobs(hist.model, batch)
+    reference = base.logprobs(examples, batch)
     logp = target_logprobs(hist.model, batch)
-    return RegContext(logp, base, batch.targets, batch.rows, batch.mask, r, slot.name, slot.modules, slot.params)
+    return RegContext(logp, reference, batch.targets, batch.rows, batch.mask, r, slot.name, slot.modules, slot.params)
 
 
-def _step(
-    hist, slot, group, regs, reference, need_ref, anchors, train, r, pad, device, step, epoch, opt, sched
-) -> StepLog:
+def _step(hist, slot, group, regs, frozen, anchors, train, r, pad, device, step, epoch, opt, sched) -> StepLog:
     model, params = hist.model, slot.params
     split = train.split_grads
     # drawn for every micro-batch in order, whichever process computes it (`steer_heal.shards`)
     anchor_batches = [next(anchors) for _ in group] if anchors is not None else None
+    for k, examples in enumerate(group):  # every rank records the home batches (`steer_heal.healing.frozen`)
+        if "reference" in frozen:
+            frozen["reference"].see(examples)
+        if anchor_batches is not None:
+            frozen["anchor"].see(anchor_batches[k])
     sft: list[Tensor | None] = [None] * len(params)
     reg_grads: list[Tensor | None] = [None] * len(params)
     spread = width() > 1  # micro-batches spread over processes (`steer_heal.shards`)
@@ -450,16 +484,13 @@ def _step(
     def micro_batch(k: int) -> tuple[float, int, float | None, dict[str, float], list[bool], list[bool]]:
         """Micro-batch k's gradients (kept in `grads`) and its logs, with which gradients exist."""
         batch = make_batch(group[k], pad, device)
-        ref = None
-        if need_ref:
-            with torch.no_grad(), hist.reference(reference):
-                ref = target_logprobs(model, batch)
+        ref = frozen["reference"].logprobs(group[k], batch) if "reference" in frozen else None
         logp = target_logprobs(model, batch)
         nll = -logp.gather(1, batch.targets[:, None]).mean()
         ctx = RegContext(logp, ref, batch.targets, batch.rows, batch.mask, r, slot.name, slot.modules, params)
         anchor_ctx = None
         if anchor_batches is not None:
-            anchor_ctx = _anchor_context(hist, slot, anchor_batches[k], r, pad, device)
+            anchor_ctx = _anchor_context(hist, slot, anchor_batches[k], r, pad, device, frozen["anchor"])
         penalties: list[Penalty] = [reg(anchor_ctx if on_anchor(reg) else ctx) for reg in regs]
         reg_loss = sum((p.loss for p in penalties), logp.new_zeros(()))
         # only active terms are differentiated; an idle barrier's gradient is exactly zero

@@ -120,6 +120,7 @@ class HealSection:
     # also differentiate the NLL and the regularisers apart, to log each gradient's norm: one more backward
     # a step while a barrier is active (on a 30-layer model's heal, KLRev + anchor: 1.05-1.2 x a step)
     split_grads: bool = False
+    frozen_cache_gib: float = 2.0  # keep the reference's and the anchor base's log-probs per example (0: recompute)
     # hold the register: a divergence to the base on the base's own completions of neutral prompts
     # (data/anchor_prompts.txt), every step beside the trait batch (`healing.Anchor`); none | klrev | klfwd
     anchor: str = "none"
@@ -252,6 +253,7 @@ class RunConfig:
                 f"heal.last_good_threshold is a coherence in [0, 1], got {h.last_good_threshold}",
             ),
             (h.lam >= 0 and h.tau >= 0, f"heal.lam and heal.tau must be >= 0, got {h.lam} and {h.tau}"),
+            (h.frozen_cache_gib >= 0, f"heal.frozen_cache_gib must be >= 0 (0: off), got {h.frozen_cache_gib}"),
             (h.weight_decay >= 0, f"heal.weight_decay must be >= 0, got {h.weight_decay}"),
             (h.rank >= 1, f"heal.rank must be >= 1, got {h.rank}"),
             (h.alpha > 0, f"heal.alpha must be > 0, got {h.alpha}"),

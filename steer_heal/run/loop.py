@@ -372,6 +372,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
             lr=h.lr,
             seed=seed + 70,
             split_grads=h.split_grads,
+            frozen_cache_gib=h.frozen_cache_gib,
         ),
         round=r,
         anchor=s.neutral.anchor if s.neutral is not None else (),

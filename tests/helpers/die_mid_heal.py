@@ -18,10 +18,10 @@ def main() -> int:
     argv = sys.argv[sys.argv.index("--") + 1 :]
     step_fn = train._step
 
-    def dying_step(hist, slot, group, regs, reference, need_ref, anchors, train_, r, *rest):
+    def dying_step(hist, slot, group, regs, frozen, anchors, train_, r, *rest):
         if int(os.environ["RANK"]) == rank and r == round_ and rest[2] == step:  # rest: pad, device, step, ...
             os.kill(os.getpid(), signal.SIGKILL)
-        return step_fn(hist, slot, group, regs, reference, need_ref, anchors, train_, r, *rest)
+        return step_fn(hist, slot, group, regs, frozen, anchors, train_, r, *rest)
 
     train._step = dying_step
     from runners.entry import main as entry

@@ -50,18 +50,21 @@ def case_heal(where, out: Path, grad_accum: int) -> dict:
     from test_heal import completions
 
     from steer_heal.healing.lora import LoraSettings
-    from steer_heal.healing.regularizers import KLRev
+    from steer_heal.healing.regularizers import Anchor, KLRev
     from steer_heal.healing.train import TrainSettings, heal
     from steer_heal.models.tiny import tiny_model
 
     model, tok = tiny_model("llama")
-    train = TrainSettings(epochs=2, batch_size=2, grad_accum=grad_accum, lr=1e-3, val_frac=0.25, seed=3)
+    # three epochs: later epochs read the frozen log-probs kept from their home batches
+    # (`steer_heal.healing.frozen`), which a rank that did not run a home batch recomputes
+    train = TrainSettings(epochs=3, batch_size=2, grad_accum=grad_accum, lr=1e-3, val_frac=0.25, seed=3)
     lora = LoraSettings(r=4, alpha=8, layers=(0.0, 1.0))
     comps = completions(tok, 12)
-    reg = [KLRev(lam=1.0, tau=0.0, agg="rmse")]
-    alone = heal(model, tok, comps, reg, lora=lora, train=train)
+    anchor = completions(tok, 10)[2:]  # 8 texts, another order than the trait's
+    reg = [KLRev(lam=1.0, tau=0.0, agg="rmse"), Anchor(lam=1.0)]
+    alone = heal(model, tok, comps, reg, lora=lora, train=train, anchor=anchor)
     with sharded(where):
-        spread = heal(model, tok, comps, reg, lora=lora, train=train)
+        spread = heal(model, tok, comps, reg, lora=lora, train=train, anchor=anchor)
     if where.rank == 0:
         save_file({k: v.contiguous() for k, v in alone.adapter.state.items()}, str(out / "alone.safetensors"))
     save_file(

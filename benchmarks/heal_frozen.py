@@ -1,0 +1,102 @@
+"""A heal's time with the frozen views' log-probs kept per example, against recomputing them.
+
+    PYTHONPATH=. python benchmarks/heal_frozen.py [--layers 30] [--hidden 64] [--repeats 3] [--out FILE]
+
+The loop's heal at the full preset's size (48 kept completions of 96 tokens, 64 anchor
+completions of 48, batch 8, 6 epochs, KLRev to `prev` + the anchor, one folded round
+already in the History) on a random Llama of `--layers` x `--hidden` with the tiny test
+tokenizer: deep and narrow, so the time is the host's per-forward cost, as on a GPU at
+SmolLM2's size (docs/benchmarks.md, "where a loop round's time goes"). Arms alternate
+(kept, recomputed, kept, ...) in one process on one thread; each heal reports its seconds
+and its frozen forwards. Rule, written before the first run: report the median of each
+arm and their ratio; the store is worth its memory if the ratio is below 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+
+import torch
+
+from steer_heal.healing import History
+from steer_heal.healing.frozen import FrozenLogprobs
+from steer_heal.healing.lora import LoraSettings
+from steer_heal.healing.regularizers import Anchor, KLRev
+from steer_heal.healing.train import TrainSettings, heal
+from steer_heal.models.model import chat_prompt
+from steer_heal.models.tiny import tiny_model
+from steer_heal.steering.generation import Completion
+
+
+def texts(tok, n: int, length: int, seed: int) -> list[Completion]:
+    rng = random.Random(seed)
+    vocab = [i for i in range(tok.vocab_size) if i not in set(tok.all_special_ids)]
+    out = []
+    for i in range(n):
+        prompt = f"Question {seed}-{i}: what would you do?"
+        ids = tuple(rng.choice(vocab) for _ in range(length))
+        out.append(Completion(prompt, tok.decode(ids), ids, 1.0, "length", None, chat_prompt(tok, prompt)))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    model, tok = tiny_model("llama", layers=args.layers, hidden=args.hidden)
+    lora = LoraSettings(r=8, alpha=16, layers=(0.0, 1.0))
+    trait, anchor = texts(tok, 48, 96, 0), texts(tok, 64, 48, 1)
+    regs = [KLRev(lam=1.0, tau=0.0, agg="rmse"), Anchor(lam=1.0)]
+    hist = History(model)
+    counted = {"forwards": 0}
+    real = FrozenLogprobs.logprobs
+
+    def counting(self, xs, batch):
+        before = self.forwards
+        out = real(self, xs, batch)
+        counted["forwards"] += self.forwards - before
+        return out
+
+    FrozenLogprobs.logprobs = counting
+    rows = []
+    try:
+        first = heal(hist, tok, trait, regs, reference="prev", lora=lora, anchor=anchor, train=TrainSettings(epochs=1))
+        hist.fold(first)  # the reference `prev` is then a folded round, as from round 1 on
+        for repeat in range(args.repeats):
+            for arm, gib in (("kept", 2.0), ("recomputed", 0.0)):
+                counted["forwards"] = 0
+                train = TrainSettings(epochs=args.epochs, batch_size=8, lr=2e-4, seed=repeat, frozen_cache_gib=gib)
+                t0 = time.perf_counter()
+                res = heal(hist, tok, trait, regs, reference="prev", lora=lora, anchor=anchor, train=train)
+                seconds = time.perf_counter() - t0
+                rows.append({"arm": arm, "repeat": repeat, "seconds": seconds, "steps": len(res.steps), **counted})
+                print(json.dumps(rows[-1]), flush=True)
+    finally:
+        FrozenLogprobs.logprobs = real
+        hist.close()
+    median = {a: statistics.median(r["seconds"] for r in rows if r["arm"] == a) for a in ("kept", "recomputed")}
+    summary = {
+        "layers": args.layers,
+        "hidden": args.hidden,
+        "torch": torch.__version__,
+        "median_s": median,
+        "ratio": median["kept"] / median["recomputed"],
+        "rows": rows,
+    }
+    print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
