@@ -1,6 +1,7 @@
 """A heal's time with the frozen views' log-probs kept per example, against recomputing them.
 
     PYTHONPATH=. python benchmarks/heal_frozen.py [--layers 30] [--hidden 64] [--repeats 3] [--out FILE]
+    PYTHONPATH=. python benchmarks/heal_frozen.py --shape smollm2 --device cuda   # a GPU, bf16, random weights
 
 The loop's heal at the full preset's size (48 kept completions of 96 tokens, 64 anchor
 completions of 48, batch 8, 6 epochs, KLRev to `prev` + the anchor, one folded round
@@ -18,7 +19,9 @@ import argparse
 import json
 import random
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -49,10 +52,21 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--shape", default=None, help="a shape of benchmarks/gpu/gpu_round_4b.py instead (e.g. smollm2)")
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    model, tok = tiny_model("llama", layers=args.layers, hidden=args.hidden)
+    if args.shape is None:
+        torch.set_num_threads(1)
+        model, tok = tiny_model("llama", layers=args.layers, hidden=args.hidden)
+    else:
+        sys.path.insert(0, str(Path(__file__).resolve().parent / "gpu"))
+        from gpu_round_4b import random_model
+
+        from steer_heal.models.tiny import tiny_tokenizer
+
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+        model, tok = random_model(args.shape, args.device, dtype), tiny_tokenizer()
     lora = LoraSettings(r=8, alpha=16, layers=(0.0, 1.0))
     trait, anchor = texts(tok, 48, 96, 0), texts(tok, 64, 48, 1)
     regs = [KLRev(lam=1.0, tau=0.0, agg="rmse"), Anchor(lam=1.0)]
@@ -75,8 +89,12 @@ def main() -> None:
             for arm, gib in (("kept", 2.0), ("recomputed", 0.0)):
                 counted["forwards"] = 0
                 train = TrainSettings(epochs=args.epochs, batch_size=8, lr=2e-4, seed=repeat, frozen_cache_gib=gib)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 res = heal(hist, tok, trait, regs, reference="prev", lora=lora, anchor=anchor, train=train)
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
                 seconds = time.perf_counter() - t0
                 rows.append({"arm": arm, "repeat": repeat, "seconds": seconds, "steps": len(res.steps), **counted})
                 print(json.dumps(rows[-1]), flush=True)
@@ -85,8 +103,8 @@ def main() -> None:
         hist.close()
     median = {a: statistics.median(r["seconds"] for r in rows if r["arm"] == a) for a in ("kept", "recomputed")}
     summary = {
-        "layers": args.layers,
-        "hidden": args.hidden,
+        "model": args.shape or f"llama {args.layers} x {args.hidden}",
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
         "median_s": median,
         "ratio": median["kept"] / median["recomputed"],
