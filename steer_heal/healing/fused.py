@@ -1,5 +1,6 @@
 """Every folded round as one low-rank pass per layer, so a student's forward does not slow down
-as rounds accumulate.
+as rounds accumulate beyond the first fold's one pass (that pass itself still costs 1.27-1.38 x
+a round on a host-bound H100: docs/benchmarks.md).
 
 peft runs each active adapter as a pass of its own through a wrapped linear (two small matmuls,
 a scale and an add, each an op the host dispatches). With the folded rounds active one by one,
