@@ -92,6 +92,7 @@ class History:
         self._trainable: str | None = None
         self._grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
         self._layer_cache: list[tuple[str, nn.Module]] | None = None
+        self._flags_set = False  # grad flags as `_set` leaves them; off whenever adapters come or go
         self._closed = False
 
     # ------------------------------------------------------------ state
@@ -132,13 +133,26 @@ class History:
     def _set(self, active: tuple[str, ...], disabled: bool, scale: float | None = None) -> None:
         folded = set(self.names)
         through_peft = [name for name in active if name not in folded]  # the adapter in training, if any
-        for _, module in self._layers():
-            module.enable_adapters(not disabled)
-            # inference_mode freezes every adapter; only the one in training gets grads back
-            module.set_adapter(through_peft, inference_mode=True)
-            if self._trainable is not None and self._trainable in module.lora_A:
-                module.lora_A[self._trainable].requires_grad_(True)
-                module.lora_B[self._trainable].requires_grad_(True)
+        layers = self._layers()
+        if self._flags_set:
+            # Only which adapters run changes: the grad flags below are the same for every view (folded
+            # rounds frozen, the one in training not). peft's own switch walks every adapter of every
+            # layer (28 ms a switch at 30 layers on the host, more with every folded round, and a heal
+            # switches views at every frozen forward), so the two fields it would end on are written
+            # directly; tests/test_history.py checks that both ways leave the layers alike.
+            for _, module in layers:
+                module._disable_adapters = disabled
+                module._active_adapter = list(through_peft)
+        else:
+            for _, module in layers:
+                module.enable_adapters(not disabled)
+                # inference_mode freezes every adapter; only the one in training gets grads back
+                module.set_adapter(through_peft, inference_mode=True)
+                if self._trainable is not None and self._trainable in module.lora_A:
+                    module.lora_A[self._trainable].requires_grad_(True)
+                    module.lora_B[self._trainable].requires_grad_(True)
+            # the direct path needs peft's two fields (peft 0.17-0.21 have them); without: always this way
+            self._flags_set = all(hasattr(m, "_active_adapter") and hasattr(m, "_disable_adapters") for _, m in layers)
         self._fused.show([name for name in active if name in folded], scale, disabled)
         self._active, self._disabled, self._scale = tuple(active), disabled, scale
 
@@ -223,11 +237,11 @@ class History:
                 self._peft = get_peft_model(self._model, config, adapter_name=name)
             else:
                 self._peft.add_adapter(name, config)
-        self._layer_cache = None
+        self._layer_cache, self._flags_set = None, False
 
     def _delete(self, name: str) -> None:
         self._peft.delete_adapter(name)
-        self._layer_cache = None
+        self._layer_cache, self._flags_set = None, False
         if not self._peft.peft_config:
             # no adapters left: take the LoRA layers out and give back the base grad flags
             self._peft.unload()
