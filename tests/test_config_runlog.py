@@ -42,6 +42,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ({"dose": {"c_min": 2.0, "c_max": 1.0}}, "0 < c_min < c_max"),
         ({"dose": {"target": 1.5}}, r"dose.target must be in \(0, 1\]"),
         ({"heal": {"frozen_cache_gib": -0.5}}, r"heal.frozen_cache_gib must be >= 0 \(0: off\), got -0.5"),
+        ({"heal": {"joint_anchor": "yes"}}, "heal.joint_anchor must be auto, true or false, got 'yes'"),
         ({"dose": {"confirm": -1}}, r"dose.confirm is a number of extra probes at c_min \(>= 0\), got -1"),
         ({"run": {"rounds": "three"}}, "run.rounds must be int"),
         ({"heal": {"lam": float("nan")}}, "must be finite"),

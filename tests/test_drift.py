@@ -4,6 +4,7 @@ exact numbers on synthetic cases, equivalence with a hand-written KL, controls, 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -229,6 +230,76 @@ def test_anchor_holds_the_student_nearer_the_base_on_neutral_text():
             hist.fold(res)
             drift[name] = neutral_kl(model, tok, held_out, hist.base)["kl_rev"]
     assert drift["with"] < 0.7 * drift["without"], drift
+
+
+def counted_forwards(model):
+    """A list that grows by one at every top-level forward of `model` (and the handle)."""
+    calls = []
+    return calls, model.register_forward_pre_hook(lambda *_: calls.append(1))
+
+
+def test_the_student_reads_trait_and_anchor_in_one_forward():
+    """One forward for both micro-batches, each part as it computes alone up to rounding; apart,
+    exactly as alone. Auto joins on an accelerator unless the padding adds over half the tokens."""
+    from steer_heal.healing.train import _joins, _student_logprobs
+    from steer_heal.models.logprobs import Example, make_batch, target_logprobs
+
+    model, tok = tiny_model("llama")
+    trait, _ = encode_completions(tok, completions_of(model, tok, PROMPTS[:3], 0), 512)
+    anchor, _ = encode_completions(tok, completions_of(model, tok, ANCHOR_PROMPTS[:3], 1), 512)
+    pad = tok.pad_token_id
+    alone = [target_logprobs(model, make_batch(part, pad)).detach() for part in (trait, anchor)]
+    calls, handle = counted_forwards(model)
+    try:
+        joint = _student_logprobs(model, trait, anchor, pad, "cpu", True)
+        assert len(calls) == 1
+        ids = make_batch([*trait, *anchor], pad).ids
+        scale = forward_scale(model, ids)
+        for got, want in zip(joint, alone):
+            assert got.shape == want.shape and got.requires_grad
+            assert_close_rounding(got.detach(), want, scale)
+        calls.clear()
+        apart = _student_logprobs(model, trait, anchor, pad, "cpu", False)
+        assert len(calls) == 2
+        assert all(torch.equal(got.detach(), want) for got, want in zip(apart, alone))
+    finally:
+        handle.remove()
+    # auto: joint on an accelerator unless the padding adds more than half the tokens; apart on a CPU
+    long = [Example(tuple(5 + i % 40 for i in range(300)), 10)]  # 300 tokens against the trait's ~40
+    assert _joins(trait, anchor, "cuda", None) and not _joins(trait, long, "cuda", None)
+    assert not _joins(trait, anchor, "cpu", None)
+    assert _joins(trait, long, "cpu", True) and not _joins(trait, anchor, "cuda", False)
+
+
+def test_a_heal_with_the_joint_forward_equals_one_with_two():
+    """A heal step does not depend on whether the student's trait and anchor batches ran as one
+    forward (up to rounding), and the joint heal runs half the student forwards."""
+    model, tok = tiny_model("llama")
+    trait = completions_of(model, tok, PROMPTS, 0)
+    anchor = completions_of(model, tok, ANCHOR_PROMPTS, 1)
+    regs = [KLRev(tau=0.0), Anchor(lam=1.0)]
+    train = TrainSettings(epochs=2, batch_size=2, lr=1e-3, seed=0, val_frac=0.0, frozen_cache_gib=0)
+    results, forwards = {}, {}
+    for arm, joint in (("joint", True), ("apart", False)):
+        train = replace(train, joint_anchor=joint)
+        with History(model) as hist:
+            random_round(hist)
+            calls, handle = counted_forwards(model)
+            try:
+                results[arm] = heal(hist, tok, trait, regs, reference="prev", anchor=anchor, train=train)
+            finally:
+                handle.remove()
+            forwards[arm] = len(calls)
+    steps = len(results["joint"].steps)
+    # every step: the two frozen views, then the student once (joint) or twice (apart)
+    assert forwards["apart"] - forwards["joint"] == steps > 0
+    # the first step's loss, gradient and anchor divergence; later steps follow AdamW, which turns
+    # rounding-sized gradient entries (B = 0 at the start) into whole steps of lr, so they are not compared
+    a, b = results["joint"].steps[0], results["apart"].steps[0]
+    assert_close_rounding(a.nll, b.nll, scale=10.0)
+    assert_close_rounding(a.grad_norm, b.grad_norm, scale=10.0)
+    assert_close_rounding(a.extra["anchor.divergence"], b.extra["anchor.divergence"], scale=10.0)
+    assert a.grad_norm > 0 and a.extra["anchor.divergence"] > 1e-4  # the folded round drifted from the base
 
 
 # ---------------------------------------------------------------- config, resume, the loop

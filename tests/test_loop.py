@@ -294,6 +294,25 @@ def test_a_later_round_without_a_passing_dose_stops_the_loop_with_the_reason(tmp
         loop.run(config, run, progress=False)
 
 
+def test_heal_settings_reach_the_heal(tmp_path, monkeypatch):
+    """`heal.joint_anchor` and `heal.frozen_cache_gib` arrive in the heal's TrainSettings."""
+    config = cfg.resolve("tiny", overrides={"heal": {"joint_anchor": "true", "frozen_cache_gib": 0.5}})
+    seen = {}
+
+    class Reached(Exception):
+        pass
+
+    def capture(*args, **kwargs):
+        seen.update(kwargs)
+        raise Reached
+
+    monkeypatch.setattr(loop, "heal", capture)
+    with RunDir.create(tmp_path / "run", config) as run, pytest.raises(Reached):
+        loop.run(config, run, progress=False)
+    assert seen["train"].joint_anchor is True and seen["train"].frozen_cache_gib == 0.5
+    assert cfg.resolve("tiny").heal.joint_anchor == "auto"
+
+
 def test_the_filter_calibrates_on_the_student_when_asked():
     """`filter.calibrate_on = "student"`: the thresholds come from the folded student's own
     unsteered completions, scored under the base model; "base" keeps the base's. Both are

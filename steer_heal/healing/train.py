@@ -71,6 +71,9 @@ class TrainSettings:
     # keep the frozen views' log-probs (the reference's, the base's on the anchor) per example, up to this
     # many GiB for the heal (`steer_heal.healing.frozen`); 0: every micro-batch runs them again
     frozen_cache_gib: Number = 2.0
+    # the student reads a step's trait and anchor micro-batches in one forward (True), in two (False),
+    # or in one on an accelerator when padding to one width adds at most half the tokens (None)
+    joint_anchor: bool | None = None
     # blow-up check after each epoch: the held-out NLL (the training NLL without a held-out
     # set) may not exceed this multiple of its value before training (None: no check)
     max_nll_rise: Number | None = 2.0
@@ -97,6 +100,8 @@ class TrainSettings:
             raise InputError(f"TrainSettings.max_nll_rise must be a number > 1 or None, got {self.max_nll_rise!r}")
         if not (math.isfinite(self.frozen_cache_gib) and self.frozen_cache_gib >= 0):
             raise InputError(f"TrainSettings.frozen_cache_gib must be a number >= 0, got {self.frozen_cache_gib!r}")
+        if self.joint_anchor is not None and not isinstance(self.joint_anchor, bool):
+            raise InputError(f"TrainSettings.joint_anchor must be True, False or None (auto), got {self.joint_anchor!r}")
         if self.max_steps is not None and self.max_steps < 1:
             raise InputError(f"TrainSettings.max_steps must be >= 1 or None, got {self.max_steps!r}")
 
@@ -163,8 +168,13 @@ class HealDiverged(SteerHealError, RuntimeError):
 
 
 def _norm(grads: Sequence[Tensor | None]) -> float:
-    parts = [g.detach().float().norm() for g in grads if g is not None]
-    return float(torch.stack([p.to(parts[0].device) for p in parts]).norm()) if parts else 0.0  # grads may span devices
+    """The L2 norm over all gradients, in float32: one multi-tensor kernel per device (a GPU heal is
+    host-bound, and a LoRA on every linear of 30 layers has 420 gradients)."""
+    parts = [g.detach().float() for g in grads if g is not None]
+    if not parts:
+        return 0.0
+    norms = torch._foreach_norm(parts)  # tensors on several devices take its per-tensor path
+    return float(torch.stack([n.to(parts[0].device) for n in norms]).norm())  # grads may span devices
 
 
 def _add_into(acc: list[Tensor | None], grads: Sequence[Tensor | None]) -> None:
@@ -458,12 +468,37 @@ def _frozen_views(hist, pad, device, reference, trainset, anchor_examples, train
     return views
 
 
-def _anchor_context(hist, slot, examples, r, pad, device, base: FrozenLogprobs) -> RegContext:
-    """The anchor batch under the student (with grad) and under the base (its reference, always)."""
-    batch = make_batch(examples, pad, device)
-    reference = base.logprobs(examples, batch)
-    logp = target_logprobs(hist.model, batch)
-    return RegContext(logp, reference, batch.targets, batch.rows, batch.mask, r, slot.name, slot.modules, slot.params)
+# `joint_anchor=None` reads the trait and the anchor batch in one forward on an accelerator when
+# padding them to one width adds at most this fraction of tokens (past it the padding's compute
+# could cost more than the forward it saves on a compute-bound card: a bound, not a measured optimum)
+JOINT_MAX_PADDING = 0.5
+
+
+def _joins(trait: Sequence[Example], anchor: Sequence[Example], device, joint: bool | None) -> bool:
+    """Whether the student reads a trait and an anchor micro-batch in one forward (`joint_anchor`).
+
+    One forward and one backward graph for both: a host-bound heal (SmolLM2 on any GPU) pays
+    per forward, not per row, and a row of a left-padded batch computes what it computes alone,
+    up to rounding (`models.logprobs`); a CPU pays per token, padding included (the 30-layer
+    proxy of docs/benchmarks.md ran 1.09 x slower joint). None: joint on an accelerator unless
+    padding to one width would add more than `JOINT_MAX_PADDING` of the tokens."""
+    if joint is not None:
+        return joint
+    lengths = [[len(e.ids) for e in part] for part in (trait, anchor)]
+    together = (len(trait) + len(anchor)) * max(max(lengths[0]), max(lengths[1]))
+    apart = sum(len(part) * max(ls) for part, ls in zip((trait, anchor), lengths))
+    return torch.device(device).type != "cpu" and together <= (1 + JOINT_MAX_PADDING) * apart
+
+
+def _student_logprobs(
+    model: nn.Module, trait: Sequence[Example], anchor: Sequence[Example], pad: int, device, joint: bool
+) -> tuple[Tensor, Tensor]:
+    """The student's log-probs on a trait and an anchor micro-batch (with grad), in one forward
+    if `joint` (see `_joins`)."""
+    if not joint:
+        return tuple(target_logprobs(model, make_batch(part, pad, device)) for part in (trait, anchor))
+    counts = [sum(len(e.ids) - e.n_prompt for e in part) for part in (trait, anchor)]
+    return tuple(target_logprobs(model, make_batch([*trait, *anchor], pad, device)).split(counts))  # row-major
 
 
 def _step(hist, slot, group, regs, frozen, anchors, train, r, pad, device, step, epoch, opt, sched) -> StepLog:
@@ -485,12 +520,17 @@ def _step(hist, slot, group, regs, frozen, anchors, train, r, pad, device, step,
         """Micro-batch k's gradients (kept in `grads`) and its logs, with which gradients exist."""
         batch = make_batch(group[k], pad, device)
         ref = frozen["reference"].logprobs(group[k], batch) if "reference" in frozen else None
-        logp = target_logprobs(model, batch)
+        anchor_ctx = None
+        if anchor_batches is None:
+            logp = target_logprobs(model, batch)
+        else:  # the anchor batch, under the base (its reference, always) and the student
+            on = make_batch(anchor_batches[k], pad, device)
+            base = frozen["anchor"].logprobs(anchor_batches[k], on)
+            joint = _joins(group[k], anchor_batches[k], device, train.joint_anchor)
+            logp, student = _student_logprobs(model, group[k], anchor_batches[k], pad, device, joint)
+            anchor_ctx = RegContext(student, base, on.targets, on.rows, on.mask, r, slot.name, slot.modules, params)
         nll = -logp.gather(1, batch.targets[:, None]).mean()
         ctx = RegContext(logp, ref, batch.targets, batch.rows, batch.mask, r, slot.name, slot.modules, params)
-        anchor_ctx = None
-        if anchor_batches is not None:
-            anchor_ctx = _anchor_context(hist, slot, anchor_batches[k], r, pad, device, frozen["anchor"])
         penalties: list[Penalty] = [reg(anchor_ctx if on_anchor(reg) else ctx) for reg in regs]
         reg_loss = sum((p.loss for p in penalties), logp.new_zeros(()))
         # only active terms are differentiated; an idle barrier's gradient is exactly zero

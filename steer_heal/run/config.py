@@ -121,6 +121,7 @@ class HealSection:
     # a step while a barrier is active (on a 30-layer model's heal, KLRev + anchor: 1.05-1.2 x a step)
     split_grads: bool = False
     frozen_cache_gib: float = 2.0  # keep the reference's and the anchor base's log-probs per example (0: recompute)
+    joint_anchor: str = "auto"  # auto | true | false: trait and anchor batch in one student forward (auto: on a GPU)
     # hold the register: a divergence to the base on the base's own completions of neutral prompts
     # (data/anchor_prompts.txt), every step beside the trait batch (`healing.Anchor`); none | klrev | klfwd
     anchor: str = "none"
@@ -254,6 +255,10 @@ class RunConfig:
             ),
             (h.lam >= 0 and h.tau >= 0, f"heal.lam and heal.tau must be >= 0, got {h.lam} and {h.tau}"),
             (h.frozen_cache_gib >= 0, f"heal.frozen_cache_gib must be >= 0 (0: off), got {h.frozen_cache_gib}"),
+            (
+                h.joint_anchor in ("auto", "true", "false"),
+                f"heal.joint_anchor must be auto, true or false, got {h.joint_anchor!r}",
+            ),
             (h.weight_decay >= 0, f"heal.weight_decay must be >= 0, got {h.weight_decay}"),
             (h.rank >= 1, f"heal.rank must be >= 1, got {h.rank}"),
             (h.alpha > 0, f"heal.alpha must be > 0, got {h.alpha}"),

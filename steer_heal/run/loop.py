@@ -373,6 +373,7 @@ def one_round(config: RunConfig, s: Setup, run: RunDir, r: int, v0: SteeringVect
             seed=seed + 70,
             split_grads=h.split_grads,
             frozen_cache_gib=h.frozen_cache_gib,
+            joint_anchor={"auto": None, "true": True, "false": False}[h.joint_anchor],
         ),
         round=r,
         anchor=s.neutral.anchor if s.neutral is not None else (),
