@@ -9,8 +9,22 @@ already in the History) on a random Llama of `--layers` x `--hidden` with the ti
 tokenizer: deep and narrow, so the time is the host's per-forward cost, as on a GPU at
 SmolLM2's size (docs/benchmarks.md, "where a loop round's time goes"). Arms alternate
 (kept, recomputed, kept, ...) in one process on one thread; each heal reports its seconds
-and its frozen forwards. Rule, written before the first run: report the median of each
-arm and their ratio; the store is worth its memory if the ratio is below 0.9.
+and its frozen forwards (the loop's settings: `split_grads` off, one backward a step). Rule,
+written before the first run: report the median of each arm and their ratio; the store is
+worth its memory if the ratio is below 0.9.
+
+Two code trees (`--label`, `--arms kept`), one process each, alternating (before, after,
+before, after) on one machine:
+
+    for t in before after before after; do PYTHONPATH=trees/$t python benchmarks/heal_frozen.py \
+        --arms kept --repeats 2 --label $t; done
+
+Rule for a change between trees, written before its first run (2026-12-07, for the joint
+student forward and the direct view switch): report each tree's median heal and the ratio
+after / before; a gain if that ratio is below 0.95 and the slowest "after" heal is faster than
+the fastest "before" heal; otherwise noise. And for `--arms joint,apart` in one process on a
+GPU: `joint_anchor`'s auto stays joint on accelerators if the median joint / apart is below
+0.95 there, and becomes apart everywhere if it is above 1.0.
 """
 
 from __future__ import annotations
@@ -54,8 +68,24 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--shape", default=None, help="a shape of benchmarks/gpu/gpu_round_4b.py instead (e.g. smollm2)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--arms",
+        default="kept,recomputed",
+        help="of kept, recomputed (frozen views every step), joint, apart (kept, the student's trait and anchor "
+        "batches in one forward or two; kept leaves it to joint_anchor's auto), in this order",
+    )
+    ap.add_argument("--label", default="", help="a name for this process's rows (e.g. the tree it imported)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    arms = [a for a in args.arms.split(",") if a]
+    settings = {
+        "kept": {},
+        "recomputed": {"frozen_cache_gib": 0.0},
+        "joint": {"joint_anchor": True},
+        "apart": {"joint_anchor": False},
+    }
+    if not arms or any(a not in settings for a in arms):
+        ap.error(f"--arms takes some of {', '.join(settings)}, got {args.arms!r}")
     if args.shape is None:
         torch.set_num_threads(1)
         model, tok = tiny_model("llama", layers=args.layers, hidden=args.hidden)
@@ -86,9 +116,12 @@ def main() -> None:
         first = heal(hist, tok, trait, regs, reference="prev", lora=lora, anchor=anchor, train=TrainSettings(epochs=1))
         hist.fold(first)  # the reference `prev` is then a folded round, as from round 1 on
         for repeat in range(args.repeats):
-            for arm, gib in (("kept", 2.0), ("recomputed", 0.0)):
+            for arm in arms:
                 counted["forwards"] = 0
-                train = TrainSettings(epochs=args.epochs, batch_size=8, lr=2e-4, seed=repeat, frozen_cache_gib=gib)
+                # split_grads off, as the loop runs it (run.config's heal.split_grads): one backward a step
+                train = TrainSettings(
+                    epochs=args.epochs, batch_size=8, lr=2e-4, seed=repeat, split_grads=False, **settings[arm]
+                )
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -96,18 +129,21 @@ def main() -> None:
                 if args.device == "cuda":
                     torch.cuda.synchronize()
                 seconds = time.perf_counter() - t0
-                rows.append({"arm": arm, "repeat": repeat, "seconds": seconds, "steps": len(res.steps), **counted})
+                row = {"arm": arm, "label": args.label, "repeat": repeat, "seconds": seconds, "steps": len(res.steps)}
+                rows.append({**row, **counted})
                 print(json.dumps(rows[-1]), flush=True)
     finally:
         FrozenLogprobs.logprobs = real
         hist.close()
-    median = {a: statistics.median(r["seconds"] for r in rows if r["arm"] == a) for a in ("kept", "recomputed")}
+    median = {a: statistics.median(r["seconds"] for r in rows if r["arm"] == a) for a in arms}
     summary = {
+        "label": args.label,
         "model": args.shape or f"llama {args.layers} x {args.hidden}",
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "torch": torch.__version__,
         "median_s": median,
-        "ratio": median["kept"] / median["recomputed"],
+        "ratio": median["kept"] / median["recomputed"] if {"kept", "recomputed"} <= set(median) else None,
+        "joint_over_apart": median["joint"] / median["apart"] if {"joint", "apart"} <= set(median) else None,
         "rows": rows,
     }
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}))
