@@ -110,4 +110,3 @@ def test_a_heal_with_the_store_equals_one_without(llama, regs):
 def test_frozen_cache_gib_must_be_a_number_at_least_zero():
     with pytest.raises(ValueError, match=r"TrainSettings.frozen_cache_gib must be a number >= 0, got -1"):
         TrainSettings(frozen_cache_gib=-1)
-

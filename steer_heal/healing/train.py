@@ -101,7 +101,9 @@ class TrainSettings:
         if not (math.isfinite(self.frozen_cache_gib) and self.frozen_cache_gib >= 0):
             raise InputError(f"TrainSettings.frozen_cache_gib must be a number >= 0, got {self.frozen_cache_gib!r}")
         if self.joint_anchor is not None and not isinstance(self.joint_anchor, bool):
-            raise InputError(f"TrainSettings.joint_anchor must be True, False or None (auto), got {self.joint_anchor!r}")
+            raise InputError(
+                f"TrainSettings.joint_anchor must be True, False or None (auto), got {self.joint_anchor!r}"
+            )
         if self.max_steps is not None and self.max_steps < 1:
             raise InputError(f"TrainSettings.max_steps must be >= 1 or None, got {self.max_steps!r}")
 
