@@ -21,7 +21,8 @@ through the network) so the log can compare their norms (`split_grads=False` sav
 A non-finite loss or gradient stops the run before the update is applied: the raised
 `HealDiverged` names the step and carries the last good adapter. The frozen views' log-probs
 (the reference's, the base's on the anchor) are computed once per example, not once per
-epoch (`steer_heal.healing.frozen`, `frozen_cache_gib`).
+epoch (`steer_heal.healing.frozen`, `frozen_cache_gib`), and on an accelerator the student reads
+a step's trait and anchor micro-batches in one forward (`joint_anchor`).
 """
 
 from __future__ import annotations
