@@ -22,14 +22,6 @@ one pass per round the result agrees up to float rounding (the sum over rounds m
 matmul). A view's B is made once and never written again: a heal's autograd graph may hold the
 one its forward used while a reference view runs, and a compiled graph sees the same tensor
 each time the view comes back.
-
-The pass runs in the layer's compute dtype, as two kernels: `h = A x` and `addmm(out, h, B^T)`,
-the add inside the second matmul. peft casts x to its float32 adapters, runs two matmuls, adds
-and casts back (five kernels), and a host-bound GPU pays per kernel. So A and every kept view's
-B are also kept in the compute dtype; in bfloat16 the result differs from peft's float32 sum by
-the output's own rounding plus a few parts in 2**8 of the update (A, B and A x rounded), checked
-layer by layer in tests/test_history.py. In float32 nothing is rounded differently but the add.
-A layer whose input or output has another dtype takes peft's way.
 """
 
 from __future__ import annotations
@@ -46,39 +38,28 @@ from torch.utils.hooks import RemovableHandle
 
 @dataclass
 class _Stack:
-    """One layer's rounds: stacked A, the full scaled B, each round's columns, and the B of the
-    view shown (`live`); A and B also in the layer's compute dtype (`dtype`, `*_run`)."""
+    """One layer's rounds: stacked A, the full scaled B, the view's B, each round's columns."""
 
     a: Tensor
     full: Tensor
-    dtype: torch.dtype
+    live: Tensor
     columns: dict[str, slice] = field(default_factory=dict)
-    views: dict[tuple[str, ...], tuple[Tensor, Tensor]] = field(default_factory=dict)  # unscaled views, kept
-    a_run: Tensor | None = None
-    live: Tensor | None = None
-    live_run: Tensor | None = None
+    views: dict[tuple[str, ...], Tensor] = field(default_factory=dict)  # B of each unscaled view, kept
 
-    def show(self, active: tuple[str, ...], last_scale: float | None) -> None:
-        """Make `live` (and `live_run`) the B of this view."""
+    def b_of(self, active: tuple[str, ...], last_scale: float | None) -> Tensor:
         if last_scale is None and all(r in active for r in self.columns):
-            key = ("full",)  # every round of this layer: the student, no copy
-            if key not in self.views:
-                self.views[key] = (self.full, self.full.to(self.dtype))
-        elif last_scale is None and active in self.views:
-            key = active
-        else:
-            key = None if last_scale is not None else active
-            b = torch.zeros_like(self.full)
-            for r in active:
-                if r in self.columns:
-                    b[:, self.columns[r]] = self.full[:, self.columns[r]]
-            if last_scale is not None and active and active[-1] in self.columns:
-                b[:, self.columns[active[-1]]] *= last_scale
-            if key is None:  # a scaled view's factor is arbitrary: not kept
-                self.live, self.live_run = b, b.to(self.dtype)
-                return
-            self.views[key] = (b, b.to(self.dtype))
-        self.live, self.live_run = self.views[key]  # the same tensors whenever the view comes back
+            return self.full  # every round of this layer: the student, no copy
+        if last_scale is None and active in self.views:
+            return self.views[active]
+        b = torch.zeros_like(self.full)
+        for r in active:
+            if r in self.columns:
+                b[:, self.columns[r]] = self.full[:, self.columns[r]]
+        if last_scale is not None and active and active[-1] in self.columns:
+            b[:, self.columns[active[-1]]] *= last_scale
+        if last_scale is None:  # a scaled view's factor is arbitrary: not kept
+            self.views[active] = b
+        return b
 
 
 class FusedRounds:
@@ -110,10 +91,7 @@ class FusedRounds:
                     width = module.lora_A[r].weight.shape[0]
                     columns[r] = slice(start, start + width)
                     start += width
-                weight = getattr(module.get_base_layer(), "weight", None)
-                dtype = weight.dtype if weight is not None and weight.is_floating_point() else a.dtype
-                stack = _Stack(a, full, dtype, columns, a_run=a.to(dtype))
-                stack.show(tuple(rounds), None)
+                stack = _Stack(a, full, full, columns)
                 self._stacks.append(stack)
                 self._handles.append(module.register_forward_hook(partial(self._add, stack), with_kwargs=True))
 
@@ -122,20 +100,15 @@ class FusedRounds:
         active = tuple(active)
         with torch.inference_mode(False), torch.no_grad():
             for stack in self._stacks:
-                stack.show(active, last_scale)
+                stack.live = stack.b_of(active, last_scale)
         self.on = bool(active) and not disabled and bool(self._stacks)
 
     def _add(self, stack: _Stack, module: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> Tensor | None:
         if not self.on:
             return None
         x = args[0] if args else next(iter(kwargs.values()))
-        if x.dtype != stack.dtype or out.dtype != stack.dtype:  # an unusual layer: peft's way, in the adapters' dtype
-            return (out + F.linear(F.linear(x.to(stack.a.dtype), stack.a), stack.live)).to(out.dtype)
-        # two kernels, the add inside the second matmul; a host-bound GPU pays per kernel
-        h = F.linear(x, stack.a_run)
-        return torch.addmm(out.reshape(-1, out.shape[-1]), h.reshape(-1, h.shape[-1]), stack.live_run.t()).view(
-            out.shape
-        )
+        delta = F.linear(F.linear(x.to(stack.a.dtype), stack.a), stack.live)
+        return (out + delta).to(out.dtype)  # summed in the adapters' dtype, as peft sums its passes
 
     def remove(self) -> None:
         for handle in self._handles:
