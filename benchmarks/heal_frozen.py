@@ -23,8 +23,8 @@ Rule for a change between trees, written before its first run (2026-12-07, for t
 student forward and the direct view switch): report each tree's median heal and the ratio
 after / before; a gain if that ratio is below 0.95 and the slowest "after" heal is faster than
 the fastest "before" heal; otherwise noise. And for `--arms joint,apart` in one process on a
-GPU: `joint_anchor`'s auto stays joint on accelerators if the median joint / apart is below
-0.95 there, and becomes apart everywhere if it is above 1.0.
+GPU: `joint_anchor` becomes auto by default (joint on accelerators) if the median joint / apart
+is below 0.95 there; it stays false otherwise.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def main() -> None:
         "--arms",
         default="kept,recomputed",
         help="of kept, recomputed (frozen views every step), joint, apart (kept, the student's trait and anchor "
-        "batches in one forward or two; kept leaves it to joint_anchor's auto), in this order",
+        "batches in one forward or two; kept leaves it to joint_anchor's default), in this order",
     )
     ap.add_argument("--label", default="", help="a name for this process's rows (e.g. the tree it imported)")
     ap.add_argument("--out", default=None)

@@ -296,6 +296,8 @@ def test_a_later_round_without_a_passing_dose_stops_the_loop_with_the_reason(tmp
 
 def test_heal_settings_reach_the_heal(tmp_path, monkeypatch):
     """`heal.joint_anchor` and `heal.frozen_cache_gib` arrive in the heal's TrainSettings."""
+    from steer_heal.healing import TrainSettings
+
     config = cfg.resolve("tiny", overrides={"heal": {"joint_anchor": "true", "frozen_cache_gib": 0.5}})
     seen = {}
 
@@ -310,7 +312,7 @@ def test_heal_settings_reach_the_heal(tmp_path, monkeypatch):
     with RunDir.create(tmp_path / "run", config) as run, pytest.raises(Reached):
         loop.run(config, run, progress=False)
     assert seen["train"].joint_anchor is True and seen["train"].frozen_cache_gib == 0.5
-    assert cfg.resolve("tiny").heal.joint_anchor == "auto"
+    assert cfg.resolve("tiny").heal.joint_anchor == "false" and TrainSettings().joint_anchor is False
 
 
 def test_the_filter_calibrates_on_the_student_when_asked():

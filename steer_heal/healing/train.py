@@ -21,8 +21,8 @@ through the network) so the log can compare their norms (`split_grads=False` sav
 A non-finite loss or gradient stops the run before the update is applied: the raised
 `HealDiverged` names the step and carries the last good adapter. The frozen views' log-probs
 (the reference's, the base's on the anchor) are computed once per example, not once per
-epoch (`steer_heal.healing.frozen`, `frozen_cache_gib`), and on an accelerator the student reads
-a step's trait and anchor micro-batches in one forward (`joint_anchor`).
+epoch (`steer_heal.healing.frozen`, `frozen_cache_gib`); with `joint_anchor` the student reads a
+step's trait and anchor micro-batches in one forward.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ class TrainSettings:
     # many GiB for the heal (`steer_heal.healing.frozen`); 0: every micro-batch runs them again
     frozen_cache_gib: Number = 2.0
     # the student reads a step's trait and anchor micro-batches in one forward (True), in two (False),
-    # or in one on an accelerator when padding to one width adds at most half the tokens (None)
-    joint_anchor: bool | None = None
+    # or in one on an accelerator when padding to one width adds at most half the tokens (None, auto).
+    # False by default until a GPU measures auto (benchmarks/gpu/gpu_heal_ab.sh; docs/benchmarks.md)
+    joint_anchor: bool | None = False
     # blow-up check after each epoch: the held-out NLL (the training NLL without a held-out
     # set) may not exceed this multiple of its value before training (None: no check)
     max_nll_rise: Number | None = 2.0
