@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -159,8 +160,9 @@ def test_every_view_equals_peft_one_pass_per_round(folded3, view, rounds, last_s
     assert_close_rounding(fused, reference, scale)
 
 
-def test_a_heal_trains_through_the_fused_rounds():
-    """Gradients reach the adapter in training through the folded rounds' pass, and only it."""
+@contextmanager
+def training_on_two_rounds():
+    """(model, History, TrainSlot): two folded random rounds and a nonzero adapter in training."""
     model, _ = tiny_model("llama")
     with History(model) as hist:
         for seed in range(2):
@@ -169,10 +171,16 @@ def test_a_heal_trains_through_the_fused_rounds():
             with torch.no_grad():
                 for p in slot.params:
                     p.normal_(0, 0.2)
-            model(input_ids=IDS).logits.pow(2).mean().backward()
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in slot.params)
-            assert not any(p.grad is not None for n, p in model.named_parameters() if "heal_in_progress" not in n)
-        assert [list(m.active_adapters) for m in slot.modules.values()] == [[]] * len(slot.modules)
+            yield model, hist, slot
+
+
+def test_a_heal_trains_through_the_fused_rounds():
+    """Gradients reach the adapter in training through the folded rounds' pass, and only it."""
+    with training_on_two_rounds() as (model, _, slot):
+        model(input_ids=IDS).logits.pow(2).mean().backward()
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in slot.params)
+        assert not any(p.grad is not None for n, p in model.named_parameters() if "heal_in_progress" not in n)
+    assert [list(m.active_adapters) for m in slot.modules.values()] == [[]] * len(slot.modules)
 
 
 def layer_state(model) -> list[tuple]:
@@ -193,37 +201,30 @@ def layer_state(model) -> list[tuple]:
 def test_direct_view_switch_leaves_layers_as_peft_switching_does():
     """`History._set` writes peft's two fields directly once grad flags are set; every view, entered
     either way during a heal, leaves each layer alike and computes the same logits bitwise."""
-    model, _ = tiny_model("llama")
-    with History(model) as hist:
-        for seed in range(2):
-            hist.fold(random_round(hist, seed))
-        with hist.train_adapter(LoraSettings(r=4, alpha=8, layers=(0.0, 1.0)).config(hist.model)) as slot:
-            with torch.no_grad():
-                for p in slot.params:
-                    p.normal_(0, 0.2)
-            views = {
-                "base": hist.base,
-                "previous": hist.previous,
-                "first1": lambda: hist.first(1),
-                "scaled": lambda: hist.scaled(2.0),
-                "prev": lambda: hist.reference("prev"),
-            }
-            seen = {}
-            for direct in (True, False):
-                for name, view in views.items():
-                    hist._flags_set = hist._flags_set and direct  # False: peft's own switch
-                    with view():
-                        assert hist._flags_set or not direct
-                        seen.setdefault(name, []).append((layer_state(model), logits(model)))
-                    seen.setdefault("training", []).append((layer_state(model), logits(model)))
-            for name, ((state_direct, out_direct), (state_peft, out_peft), *_) in seen.items():
-                assert state_direct == state_peft, name
-                assert torch.equal(out_direct, out_peft), name
-            student_state = seen["training"][0][0]
-            assert all(s == student_state for s, _ in seen["training"])
-            assert any(flag for _, _, flags in student_state for _, flag in flags)  # the slot trains
-            assert all(list(a) == ["heal_in_progress"] for a, _, _ in student_state)
-            assert all(p.requires_grad for p in slot.params)
+    with training_on_two_rounds() as (model, hist, slot):
+        views = {
+            "base": hist.base,
+            "previous": hist.previous,
+            "first1": lambda: hist.first(1),
+            "scaled": lambda: hist.scaled(2.0),
+            "prev": lambda: hist.reference("prev"),
+        }
+        seen = {}
+        for direct in (True, False):
+            for name, view in views.items():
+                hist._flags_set = hist._flags_set and direct  # False: peft's own switch
+                with view():
+                    assert hist._flags_set or not direct
+                    seen.setdefault(name, []).append((layer_state(model), logits(model)))
+                seen.setdefault("training", []).append((layer_state(model), logits(model)))
+        for name, ((state_direct, out_direct), (state_peft, out_peft), *_) in seen.items():
+            assert state_direct == state_peft, name
+            assert torch.equal(out_direct, out_peft), name
+        student_state = seen["training"][0][0]
+        assert all(s == student_state for s, _ in seen["training"])
+        assert any(flag for _, _, flags in student_state for _, flag in flags)  # the slot trains
+        assert all(list(a) == ["heal_in_progress"] for a, _, _ in student_state)
+        assert all(p.requires_grad for p in slot.params)
 
 
 def test_last_good_advances_only_when_coherent():
