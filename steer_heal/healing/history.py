@@ -137,9 +137,10 @@ class History:
         if self._flags_set:
             # Only which adapters run changes: the grad flags below are the same for every view (folded
             # rounds frozen, the one in training not). peft's own switch walks every adapter of every
-            # layer (28 ms a switch at 30 layers on the host, more with every folded round, and a heal
-            # switches views at every frozen forward), so the two fields it would end on are written
-            # directly; tests/test_history.py checks that both ways leave the layers alike.
+            # layer (10.7 ms a switch at 30 layers with one folded round, 19.4 ms with four, on a
+            # 2-core host: benchmarks/view_switch.py; 0.7 ms this way), and a heal switches around
+            # every frozen forward, so the two fields it would end on are written directly;
+            # tests/test_history.py checks that both ways leave the layers alike.
             for _, module in layers:
                 module._disable_adapters = disabled
                 module._active_adapter = list(through_peft)

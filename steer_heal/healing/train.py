@@ -173,7 +173,7 @@ class HealDiverged(SteerHealError, RuntimeError):
 
 def _norm(grads: Sequence[Tensor | None]) -> float:
     """The L2 norm over all gradients, in float32: one multi-tensor kernel per device (a GPU heal is
-    host-bound, and a LoRA on every linear of 30 layers has 420 gradients)."""
+    host-bound, and a LoRA on the 7 linears of 30 layers has 420 gradients)."""
     parts = [g.detach().float() for g in grads if g is not None]
     if not parts:
         return 0.0
@@ -484,8 +484,9 @@ def _joins(trait: Sequence[Example], anchor: Sequence[Example], device, joint: b
     One forward and one backward graph for both: a host-bound heal (SmolLM2 on any GPU) pays
     per forward, not per row, and a row of a left-padded batch computes what it computes alone,
     up to rounding (`models.logprobs`); a CPU pays per token, padding included (the 30-layer
-    proxy of docs/benchmarks.md ran 1.09 x slower joint). None: joint on an accelerator unless
-    padding to one width would add more than `JOINT_MAX_PADDING` of the tokens."""
+    proxy's heal of docs/benchmarks.md ran 1.09 x slower with it on). None: joint on an
+    accelerator unless padding to one width would add more than `JOINT_MAX_PADDING` of the tokens.
+    Not measured on a GPU yet, so `TrainSettings.joint_anchor` defaults to False."""
     if joint is not None:
         return joint
     lengths = [[len(e.ids) for e in part] for part in (trait, anchor)]
