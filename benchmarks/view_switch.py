@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/view_switch.py LABEL
 
 A random 30-layer, 64-wide Llama (LoRA rank 8 on every linear of every layer: 210 LoRA
-layers, as SmolLM2 in the full preset), one thread, with 1 and then 4 folded rounds and an
+layers; the full preset wraps the middle 60 % of SmolLM2's 30), one thread, with 1 and then 4 folded rounds and an
 adapter in training (as inside a heal): 20 times `reference("prev")` and `base()` entered and
 left (4 switches each), best of 5. Prints one JSON line. Run it against another tree with
 PYTHONPATH pointing at that tree's folder to compare.
