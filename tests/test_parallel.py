@@ -179,9 +179,9 @@ def test_an_error_on_one_rank_is_raised_on_every_rank(tmp_path):
 
 
 @slow
-@pytest.mark.parametrize("grad_accum", [2, 4])
-def test_the_heal_spread_over_two_ranks_equals_one_process_bitwise(tmp_path, grad_accum):
-    zero, one = ranks(f"heal{grad_accum}", tmp_path)
+@pytest.mark.parametrize("case", ["heal2", "heal4-joint"])  # -joint: one student forward for trait and anchor
+def test_the_heal_spread_over_two_ranks_equals_one_process_bitwise(tmp_path, case):
+    zero, one = ranks(case, tmp_path)
     assert zero["spread"] == zero["alone"] == one["spread"]  # every step's NLL, gradient norms, logs
     alone = load_file(tmp_path / "alone.safetensors")
     for rank in (0, 1):

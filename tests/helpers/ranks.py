@@ -44,8 +44,9 @@ def case_error(where, out: Path) -> dict:
     return {"type": None}
 
 
-def case_heal(where, out: Path, grad_accum: int) -> dict:
-    """The same heal in this process alone and spread over the launch; rank 0 saves both adapters."""
+def case_heal(where, out: Path, grad_accum: int, joint: bool) -> dict:
+    """The same heal in this process alone and spread over the launch; rank 0 saves both adapters.
+    `joint`: the student reads each trait and anchor micro-batch in one forward (`joint_anchor`)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from test_heal import completions
 
@@ -57,7 +58,9 @@ def case_heal(where, out: Path, grad_accum: int) -> dict:
     model, tok = tiny_model("llama")
     # three epochs: later epochs read the frozen log-probs kept from their home batches
     # (`steer_heal.healing.frozen`), which a rank that did not run a home batch recomputes
-    train = TrainSettings(epochs=3, batch_size=2, grad_accum=grad_accum, lr=1e-3, val_frac=0.25, seed=3)
+    train = TrainSettings(
+        epochs=3, batch_size=2, grad_accum=grad_accum, lr=1e-3, val_frac=0.25, seed=3, joint_anchor=joint
+    )
     lora = LoraSettings(r=4, alpha=8, layers=(0.0, 1.0))
     comps = completions(tok, 12)
     anchor = completions(tok, 10)[2:]  # 8 texts, another order than the trait's
@@ -83,7 +86,8 @@ def main() -> None:
     elif case == "error":
         result = case_error(where, out)
     else:
-        result = case_heal(where, out, int(case.removeprefix("heal")))
+        accum, _, joint = case.removeprefix("heal").partition("-")  # heal<grad_accum>[-joint]
+        result = case_heal(where, out, int(accum), joint == "joint")
     (out / f"rank{where.rank}.json").write_text(json.dumps(result))
 
 
