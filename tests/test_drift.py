@@ -248,10 +248,11 @@ def test_the_student_reads_trait_and_anchor_in_one_forward():
     trait, _ = encode_completions(tok, completions_of(model, tok, PROMPTS[:3], 0), 512)
     anchor, _ = encode_completions(tok, completions_of(model, tok, ANCHOR_PROMPTS[:3], 1), 512)
     pad = tok.pad_token_id
-    alone = [target_logprobs(model, make_batch(part, pad)).detach() for part in (trait, anchor)]
+    batches = tuple(make_batch(part, pad) for part in (trait, anchor))
+    alone = [target_logprobs(model, batch).detach() for batch in batches]
     calls, handle = counted_forwards(model)
     try:
-        joint = _student_logprobs(model, trait, anchor, pad, "cpu", True)
+        joint = _student_logprobs(model, (trait, anchor), batches, pad, "cpu", True)
         assert len(calls) == 1
         ids = make_batch([*trait, *anchor], pad).ids
         scale = forward_scale(model, ids)
@@ -259,7 +260,7 @@ def test_the_student_reads_trait_and_anchor_in_one_forward():
             assert got.shape == want.shape and got.requires_grad
             assert_close_rounding(got.detach(), want, scale)
         calls.clear()
-        apart = _student_logprobs(model, trait, anchor, pad, "cpu", False)
+        apart = _student_logprobs(model, (trait, anchor), batches, pad, "cpu", False)
         assert len(calls) == 2
         assert all(torch.equal(got.detach(), want) for got, want in zip(apart, alone))
     finally:

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .._version import __version__
 from ..errors import InputError, OutOfMemory, SteerHealError, is_out_of_memory
-from ..models.logprobs import Example, make_batch, mean_nll, target_logprobs
+from ..models.logprobs import Batch, Example, make_batch, mean_nll, target_logprobs
 from ..models.model import hidden_size, input_device, model_id, n_layers, pad_id, unwrap
 from ..runtime import eval_mode, seeded
 from ..shards import map_batches, send, width
@@ -496,14 +496,19 @@ def _joins(trait: Sequence[Example], anchor: Sequence[Example], device, joint: b
 
 
 def _student_logprobs(
-    model: nn.Module, trait: Sequence[Example], anchor: Sequence[Example], pad: int, device, joint: bool
+    model: nn.Module,
+    parts: tuple[Sequence[Example], Sequence[Example]],
+    batches: tuple[Batch, Batch],
+    pad: int,
+    device,
+    joint: bool,
 ) -> tuple[Tensor, Tensor]:
-    """The student's log-probs on a trait and an anchor micro-batch (with grad), in one forward
-    if `joint` (see `_joins`)."""
+    """The student's log-probs on a trait and an anchor micro-batch (`parts`, already made into
+    `batches`), with grad: a forward each, or one forward for both if `joint` (see `_joins`)."""
     if not joint:
-        return tuple(target_logprobs(model, make_batch(part, pad, device)) for part in (trait, anchor))
-    counts = [sum(len(e.ids) - e.n_prompt for e in part) for part in (trait, anchor)]
-    return tuple(target_logprobs(model, make_batch([*trait, *anchor], pad, device)).split(counts))  # row-major
+        return tuple(target_logprobs(model, batch) for batch in batches)
+    counts = [int(batch.targets.numel()) for batch in batches]
+    return tuple(target_logprobs(model, make_batch([*parts[0], *parts[1]], pad, device)).split(counts))  # row-major
 
 
 def _step(hist, slot, group, regs, frozen, anchors, train, r, pad, device, step, epoch, opt, sched) -> StepLog:
@@ -532,7 +537,8 @@ def _step(hist, slot, group, regs, frozen, anchors, train, r, pad, device, step,
             on = make_batch(anchor_batches[k], pad, device)
             base = frozen["anchor"].logprobs(anchor_batches[k], on)
             joint = _joins(group[k], anchor_batches[k], device, train.joint_anchor)
-            logp, student = _student_logprobs(model, group[k], anchor_batches[k], pad, device, joint)
+            parts = (group[k], anchor_batches[k])
+            logp, student = _student_logprobs(model, parts, (batch, on), pad, device, joint)
             anchor_ctx = RegContext(student, base, on.targets, on.rows, on.mask, r, slot.name, slot.modules, params)
         nll = -logp.gather(1, batch.targets[:, None]).mean()
         ctx = RegContext(logp, ref, batch.targets, batch.rows, batch.mask, r, slot.name, slot.modules, params)
