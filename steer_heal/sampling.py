@@ -23,14 +23,18 @@ class Sampling:
     top_p: float = 0.95
     top_k: int = 64
     batch_size: int = 8  # prompts decoded together (left-padded)
+    # eager decoding on one CUDA device: each batch's decode step is captured once and replayed per
+    # token (steering.graphs: the same tokens without the per-token Python); on other devices no effect
+    cuda_graphs: bool = False  # capture each batch's decode step as a CUDA graph (one CUDA device, eager)
 
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "batch_size", "top_k"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InputError(f"Sampling: batch_size, max_new_tokens and top_k must be >= 1, got {name}={value!r}")
-        if not isinstance(self.do_sample, bool):
-            raise InputError(f"Sampling.do_sample must be true or false, got {self.do_sample!r}")
+        for name in ("do_sample", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"Sampling.{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("temperature", "top_p"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -45,6 +45,7 @@ def test_unknown_key_lists_valid_keys(tmp_path):
         ({"heal": {"joint_anchor": "yes"}}, "heal.joint_anchor must be auto, true or false, got 'yes'"),
         ({"dose": {"confirm": -1}}, r"dose.confirm is a number of extra probes at c_min \(>= 0\), got -1"),
         ({"run": {"rounds": "three"}}, "run.rounds must be int"),
+        ({"generate": {"cuda_graphs": "yes"}}, "generate.cuda_graphs must be bool, got 'yes'"),
         ({"heal": {"lam": float("nan")}}, "must be finite"),
         ({"dose": {"speculative": "yes"}}, "dose.speculative must be auto, true or false, got 'yes'"),
         (

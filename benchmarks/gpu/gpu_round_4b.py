@@ -75,13 +75,15 @@ def random_model(shape: str, device: str, dtype: torch.dtype):
     return model
 
 
-def one_round(shape: str, device: str, compiled: str, root: Path, rounds: int = 1) -> dict:
+def one_round(shape: str, device: str, compiled: str, root: Path, rounds: int = 1, graphs: bool = False) -> dict:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     overrides = {
         "run": {"rounds": rounds, "device": device, "dtype": str(dtype).removeprefix("torch."), "compiled": compiled},
         "drift": {"enabled": False},
         "eval": {"coherence_floor": 0.0},  # random text: never stop on coherence, so later rounds run
     }
+    if graphs:  # only when asked: an older tree (gpu_heal_ab.sh's "before") has no such key
+        overrides["generate"] = {"cuda_graphs": True}
     config = cfg.resolve("full", overrides=overrides)
     tok = tiny_tokenizer("chatml")
     model = random_model(shape, device, dtype)
@@ -123,6 +125,7 @@ def one_round(shape: str, device: str, compiled: str, root: Path, rounds: int = 
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__,
         "compiled": compiled,
+        "cuda_graphs": graphs,
         "wall_s": wall,
         "base_stage_s": base,
         "round_s": sum(timings.values()),
@@ -144,12 +147,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--compiled", choices=["false", "true"], default="false")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--cuda-graphs", action="store_true", help="generate.cuda_graphs = true (steering.graphs)")
     ap.add_argument("--tag", default="", help="appended to the result file's name")
     ap.add_argument("--out", default="out/gpu_round_4b")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = one_round(args.shape, args.device, args.compiled, out / f"runs{args.tag}", args.rounds)
+    result = one_round(args.shape, args.device, args.compiled, out / f"runs{args.tag}", args.rounds, args.cuda_graphs)
     print(json.dumps(result, indent=1), flush=True)
     (out / f"round_{args.shape}_compiled_{args.compiled}{args.tag}.json").write_text(
         json.dumps(result, indent=1) + "\n"

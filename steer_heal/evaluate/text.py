@@ -74,25 +74,29 @@ class HeldOutPerplexity:
 
 
 class Samples:
-    """Greedy completions of fixed prompts, for reading next to the numbers."""
+    """Greedy completions of fixed prompts, for reading next to the numbers (`cuda_graphs`: as
+    `Sampling.cuda_graphs`)."""
 
     def __init__(
-        self, prompts: Sequence[str], max_new_tokens: int = 64, system: str | None = None, batch_size: int = 8
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        system: str | None = None,
+        batch_size: int = 8,
+        cuda_graphs: bool = False,
     ):
         if not prompts:
             raise InputError("Samples needs at least one prompt")
-        self.prompts, self.max_new_tokens, self.system, self.batch_size = (
-            list(prompts),
-            max_new_tokens,
-            system,
-            batch_size,
-        )
+        self.prompts, self.max_new_tokens, self.system = list(prompts), max_new_tokens, system
+        self.batch_size, self.cuda_graphs = batch_size, cuda_graphs
         self.name = "samples"
 
     def __call__(self, model: nn.Module, tok: Any) -> EvalResult:
         from ..steering.generation import generate
 
-        sampling = Sampling(max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)  # greedy
+        sampling = Sampling(  # greedy
+            max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, cuda_graphs=self.cuda_graphs
+        )
         with eval_mode(model):
             completions = generate(model, tok, self.prompts, sampling=sampling, system=self.system, progress=False)
         rows = [{"prompt": c.prompt, "text": c.text, "finish_reason": c.finish_reason} for c in completions]

@@ -185,7 +185,11 @@ def neutral_shift(s: Setup, layers: tuple[int, ...], batch_size: int = 8) -> Ste
 
 
 def samples(config: RunConfig, s: Setup) -> list[dict]:
-    probe = Samples(s.axis.sample_prompts or s.axis.prompts[:3], max_new_tokens=config.eval.sample_tokens)
+    probe = Samples(
+        s.axis.sample_prompts or s.axis.prompts[:3],
+        max_new_tokens=config.eval.sample_tokens,
+        cuda_graphs=config.generate.cuda_graphs,
+    )
     return probe(s.model, s.tok).rows
 
 

@@ -6,7 +6,8 @@ by hooks, a reusable slot or folded biases, and batched generation with it on.
 - `hooks`: the one place that knows what steering is active on a model (`steer`, per-row coefficients);
 - `slot`: `SteeringSlot`, hooks installed once whose vector and coefficient change per call;
 - `controlvector`: the llama.cpp control-vector GGUF;
-- `generation`: `generate`, left-padded batched (optionally compiled) decoding -> `Completion`s.
+- `generation`: `generate`, left-padded batched (optionally compiled) decoding -> `Completion`s;
+- `graphs`: eager decoding that replays one captured CUDA graph per batch (`Sampling.cuda_graphs`).
 """
 
 from .controlvector import read_control_vector, write_control_vector

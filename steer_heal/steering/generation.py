@@ -25,6 +25,7 @@ from ..runtime import seeded
 from ..sampling import GREEDY, Sampling
 from ..shards import map_batches
 from ..vocab import Number, SteerHow
+from .graphs import decode_graphs, graphable
 from .hooks import Steering, check_coeff, per_row_coeffs, steer, steering_coeff
 
 PROMPT_BUCKET = 32  # compiled decoding pads prompts to a multiple of this: a few graphs serve every batch
@@ -157,6 +158,8 @@ def generate(
     batch_size = sampling.batch_size
     eager_config = GenerationConfig(**settings)
     config = GenerationConfig(**settings, cache_implementation="static") if compiled else eager_config
+    # graphed: eager steps over a static cache (transformers must not compile it), one graph per batch
+    graphed_config = GenerationConfig(**settings, cache_implementation="static", disable_compile=True)
 
     texts = [chat_prompt(tok, prompt, system=system) for prompt in prompts]
     token_lists = [encode(tok, text) for text in texts]
@@ -177,6 +180,10 @@ def generate(
     shared = steer(model, steering, coeff, how, allow_other_model) if rows_coeff is None else nullcontext()
     with torch.inference_mode(), guards, shared:
         applied = steering_coeff(model)
+        graphs = sampling.cuda_graphs and not compiled and device.type == "cuda"
+        if graphs and (why := graphable(model)) is not None:
+            warnings.warn(f"decoding without CUDA graphs: {why}", RuntimeWarning, stacklevel=2)
+            graphs = False
         label = f"c={applied:g}" if rows_coeff is None else "per-prompt coefficients"
         bar = tqdm(total=len(batches), desc=f"generate {label}", disable=not show, leave=False)
 
@@ -185,7 +192,7 @@ def generate(
             ids, mask, _ = left_pad(
                 [token_lists[i] for i in rows], pad_id(tok), device, multiple=PROMPT_BUCKET if compiled else 1
             )
-            chosen = config
+            chosen = graphed_config if graphs else config
             if compiled and not _compiled_shape_ok(model, (len(rows), ids.shape[1], sampling.max_new_tokens)):
                 chosen = eager_config
             by_row = (
@@ -193,7 +200,7 @@ def generate(
                 if rows_coeff is None
                 else steering.apply(model, [rows_coeff[i] for i in rows], allow_other_model)  # type: ignore[union-attr]
             )
-            with seeded(seed + index, device), by_row:
+            with seeded(seed + index, device), by_row, decode_graphs(model) if graphs else nullcontext():
                 try:
                     out = model.generate(input_ids=ids, attention_mask=mask, generation_config=chosen)
                 except Exception as exc:
