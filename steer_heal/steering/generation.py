@@ -126,6 +126,11 @@ def generate(
     recompiles instead of being lost. To change coefficients without recompiling, steer
     through a `SteeringSlot` (buffers rewritten in place; pass no `steering` here).
 
+    `sampling.cuda_graphs` (eager decoding on one CUDA device) decodes each batch over a
+    static cache and replays one captured CUDA graph per token (`steering.graphs`): the same
+    tokens without transformers' per-token Python; a model it cannot capture (positional
+    steering, a device map) decodes as before, with a warning that says why.
+
     `coeff` may be one number per prompt (eager, hooks): each batch is then steered row by
     row (`SteeringVector.apply` with per-row coefficients), so prompts at several doses
     share one batch, and each completion records its own coefficient. Prompts
