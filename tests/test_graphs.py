@@ -8,6 +8,7 @@ check the recording against eager decoding in float32."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -102,9 +103,12 @@ def test_the_models_forward_is_back_after_the_batch_even_on_error(llama):
     model, tok = llama
     own = type(model).forward
     assert "forward" not in model.__dict__
+    signature = inspect.signature(model.forward)
     with pytest.raises(RuntimeError, match="stop here"):
         with decode_graphs(model, capture=False) as graphed:
             assert isinstance(model.forward, GraphedDecode) and graphed is model.forward
+            # transformers decides what to pass (position ids, the mask) from the forward's parameters
+            assert inspect.signature(model.forward) == signature
             raise RuntimeError("stop here")
     assert "forward" not in model.__dict__ and type(model).forward is own
     ids, mask = batch(model, tok)

@@ -37,6 +37,7 @@ eager decoding in float32).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -114,6 +115,9 @@ class GraphedDecode:
 
     def __init__(self, forward: Callable, device: torch.device, capture: bool = True) -> None:
         self.forward, self.device, self.capture = forward, device, capture
+        # transformers reads the forward's parameters (does it take position_ids, an attention
+        # mask?) to decide what to pass: it must see the model's, not (*args, **kwargs)
+        self.__signature__ = inspect.signature(forward)
         self.signature: tuple | None = None
         self.static: dict[str, Tensor] = {}
         self.output: Any = None
