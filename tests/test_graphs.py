@@ -75,6 +75,25 @@ def test_emulated_replay_draws_what_the_static_cache_loop_draws(llama, do_sample
     assert counts == {"eager": 2, "captured": 0, "replayed": NEW - 2}
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "gpt_neox"])
+def test_emulated_replay_in_other_families(family):
+    model, tok = tiny_model(family)  # qwen2 passes a mask per attention type: a dict of tensors
+    ref, _ = decode(model, tok, True)
+    got, counts = decode(model, tok, True, capture=False)
+    assert torch.equal(got, ref)
+    assert counts == {"eager": 2, "captured": 0, "replayed": NEW - 2}
+
+
+def test_a_sliding_window_cache_is_never_replayed():
+    model, tok = tiny_model("gemma3")  # its layers' cache length is a Python int a graph would freeze
+    assert "sliding_attention layers keep their cache length on the host" in graphable(model)
+    ref, _ = decode(model, tok, True)
+    with pytest.warns(RuntimeWarning, match="keeps state on the host"):
+        got, counts = decode(model, tok, True, capture=False)
+    assert torch.equal(got, ref)
+    assert counts == {"eager": NEW, "captured": 0, "replayed": 0}
+
+
 def test_emulated_replay_steered_per_row_and_through_a_history_view(llama):
     model, tok = llama
     hist = History(model)

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..models.architecture import unwrap
+from ..models.architecture import text_config, unwrap
 from .positions import Positioned
 
 CACHE_KEYS = ("cache", "past_key_values")  # the cache's keyword: transformers 5.2x renamed it
@@ -59,6 +59,17 @@ def _static_cache(kwargs: dict) -> Any:
         if isinstance(kwargs.get(key), StaticCache):
             return kwargs[key]
     return None
+
+
+def replayable(cache: Any) -> bool:
+    """Whether a static cache keeps all its state in tensors. Only transformers' plain
+    `StaticLayer` does (its length is a tensor the graph advances); a sliding-window layer
+    keeps its length as a Python int, read for positions and masks, which a replayed graph
+    would leave where the capture found it: silently wrong positions, so never replayed."""
+    from transformers.cache_utils import StaticLayer
+
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is StaticLayer for layer in layers)
 
 
 def is_decode_step(args: tuple, kwargs: dict) -> bool:
@@ -74,19 +85,43 @@ def is_decode_step(args: tuple, kwargs: dict) -> bool:
     )
 
 
+def _describe(value: Any) -> tuple:
+    if isinstance(value, Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return ("value", type(value), value)
+    if isinstance(value, dict):  # a mask per attention type (models with sliding-window layers)
+        return ("mapping", tuple((key, _describe(value[key])) for key in sorted(value)))
+    return ("object", id(value))
+
+
 def _signature(kwargs: dict) -> tuple:
     """What a captured step depends on besides its tensors' values: each keyword's shape,
-    dtype and device, or the object itself (the cache) or its value (flags, counts)."""
-    out = []
-    for key in sorted(kwargs):
-        value = kwargs[key]
+    dtype and device, or the object itself (the cache) or its value (flags, counts), and
+    the same for each entry of a keyword that is a dict (a mask per attention type)."""
+    return tuple((key, _describe(kwargs[key])) for key in sorted(kwargs))
+
+
+def _tensors(kwargs: dict) -> dict[tuple[str, ...], Tensor]:
+    """Every tensor of a step's keywords, by its path: (keyword,) or (keyword, dict key)."""
+    out = {}
+    for key, value in kwargs.items():
         if isinstance(value, Tensor):
-            out.append((key, "tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad))
-        elif value is None or isinstance(value, (bool, int, float, str)):
-            out.append((key, "value", type(value), value))
+            out[(key,)] = value
+        elif isinstance(value, dict):
+            out.update({(key, sub): v for sub, v in value.items() if isinstance(v, Tensor)})
+    return out
+
+
+def _with(kwargs: dict, tensors: dict[tuple[str, ...], Tensor]) -> dict:
+    """`kwargs` with the tensors at these paths put in (dicts copied, not written into)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in kwargs.items()}
+    for path, tensor in tensors.items():
+        if len(path) == 1:
+            out[path[0]] = tensor
         else:
-            out.append((key, "object", id(value)))
-    return tuple(out)
+            out[path[0]][path[1]] = tensor
+    return out
 
 
 def graphable(model: nn.Module) -> str | None:
@@ -97,6 +132,12 @@ def graphable(model: nn.Module) -> str | None:
             return "positional steering numbers each call's tokens on the host"
     if inner._forward_pre_hooks or inner._forward_hooks:
         return "it has forward hooks of its own, which run outside the recorded step"
+    kinds = set(getattr(text_config(inner.config), "layer_types", None) or ())
+    if kinds - {"full_attention"}:
+        return (
+            f"its {', '.join(sorted(kinds - {'full_attention'}))} layers keep their cache length on the host, "
+            "where a replayed graph would freeze it"
+        )
     devices = {p.device for p in inner.parameters()} | {b.device for b in inner.buffers()}
     if len(devices) != 1 or next(iter(devices)).type != "cuda":
         return f"its weights are on {', '.join(sorted(str(d) for d in devices))}, not all on one CUDA device"
@@ -119,7 +160,7 @@ class GraphedDecode:
         # mask?) to decide what to pass: it must see the model's, not (*args, **kwargs)
         self.__signature__ = inspect.signature(forward)
         self.signature: tuple | None = None
-        self.static: dict[str, Tensor] = {}
+        self.static: dict[tuple[str, ...], Tensor] = {}
         self.output: Any = None
         self.call: dict = {}
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -129,6 +170,15 @@ class GraphedDecode:
     def __call__(self, *args, **kwargs):
         if self.failed or not is_decode_step(args, kwargs):
             return self._eager(args, kwargs)
+        if not replayable(_static_cache(kwargs)):
+            self.failed = True
+            warnings.warn(
+                "decoding without CUDA graphs: this static cache keeps state on the host (a sliding-window "
+                "layer's length), which a replayed graph would freeze",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return self._eager(args, kwargs)
         signature = _signature(kwargs)
         if self.signature is None:
             self.signature = signature
@@ -136,12 +186,13 @@ class GraphedDecode:
         if signature != self.signature:
             return self._eager(args, kwargs)
         if not self.static:
-            self.static = {k: v.clone() for k, v in kwargs.items() if isinstance(v, Tensor)}
+            self.static = {path: v.clone() for path, v in _tensors(kwargs).items()}
             if not self._capture(kwargs):
                 return self._eager(args, kwargs)
         else:
-            for key, buffer in self.static.items():
-                buffer.copy_(kwargs[key])
+            fresh = _tensors(kwargs)
+            for path, buffer in self.static.items():
+                buffer.copy_(fresh[path])
         self._replay()
         return self.output
 
@@ -162,7 +213,7 @@ class GraphedDecode:
         return out
 
     def _capture(self, kwargs: dict) -> bool:
-        call = {**kwargs, **self.static}
+        call = _with(kwargs, self.static)
         if not self.capture:
             self.call = call  # replayed by running it (`_replay`)
             return True
