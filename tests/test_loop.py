@@ -312,7 +312,7 @@ def test_heal_settings_reach_the_heal(tmp_path, monkeypatch):
     with RunDir.create(tmp_path / "run", config) as run, pytest.raises(Reached):
         loop.run(config, run, progress=False)
     assert seen["train"].joint_anchor is True and seen["train"].frozen_cache_gib == 0.5
-    assert cfg.resolve("tiny").heal.joint_anchor == "false" and TrainSettings().joint_anchor is False
+    assert cfg.resolve("tiny").heal.joint_anchor == "auto" and TrainSettings().joint_anchor is None
 
 
 def test_the_filter_calibrates_on_the_student_when_asked():

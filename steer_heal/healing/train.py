@@ -73,9 +73,9 @@ class TrainSettings:
     # many GiB for the heal (`steer_heal.healing.frozen`); 0: every micro-batch runs them again
     frozen_cache_gib: Number = 2.0
     # the student reads a step's trait and anchor micro-batches in one forward (True), in two (False),
-    # or in one on an accelerator when padding to one width adds at most half the tokens (None, auto).
-    # False by default until a GPU measures auto (benchmarks/gpu/gpu_heal_ab.sh; docs/benchmarks.md)
-    joint_anchor: bool | None = False
+    # or in one on an accelerator when padding to one width adds at most half the tokens (None, auto:
+    # the default; on an H100 the full preset's SmolLM2-shape heal took 0.59 x the time, docs/benchmarks.md)
+    joint_anchor: bool | None = None
     # blow-up check after each epoch: the held-out NLL (the training NLL without a held-out
     # set) may not exceed this multiple of its value before training (None: no check)
     max_nll_rise: Number | None = 2.0
@@ -485,8 +485,9 @@ def _joins(trait: Sequence[Example], anchor: Sequence[Example], device, joint: b
     per forward, not per row, and a row of a left-padded batch computes what it computes alone,
     up to rounding (`models.logprobs`); a CPU pays per token, padding included (the 30-layer
     proxy's heal of docs/benchmarks.md ran 1.09 x slower with it on). None: joint on an
-    accelerator unless padding to one width would add more than `JOINT_MAX_PADDING` of the tokens.
-    Not measured on a GPU yet, so `TrainSettings.joint_anchor` defaults to False."""
+    accelerator unless padding to one width would add more than `JOINT_MAX_PADDING` of the tokens:
+    the default, since on an H100 a SmolLM2-shape heal at the full preset's size took 9.9 s joint
+    against 16.8 s apart (docs/benchmarks.md)."""
     if joint is not None:
         return joint
     lengths = [[len(e.ids) for e in part] for part in (trait, anchor)]
