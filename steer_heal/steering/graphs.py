@@ -24,10 +24,12 @@ batch decodes and restores it on every exit path:
 What the graph records is what ran at capture: the steering hooks and their coefficients
 (per row too), the LoRA view, the weights. So a graph lives for one batch (made inside the
 batch's steering and view, dropped when the batch ends) and nothing it read can change
-while it replays. Steering that keeps Python state per call (positional steering numbers
-each call's tokens) cannot be recorded, nor can a model spread over devices; `graphable`
-refuses them and those batches decode as before. A capture that fails for any other reason
-(an op that reads a tensor's value on the host) warns once and the batch goes on eagerly.
+while it replays. What keeps Python state per call cannot be recorded: positional steering
+(it numbers each call's tokens) and transformers' sliding-window cache layers (their length
+is a Python int, read for positions and masks; Gemma 2 and 3), nor can a model spread over
+devices; `graphable` and `replayable` refuse them, with a warning, and those batches decode
+as before. A capture that fails for any other reason (an op that reads a tensor's value on
+the host) warns once and the batch goes on eagerly.
 
 Token selection stays in transformers' loop, outside the graph and on the batch's seeded
 generator, so a graphed batch draws what the eager static-cache batch draws whenever their
