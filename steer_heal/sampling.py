@@ -23,8 +23,7 @@ class Sampling:
     top_p: float = 0.95
     top_k: int = 64
     batch_size: int = 8  # prompts decoded together (left-padded)
-    # eager decoding on one CUDA device: each batch's decode step is captured once and replayed per
-    # token (steering.graphs: the same tokens without the per-token Python); on other devices no effect
+    # steering.graphs: the same tokens without the per-token Python; on other devices no effect
     cuda_graphs: bool = False  # capture each batch's decode step as a CUDA graph (one CUDA device, eager)
 
     def __post_init__(self) -> None:
