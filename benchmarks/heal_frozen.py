@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python benchmarks/heal_frozen.py [--layers 30] [--hidden 64] [--repeats 3] [--out FILE]
     PYTHONPATH=. python benchmarks/heal_frozen.py --shape smollm2 --device cuda   # a GPU, bf16, random weights
+    PYTHONPATH=. python benchmarks/heal_frozen.py --shape smollm2 --device cuda --arms joint --repeats 0 \
+        --profile prof.txt   # where a heal's host time goes: ops by self CPU time, ops a step
 
 The loop's heal at the full preset's size (48 kept completions of 96 tokens, 64 anchor
 completions of 48, batch 8, 6 epochs, KLRev to `prev` + the anchor, one folded round
